@@ -1,0 +1,20 @@
+# Quick start (Debian 12, as root): `make demo`, then `make test`. Each installs what it needs.
+PYTHON := .venv/bin/python
+MODE ?= p2p
+
+.PHONY: deps demo test unit e2e
+
+deps:
+	./scripts/install-deps.sh
+
+demo: deps
+	$(PYTHON) -m tests.demo --mode $(MODE)
+
+test: deps
+	$(PYTHON) -m pytest -q -rs
+
+unit: deps
+	$(PYTHON) -m pytest -q tests/unit
+
+e2e: deps
+	$(PYTHON) -m pytest -q -rs tests/e2e

@@ -1,0 +1,29 @@
+"""The agent's configuration: one dataclass with every knob, its unit and its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ADMIN_HOST = "127.0.0.1"  # the admin API changes nothing but is still node-local only
+ADMIN_PORT = 15000
+OUTBOUND_PORT = 15001
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How one node's agent runs; built from `ameshctl agent` flags."""
+
+    node: str  # the Kubernetes node name this agent serves (spec.nodeName of its pods)
+    registry_file: Path
+    admin_port: int = ADMIN_PORT
+    outbound_port: int = OUTBOUND_PORT
+    # seconds between registry file checks: a label flipped in the file applies within ~1 s
+    registry_poll_interval: float = 0.2
+    # seconds between full datapath reconciliations, which also pick up pod interfaces that
+    # appeared after the pod was registered
+    resync_interval: float = 2.0
+    connect_timeout: float = 5.0  # seconds for the ztunnel's upstream TCP connect
+    # seconds live connections get to finish on shutdown before they are cut; below the
+    # usual 3 s between SIGTERM and SIGKILL of process supervisors and our test bed
+    drain_grace: float = 2.0

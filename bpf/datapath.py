@@ -1,0 +1,238 @@
+"""The node's capture datapath: the BPF program, its tc attachments and the routing it needs.
+
+`NodeDatapath` is the one place that changes kernel state for amesh: it compiles
+bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces enrolled pods'
+packets enter the node by, keeps the map of enrolled pod addresses, and installs the policy
+rule and local route that deliver marked packets to the ztunnel. Everything it adds carries a
+fixed priority or table number, so a later agent finds and replaces what a killed one left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("amesh.bpf")
+
+SOURCE = Path(__file__).with_name("capture.c")
+
+# The mark, rule priority, route table and tc filter priority are amesh's signature in the
+# node: fixed numbers so that cleanup after a crash can find exactly what amesh added.
+CAPTURE_MARK = 0x00A30000
+CAPTURE_MARK_MASK = 0x00FF0000
+ROUTE_TABLE = 15001
+RULE_PRIORITY = 15001
+FILTER_PRIORITY = 15001
+TC_INGRESS = "ffff:fff2"
+
+
+class DatapathError(RuntimeError):
+    """The kernel refused a change amesh needs (BPF load, tc attach, rule or route)."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An interface the capture program is attached to."""
+
+    ifindex: int
+    ifname: str
+    kind: str  # "veth" (point-to-point pod network) or "bridge"
+
+
+class CaptureProgram:
+    """bpf/capture.c compiled and loaded, with handles on its two maps."""
+
+    def __init__(self) -> None:
+        from bcc import BPF  # imported here: loading libbcc is slow and needs root
+
+        self._bpf_cls = BPF
+        try:
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-DCAPTURE_MARK={CAPTURE_MARK:#x}"])
+            self.fn = self.bpf.load_func(b"capture", BPF.SCHED_CLS)
+        except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
+            raise DatapathError(f"loading {SOURCE.name} failed: {exc}") from exc
+        self._enrolled = self.bpf[b"enrolled_pods"]
+
+    def set_listener(self, sock: socket.socket) -> None:
+        """Puts the ztunnel's listening socket in the sockmap SYNs are assigned from."""
+        from bcc import lib
+
+        # BCC 0.26 has no Python wrapper for sockmaps ("Unknown table type 15").
+        fd = lib.bpf_table_fd(self.bpf.module, b"outbound_listener")
+        key, value = ctypes.c_uint32(0), ctypes.c_uint64(sock.fileno())
+        if lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0) != 0:
+            err = ctypes.get_errno()
+            raise DatapathError(f"putting the listener in the sockmap failed: {errno.errorcode.get(err, err)}")
+
+    def set_enrolled(self, ips: Iterable[str]) -> None:
+        """Makes the enrolled-pods map hold exactly `ips`."""
+        wanted = {_ip_key(ip) for ip in ips}
+        present = {k.value for k in self._enrolled.keys()}
+        for key in present - wanted:
+            del self._enrolled[self._enrolled.Key(key)]
+        for key in wanted - present:
+            self._enrolled[self._enrolled.Key(key)] = self._enrolled.Leaf(1)
+
+
+def _ip_key(ip: str) -> int:
+    # The program compares against ip->saddr, which is in network byte order; the map key is
+    # a host-order u32 holding those same four bytes.
+    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+
+
+class NodeDatapath:
+    """Capture for one node: `sync()` it with the enrolled local pods, `close()` to remove it."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._ipr = IPRoute()
+        self._attached: dict[int, Attachment] = {}
+        self._enrolled: tuple[str, ...] = ()
+        self._unresolved: tuple[str, ...] = ()
+        try:
+            removed = remove_leftovers(self._ipr)
+            if removed:
+                log.info("event=leftovers_removed items=%s", ",".join(removed))
+            self.program = CaptureProgram()
+            self.program.set_listener(listener)
+            self._install_routing()
+        except BaseException:
+            self.close()
+            raise
+
+    def _install_routing(self) -> None:
+        lo = self._ipr.link_lookup(ifname="lo")[0]
+        try:
+            self._ipr.rule("add", fwmark=CAPTURE_MARK, fwmask=CAPTURE_MARK_MASK, table=ROUTE_TABLE,
+                           priority=RULE_PRIORITY)
+            self._ipr.route("replace", dst="0.0.0.0/0", type="local", scope="host", table=ROUTE_TABLE, oif=lo)
+        except NetlinkError as exc:
+            raise DatapathError(f"installing the capture rule and route failed: {exc}") from exc
+
+    def sync(self, pod_ips: Iterable[str]) -> None:
+        """Captures exactly the pods at `pod_ips`: updates the map, attaches and detaches."""
+        ips = tuple(sorted(set(pod_ips)))
+        wanted: dict[int, Attachment] = {}
+        unresolved = []
+        for ip in ips:
+            attachment = self._ingress_for(ip)
+            if attachment is None:
+                unresolved.append(ip)
+            else:
+                wanted[attachment.ifindex] = attachment
+        # Order matters for fail-closed: attach before enrolling a pod, un-enroll before
+        # detaching, so a pod is never half captured.
+        for ifindex in wanted.keys() - self._attached.keys():
+            self._attach(wanted[ifindex])
+        self.program.set_enrolled(ips)
+        for ifindex in self._attached.keys() - wanted.keys():
+            self._detach(self._attached.pop(ifindex))
+        if unresolved != list(self._unresolved):
+            for ip in unresolved:
+                log.warning("event=pod_interface_not_found pod_ip=%s reason=\"no route to the pod in this node\"", ip)
+        self._enrolled, self._unresolved = ips, tuple(unresolved)
+
+    def _ingress_for(self, pod_ip: str) -> Attachment | None:
+        """The interface a pod's packets enter the node by, found from the route to the pod."""
+        try:
+            route = self._ipr.route("get", dst=pod_ip)[0]
+        except NetlinkError:
+            return None
+        oif = route.get_attr("RTA_OIF")
+        if route.get_attr("RTA_GATEWAY") or oif is None:
+            return None  # routed onward: the pod is not on this node
+        link = self._ipr.link("get", index=oif)[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        if kind == "bridge_slave" or link.get_attr("IFLA_MASTER"):
+            return None  # a bridge port: the program must sit on the bridge (KERNEL-NOTES)
+        if kind not in ("veth", "bridge"):
+            return None
+        return Attachment(oif, link.get_attr("IFLA_IFNAME"), kind)
+
+    def _attach(self, attachment: Attachment) -> None:
+        try:
+            if not any(q.get_attr("TCA_KIND") == "clsact" for q in self._ipr.get_qdiscs(attachment.ifindex)):
+                self._ipr.tc("add", "clsact", attachment.ifindex)
+            self._ipr.tc("replace-filter", "bpf", attachment.ifindex, ":1", fd=self.program.fn.fd,
+                         name=self.program.fn.name, parent=TC_INGRESS, classid=1, direct_action=True,
+                         prio=FILTER_PRIORITY)
+        except NetlinkError as exc:
+            raise DatapathError(f"attaching to {attachment.ifname} failed: {exc}") from exc
+        self._attached[attachment.ifindex] = attachment
+        log.info("event=attached ifname=%s kind=%s", attachment.ifname, attachment.kind)
+
+    def _detach(self, attachment: Attachment) -> None:
+        _remove_filter(self._ipr, attachment.ifindex)
+        log.info("event=detached ifname=%s", attachment.ifname)
+
+    def status(self) -> dict:
+        """What is captured now, for the admin API."""
+        return {
+            "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "kind": a.kind} for a in self._attached.values()],
+            "enrolled_pod_ips": list(self._enrolled),
+            "unresolved_pod_ips": list(self._unresolved),
+            "mark": f"{CAPTURE_MARK:#x}/{CAPTURE_MARK_MASK:#x}",
+            "route_table": ROUTE_TABLE,
+        }
+
+    def close(self) -> None:
+        """Removes every filter, qdisc, rule and route this datapath added."""
+        for attachment in self._attached.values():
+            self._detach(attachment)
+        self._attached.clear()
+        remove_leftovers(self._ipr)
+        self._ipr.close()
+
+
+def remove_leftovers(ipr: IPRoute) -> list[str]:
+    """Removes amesh's filters, rule and route from the node; returns what was there."""
+    removed = []
+    for link in ipr.get_links():
+        if _remove_filter(ipr, link["index"]):
+            removed.append(f"filter@{link.get_attr('IFLA_IFNAME')}")
+    while True:
+        try:
+            ipr.rule("del", priority=RULE_PRIORITY, table=ROUTE_TABLE)
+        except NetlinkError:
+            break
+        removed.append(f"rule:{RULE_PRIORITY}")
+    for route in ipr.route("dump", table=ROUTE_TABLE):
+        if route.get_attr("RTA_TABLE") == ROUTE_TABLE:
+            ipr.route("del", **_route_key(route))
+            removed.append(f"route:table{ROUTE_TABLE}")
+    return removed
+
+
+def _route_key(route) -> dict:
+    return {"dst": route.get_attr("RTA_DST") or "0.0.0.0", "dst_len": route["dst_len"],
+            "type": route["type"], "scope": route["scope"], "table": ROUTE_TABLE,
+            "oif": route.get_attr("RTA_OIF")}
+
+
+def _remove_filter(ipr: IPRoute, ifindex: int) -> bool:
+    """Deletes amesh's filter on an interface, and its clsact qdisc when nothing else uses it."""
+    try:
+        filters = ipr.get_filters(ifindex, parent=TC_INGRESS)
+    except NetlinkError:
+        return False  # no clsact, or the interface went away with its pod
+    ours = [f for f in filters if f["info"] >> 16 == FILTER_PRIORITY]
+    if not ours:
+        return False
+    try:
+        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=TC_INGRESS, prio=FILTER_PRIORITY)
+        others = ipr.get_filters(ifindex, parent=TC_INGRESS) + ipr.get_filters(ifindex, parent="ffff:fff3")
+        if not others:
+            ipr.tc("del", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+            raise DatapathError(f"removing the filter on ifindex {ifindex} failed: {exc}") from exc
+    return True

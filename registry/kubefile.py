@@ -1,0 +1,502 @@
+"""Registry source: a file of Kubernetes objects (Namespaces, Pods, Services, EndpointSlices).
+
+`parse_objects` turns multi-document YAML, as `kubectl get -o yaml` prints it or as a person
+writes it, into one `RegistryState`, or raises `RegistryError` naming the document, object and
+field at fault; bad input never yields a partial state. `FileSource` watches the file and
+re-parses it whenever it changes, keeping the last good state while the file is broken.
+
+Other kinds (ConfigMap, Deployment, ...) are ignored, so a whole `kubectl get` dump can be used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import yaml
+
+from registry.model import (
+    ENROLL_AMBIENT,
+    ENROLL_LABEL,
+    ENROLL_NONE,
+    Endpoint,
+    RegistryError,
+    RegistryState,
+    Service,
+    ServicePort,
+    Workload,
+    is_ipv4,
+)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # how an EndpointSlice names its Service
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+# The apiVersion each supported kind must carry; any other kind is skipped.
+API_VERSIONS = {
+    "Namespace": "v1",
+    "Pod": "v1",
+    "Service": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+}
+
+
+class _Object:
+    """One Kubernetes object being read, with its identity and where it came from for errors."""
+
+    def __init__(self, raw: dict[Any, Any], where: str) -> None:
+        self.raw = raw
+        self.where = where  # "document 3", or "document 3 items[1]" inside a List
+        kind = raw.get("kind")
+        self.label = kind if isinstance(kind, str) and kind else "object"  # until the name is known
+        self.kind = _string(self, kind, "kind", required=True)
+        _string(self, raw.get("apiVersion"), "apiVersion", required=True)
+        self.metadata = _mapping(self, raw.get("metadata"), "metadata", required=True)
+        self.name = _string(self, self.metadata.get("name"), "metadata.name", required=True)
+        if self.kind == "Namespace":  # cluster-scoped
+            self.namespace = ""
+            self.label = f"{self.kind} {self.name}"
+        else:
+            namespace = _string(self, self.metadata.get("namespace"), "metadata.namespace")
+            self.namespace = namespace or "default"
+            self.label = f"{self.kind} {self.namespace}/{self.name}"
+
+    def fail(self, path: str, problem: str) -> RegistryError:
+        return RegistryError(f"{self.where} ({self.label}): {path}: {problem}")
+
+
+# --- field readers: each checks one value and names it by its path when it is wrong ---
+
+
+def _show(value: object) -> str:
+    """A value as the YAML author wrote it, for "got ..." in an error."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return str(value)
+
+
+def _string(obj: _Object, value: object, path: str, *, required: bool = False) -> str:
+    if value is None or value == "":
+        if required:
+            raise obj.fail(path, "required")
+        return ""
+    if not isinstance(value, str):
+        raise obj.fail(path, f"must be a string, got {_show(value)}")
+    return value
+
+
+def _mapping(obj: _Object, value: object, path: str, *, required: bool = False) -> dict[Any, Any]:
+    if value is None:
+        if required:
+            raise obj.fail(path, "required")
+        return {}
+    if not isinstance(value, dict):
+        raise obj.fail(path, f"must be a mapping, got {_show(value)}")
+    return value
+
+
+def _list(obj: _Object, value: object, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise obj.fail(path, f"must be a list, got {_show(value)}")
+    return value
+
+
+def _port(obj: _Object, value: object, path: str) -> int:
+    # bool is an int in Python, but `port: true` is a mistake, not port 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise obj.fail(path, f"must be an integer 1-65535, got {_show(value)}")
+    return value
+
+
+def _ipv4(obj: _Object, value: object, path: str) -> str:
+    """An IPv4 address, or "" when the field is absent."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not is_ipv4(value):
+        raise obj.fail(path, f"must be an IPv4 address, got {_show(value)}")
+    return value
+
+
+def _labels(obj: _Object, value: object, path: str) -> dict[str, str]:
+    labels = _mapping(obj, value, path)
+    for key, text in labels.items():
+        if not isinstance(key, str):
+            raise obj.fail(path, f"keys must be strings, got {_show(key)}")
+        if not isinstance(text, str):
+            problem = f"must be a string, got {_show(text)} (quote it in YAML)"
+            raise obj.fail(f'{path}["{key}"]', problem)
+    return labels
+
+
+# --- one reader per supported kind ---
+
+
+@dataclass
+class _Pod:
+    obj: _Object
+    workload: Workload  # enrolled is filled in once every Namespace has been read
+    named_ports: dict[str, int]  # containerPort by name, for named service targetPorts
+
+
+@dataclass
+class _SliceEndpoint:
+    ip: str
+    ready: bool
+    workload: str | None
+
+
+@dataclass
+class _Slice:
+    service_key: str  # "namespace/name" of the Service it belongs to
+    ports: dict[str, int]  # endpoint port by port name
+    endpoints: list[_SliceEndpoint]
+
+
+def _read_pod(obj: _Object, source: str) -> _Pod | None:
+    spec = _mapping(obj, obj.raw.get("spec"), "spec")
+    status = _mapping(obj, obj.raw.get("status"), "status")
+    ip = _ipv4(obj, status.get("podIP"), "status.podIP")
+    _ipv4(obj, status.get("hostIP"), "status.hostIP")  # unused, but a wrong one hints at a mix-up
+    node = _string(obj, spec.get("nodeName"), "spec.nodeName")
+    if not node:
+        if not ip:
+            return None  # pending and unscheduled: nothing to capture or route to yet
+        raise obj.fail("spec.nodeName", "required")
+    ready = False
+    for i, condition in enumerate(_list(obj, status.get("conditions"), "status.conditions")):
+        condition = _mapping(obj, condition, f"status.conditions[{i}]", required=True)
+        if condition.get("type") == "Ready":
+            ready = condition.get("status") == "True"
+    named_ports: dict[str, int] = {}
+    for i, container in enumerate(_list(obj, spec.get("containers"), "spec.containers")):
+        container = _mapping(obj, container, f"spec.containers[{i}]", required=True)
+        for j, port in enumerate(_list(obj, container.get("ports"), f"spec.containers[{i}].ports")):
+            path = f"spec.containers[{i}].ports[{j}]"
+            port = _mapping(obj, port, path, required=True)
+            number = _port(obj, port.get("containerPort"), f"{path}.containerPort")
+            name = _string(obj, port.get("name"), f"{path}.name")
+            if name in named_ports:
+                problem = f'"{name}" is used twice; port names must be unique in a pod'
+                raise obj.fail(f"{path}.name", problem)
+            if name:
+                named_ports[name] = number
+    account = _string(obj, spec.get("serviceAccountName"), "spec.serviceAccountName")
+    workload = Workload(
+        name=obj.name,
+        namespace=obj.namespace,
+        ip=ip,
+        node=node,
+        service_account=account or "default",
+        labels=_labels(obj, obj.metadata.get("labels"), "metadata.labels"),
+        ready=ready,
+        source=source,
+    )
+    return _Pod(obj, workload, named_ports)
+
+
+def _read_service_port(obj: _Object, raw: object, path: str) -> ServicePort:
+    raw = _mapping(obj, raw, path, required=True)
+    port = _port(obj, raw.get("port"), f"{path}.port")
+    target = raw.get("targetPort", port)
+    if not isinstance(target, str):
+        target = _port(obj, target, f"{path}.targetPort")
+    elif not target:
+        raise obj.fail(f"{path}.targetPort", 'must be a port number or a port name, got ""')
+    elif target.isdigit():
+        problem = f'"{target}" is a name, not a number; write {target} without quotes'
+        raise obj.fail(f"{path}.targetPort", problem)
+    protocol = _string(obj, raw.get("protocol"), f"{path}.protocol") or "TCP"
+    if protocol not in PROTOCOLS:
+        problem = f"must be one of {', '.join(PROTOCOLS)}, got {_show(protocol)}"
+        raise obj.fail(f"{path}.protocol", problem)
+    name = _string(obj, raw.get("name"), f"{path}.name")
+    return ServicePort(port=port, target_port=target, name=name, protocol=protocol)
+
+
+def _read_service(obj: _Object, source: str) -> Service:
+    spec = _mapping(obj, obj.raw.get("spec"), "spec")
+    cluster_ip = spec.get("clusterIP")
+    # "None" (or no address at all) makes a headless Service: clients resolve endpoints directly.
+    cluster_ip = "" if cluster_ip == "None" else _ipv4(obj, cluster_ip, "spec.clusterIP")
+    ports: list[ServicePort] = []
+    for i, raw in enumerate(_list(obj, spec.get("ports"), "spec.ports")):
+        port = _read_service_port(obj, raw, f"spec.ports[{i}]")
+        # Endpoints map ports by name, so two ports sharing one (or both unnamed) would collide.
+        if any(p.name == port.name for p in ports):
+            problem = f"{_show(port.name)} is used twice; each port of a Service needs its own name"
+            raise obj.fail(f"spec.ports[{i}].name", problem)
+        ports.append(port)
+    return Service(
+        name=obj.name,
+        namespace=obj.namespace,
+        cluster_ip=cluster_ip,
+        ports=tuple(ports),
+        selector=_labels(obj, spec.get("selector"), "spec.selector"),
+        source=source,
+    )
+
+
+def _read_slice(obj: _Object) -> _Slice:
+    labels = _labels(obj, obj.metadata.get("labels"), "metadata.labels")
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        problem = "required: it names the Service these endpoints belong to"
+        raise obj.fail(f'metadata.labels["{SERVICE_NAME_LABEL}"]', problem)
+    ports: dict[str, int] = {}
+    for i, port in enumerate(_list(obj, obj.raw.get("ports"), "ports")):
+        port = _mapping(obj, port, f"ports[{i}]", required=True)
+        name = _string(obj, port.get("name"), f"ports[{i}].name")
+        ports[name] = _port(obj, port.get("port"), f"ports[{i}].port")
+    endpoints: list[_SliceEndpoint] = []
+    for i, raw in enumerate(_list(obj, obj.raw.get("endpoints"), "endpoints")):
+        path = f"endpoints[{i}]"
+        raw = _mapping(obj, raw, path, required=True)
+        addresses = _list(obj, raw.get("addresses"), f"{path}.addresses")
+        if not addresses:
+            raise obj.fail(f"{path}.addresses", "required: at least one address")
+        ip = _ipv4(obj, addresses[0], f"{path}.addresses[0]")
+        conditions = _mapping(obj, raw.get("conditions"), f"{path}.conditions")
+        ready = conditions.get("ready", True)
+        if ready is None:  # Kubernetes: unknown readiness is treated as ready
+            ready = True
+        if not isinstance(ready, bool):
+            raise obj.fail(f"{path}.conditions.ready", f"must be true or false, got {_show(ready)}")
+        target = _mapping(obj, raw.get("targetRef"), f"{path}.targetRef")
+        workload = None
+        if target.get("kind") == "Pod":
+            name = _string(obj, target.get("name"), f"{path}.targetRef.name", required=True)
+            namespace = _string(obj, target.get("namespace"), f"{path}.targetRef.namespace")
+            workload = f"{namespace or obj.namespace}/{name}"
+        endpoints.append(_SliceEndpoint(ip, ready, workload))
+    return _Slice(f"{obj.namespace}/{service}", ports, endpoints)
+
+
+# --- the whole file ---
+
+
+_NOT_AN_OBJECT = "must be a mapping (one Kubernetes object)"
+
+
+def _objects(text: str) -> Iterator[_Object]:
+    """Every object in the YAML text, with null documents skipped and Lists flattened."""
+    documents: list[Any] = []
+    try:
+        documents.extend(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        # The document being read when the error struck is the one after those already read.
+        where = f"document {len(documents) + 1}: YAML syntax error"
+        if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+            raise RegistryError(f"{where}: {e}") from None
+        message = f"{where} at line {e.problem_mark.line + 1}: {e.problem}"
+        if e.context and e.context_mark is not None:  # where the broken construct began
+            message += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise RegistryError(message) from None
+    for index, document in enumerate(documents, start=1):
+        where = f"document {index}"
+        if document is None:
+            continue
+        if not isinstance(document, dict):
+            raise RegistryError(f"{where}: {_NOT_AN_OBJECT}, got {_show(document)}")
+        if document.get("kind") != "List":
+            yield _Object(document, where)
+            continue
+        items = document.get("items")
+        if not isinstance(items, list):
+            problem = f"must be a list of objects, got {_show(items)}"
+            raise RegistryError(f"{where} (List): items: {problem}")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise RegistryError(f"{where} items[{i}]: {_NOT_AN_OBJECT}, got {_show(item)}")
+            yield _Object(item, f"{where} items[{i}]")
+
+
+def _check_unique_ips(owners: Iterable[tuple[_Object, str]], path: str) -> None:
+    """Raise when two objects claim one address: the ztunnel could not tell them apart."""
+    first: dict[str, _Object] = {}
+    for obj, ip in owners:
+        if not ip:
+            continue
+        other = first.setdefault(ip, obj)
+        if other is not obj:
+            raise obj.fail(path, f"{ip} is already used by {other.label} ({other.where})")
+
+
+def _enrolled(pod_labels: Mapping[str, str], namespace_labels: Mapping[str, str]) -> bool:
+    """Istio's rule: the pod label wins ("none" opts out, "ambient" opts in), else the namespace."""
+    mode = pod_labels.get(ENROLL_LABEL)
+    if mode == ENROLL_NONE:
+        return False
+    return mode == ENROLL_AMBIENT or namespace_labels.get(ENROLL_LABEL) == ENROLL_AMBIENT
+
+
+def _selected_endpoints(service: Service, pods: list[_Pod]) -> tuple[Endpoint, ...]:
+    """Endpoints of a Service with no EndpointSlice: its selector's pods that have an address."""
+    if not service.selector:
+        return ()  # a Service without a selector gets endpoints only from slices
+    endpoints = []
+    for pod in pods:
+        w = pod.workload
+        if w.namespace != service.namespace or not w.ip:
+            continue
+        if any(w.labels.get(key) != value for key, value in service.selector.items()):
+            continue
+        ports = {}
+        for sp in service.ports:
+            target = sp.target_port
+            number = target if isinstance(target, int) else pod.named_ports.get(target)
+            if number is not None:  # a pod lacking the named port cannot serve that service port
+                ports[sp.name] = number
+        endpoints.append(Endpoint(ip=w.ip, ports=ports, ready=w.ready, workload=w.key))
+    return tuple(endpoints)
+
+
+def _sliced_endpoints(service: Service, slices: list[_Slice]) -> tuple[Endpoint, ...]:
+    """Endpoints of a Service from all its EndpointSlices, ports matched by name."""
+    return tuple(
+        Endpoint(
+            ip=e.ip,
+            ports={sp.name: s.ports[sp.name] for sp in service.ports if sp.name in s.ports},
+            ready=e.ready,
+            workload=e.workload,
+        )
+        for s in slices
+        for e in s.endpoints
+    )
+
+
+def parse_objects(text: str, source: str = "file", generation: int = 0) -> RegistryState:
+    """Parse multi-document Kubernetes YAML into a RegistryState; raise RegistryError if invalid."""
+    seen: dict[tuple[str, str, str], _Object] = {}
+    namespaces: dict[str, dict[str, str]] = {}
+    pods: list[_Pod] = []
+    services: list[tuple[_Object, Service]] = []
+    slices: dict[str, list[_Slice]] = {}
+    for obj in _objects(text):
+        expected = API_VERSIONS.get(obj.kind)
+        if expected is None:
+            continue
+        if obj.raw["apiVersion"] != expected:
+            problem = f"must be {expected} for kind {obj.kind}, got {_show(obj.raw['apiVersion'])}"
+            raise obj.fail("apiVersion", problem)
+        other = seen.setdefault((obj.kind, obj.namespace, obj.name), obj)
+        if other is not obj:
+            problem = f"duplicate: {obj.label} is already defined in {other.where}"
+            raise obj.fail("metadata.name", problem)
+        if obj.kind == "Namespace":
+            namespaces[obj.name] = _labels(obj, obj.metadata.get("labels"), "metadata.labels")
+        elif obj.kind == "Pod":
+            pod = _read_pod(obj, source)
+            if pod is not None:
+                pods.append(pod)
+        elif obj.kind == "Service":
+            services.append((obj, _read_service(obj, source)))
+        else:
+            endpoint_slice = _read_slice(obj)
+            slices.setdefault(endpoint_slice.service_key, []).append(endpoint_slice)
+    _check_unique_ips(((p.obj, p.workload.ip) for p in pods), "status.podIP")
+    _check_unique_ips(((obj, s.cluster_ip) for obj, s in services), "spec.clusterIP")
+    # A pod's namespace may have no Namespace object; then only the pod's own label can enroll it.
+    workloads = tuple(
+        replace(w, enrolled=_enrolled(w.labels, namespaces.get(w.namespace, {})))
+        for w in (p.workload for p in pods)
+    )
+    # As in Kubernetes, once a Service has EndpointSlices they alone list its endpoints; a slice
+    # naming a Service the file lacks has nothing to serve and is left unused.
+    built = tuple(
+        replace(s, endpoints=_sliced_endpoints(s, slices[s.key]))
+        if s.key in slices
+        else replace(s, endpoints=_selected_endpoints(s, pods))
+        for _, s in services
+    )
+    return RegistryState(workloads=workloads, services=built, generation=generation)
+
+
+# --- watching the file ---
+
+# (mtime_ns, size, inode): changes when the file is rewritten and when it is replaced by rename.
+# A same-size rewrite within one kernel timestamp tick (a few ms) of the last read can go unseen.
+StatVersion = tuple[int, int, int]
+_UNREADABLE: StatVersion = (-1, -1, -1)  # the version of a file that cannot be stat'ed
+
+
+class FileSource:
+    """A registry source that re-reads a file of Kubernetes objects whenever it changes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        on_state: Callable[[RegistryState], None],
+        on_error: Callable[[RegistryError], None],
+        poll_interval: float = 0.2,  # seconds between stat() calls; a change shows up within this
+    ) -> None:
+        self.path = Path(path)
+        self.poll_interval = poll_interval
+        self.last_error: str | None = None
+        self._on_state = on_state
+        self._on_error = on_error
+        self._state: RegistryState | None = None
+        self._generation = 0
+        self._version: StatVersion | None = None  # the file version last parsed, good or bad
+
+    @property
+    def state(self) -> RegistryState | None:
+        """The last state parsed without error, or None before the first good parse."""
+        return self._state
+
+    def load(self) -> RegistryState:
+        """Read and parse the file now; raise RegistryError (naming the path) if that fails."""
+        return self._parse(self._stat())
+
+    async def run(self) -> None:
+        """Until cancelled, publish each good new version, report each bad one once."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            version = self._stat()
+            if version == self._version:
+                continue
+            try:
+                state = self._parse(version)
+            except RegistryError as e:
+                self._on_error(e)
+            else:
+                self._on_state(state)
+
+    def _stat(self) -> StatVersion:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return _UNREADABLE  # reading the file will then say why
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _parse(self, version: StatVersion) -> RegistryState:
+        # Stat before reading: a change made during the read then shows up as a new version.
+        self._version = version
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            state = parse_objects(text, generation=self._generation + 1)
+        except OSError as e:
+            error = RegistryError(f"cannot read registry file {self.path}: {e.strerror or e}")
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 text (byte {e.start})"
+            error = RegistryError(f"cannot read registry file {self.path}: {reason}")
+        except RegistryError as e:
+            error = RegistryError(f"{self.path}: {e}")
+        else:
+            self._generation = state.generation
+            self._state = state
+            self.last_error = None
+            return state
+        self.last_error = str(error)
+        raise error

@@ -1,0 +1,138 @@
+"""A mesh on a test bed: the registry file describing the bed's pods, node agents, `ameshctl`.
+
+Used by the e2e tests and `make demo`, so both drive amesh exactly as a user does: a YAML file
+of Kubernetes objects, `ameshctl agent` in each node's namespace, `ameshctl ... -o json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tests.bed import Bed, Node, Pod
+
+AMESHCTL = str(Path(sys.executable).with_name("ameshctl"))  # the installed console script
+ADMIN_PORT = 15000
+OUTBOUND_PORT = 15001
+AGENT_START_TIMEOUT = 30.0  # seconds; compiling the BPF program takes about one
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    namespace: str
+    cluster_ip: str
+    port: int
+    target_port: int | str
+    selector: dict[str, str]
+    port_name: str = "http"
+
+
+@dataclass
+class Mesh:
+    """The registry file and agents of one bed. Rewrite the file with `write_registry()`."""
+
+    bed: Bed
+    namespaces: dict[str, bool] = field(default_factory=dict)  # name -> enrolled (ambient)
+    services: list[ServiceSpec] = field(default_factory=list)
+    container_port: int = 8080  # every pod's "http" container port, for named target ports
+    agents: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.bed.logdir / "registry.yaml"
+
+    def objects(self) -> list[dict]:
+        """The Kubernetes objects describing the bed, as a cluster's API server would list them."""
+        docs: list[dict] = []
+        for name, ambient in self.namespaces.items():
+            labels = {"amesh.io/dataplane-mode": "ambient"} if ambient else {}
+            docs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+        for pod in self.bed.pods.values():
+            docs.append(_pod_object(pod, self.container_port))
+        for svc in self.services:
+            docs.append({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": svc.name, "namespace": svc.namespace},
+                "spec": {"clusterIP": svc.cluster_ip, "selector": svc.selector,
+                         "ports": [{"name": svc.port_name, "port": svc.port, "targetPort": svc.target_port,
+                                    "protocol": "TCP"}]},
+            })
+        return docs
+
+    def write_registry(self, text: str | None = None) -> None:
+        """Replaces the registry file at once (write and rename), as kubectl-driven tooling does."""
+        path = self.registry_path
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text if text is not None else yaml.safe_dump_all(self.objects(), sort_keys=False))
+        os.replace(tmp, path)
+
+    def start_agent(self, node: Node | str | int) -> subprocess.Popen:
+        """Runs `ameshctl agent` in a node's namespace; returns once its admin API answers."""
+        nd = self.bed.node(node)
+        if not self.registry_path.exists():
+            self.write_registry()
+        proc = self.bed.spawn(nd, [AMESHCTL, "agent", "--node", nd.name, "--registry-file", str(self.registry_path)],
+                              self.agent_log(nd))
+        self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=proc)
+        self.agents[nd.name] = proc
+        return proc
+
+    def agent_log(self, node: Node | str | int) -> Path:
+        return self.bed.logdir / f"agent-{self.bed.node(node).name}.log"
+
+    def stop_agent(self, node: Node | str | int) -> int | None:
+        """SIGTERM the node's agent (SIGKILL after the bed's grace); returns its exit code."""
+        return self.bed.stop(self.agents.pop(self.bed.node(node).name))
+
+    def ctl(self, node: Node | str | int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Runs `ameshctl ARGS` in a node's namespace."""
+        return self.bed.run(self.bed.node(node), [AMESHCTL, *args], check=check)
+
+    def ctl_json(self, node: Node | str | int, view: str) -> object:
+        return json.loads(self.ctl(node, view, "-o", "json").stdout)
+
+    def wait_for(self, what: str, predicate, timeout: float = 5.0, interval: float = 0.05):
+        """Polls `predicate()` until it returns something truthy; fails naming `what`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(interval)
+
+
+def _pod_object(pod: Pod, container_port: int) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels)},
+        "spec": {"nodeName": pod.node.name, "serviceAccountName": pod.service_account,
+                 "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": container_port}]}]},
+        "status": {"podIP": pod.ip, "hostIP": pod.node.ip,
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def exchange(bed: Bed, pod: Pod, ip: str, port: int, payload: bytes, timeout: float = 5.0) -> tuple[str, bytes]:
+    """One connection to a tests.podserver: sends `payload`, half-closes, reads to EOF.
+
+    Returns the name the server answered with and the bytes it echoed back.
+    """
+    with bed.connect(pod, ip, port, timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+    name, _, echoed = bytes(received).partition(b"\n")
+    return name.decode(), echoed

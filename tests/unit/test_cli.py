@@ -1,0 +1,89 @@
+"""ameshctl without a running mesh: start-up refusals and the tables it prints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+import yaml
+from click.testing import CliRunner
+
+from agent import views
+from agent.cli import main
+from registry.model import Endpoint, Service, ServicePort, Workload
+from ztunnel.connections import ConnectionTable
+
+GOOD_NAMESPACE = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_agent_refuses_a_malformed_registry_before_touching_the_node(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(GOOD_NAMESPACE + "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+                    "spec: {clusterIP: 10.96.0.10, ports: [{port: eighty}]}\n")
+    result = run("agent", "--node", "node-1", "--registry-file", str(path))
+    assert result.exit_code == 1
+    assert "document 2 (Service shop/web): spec.ports[0].port" in result.output
+    assert "eighty" in result.output
+
+
+def test_agent_names_a_missing_registry_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    result = run("agent", "--node", "node-1", "--registry-file", str(path))
+    assert result.exit_code == 1
+    assert str(path) in result.output
+
+
+def test_views_say_where_the_agent_cannot_be_reached():
+    result = run("--admin", "http://127.0.0.1:9", "connections")
+    assert result.exit_code == 1
+    assert "cannot reach the amesh admin API at http://127.0.0.1:9" in result.output
+
+
+def test_connections_table_shows_source_destination_endpoint_bytes_and_failures():
+    table = ConnectionTable()
+    ok = table.open("10.244.1.10", 40000, "10.96.0.10:80", "shop/client")
+    ok.service, ok.upstream, ok.upstream_workload = "shop/web", "10.244.2.10:8080", "shop/server-b"
+    ok.bytes_sent, ok.bytes_received = 1024, 1033
+    table.close(ok, "closed", "closed")
+    bad = table.open("10.244.1.10", 40002, "10.96.0.10:81", "shop/client")
+    table.close(bad, "failed", "service shop/web does not expose port 81")
+    text = views.connections(table.snapshot())
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["ID", "SOURCE", "WORKLOAD", "SOURCE"]
+    failed_row, ok_row = lines[1], lines[2]  # newest first
+    for cell in ("shop/client", "10.244.1.10:40000", "10.96.0.10:80 (shop/web)", "10.244.2.10:8080 (shop/server-b)",
+                 "1024", "1033", "closed"):
+        assert cell in ok_row
+    assert "failed" in failed_row and "service shop/web does not expose port 81" in failed_row
+    assert views.connections([]) == "no connections"
+
+
+def test_services_table_counts_ready_endpoints():
+    service = Service("web", "shop", "10.96.0.10", (ServicePort(80, "http", "http"),),
+                      endpoints=(Endpoint("10.244.1.11", {"http": 8080}),
+                                 Endpoint("10.244.2.10", {"http": 8080}, ready=False)))
+    row = views.services([dataclasses.asdict(service)]).splitlines()[1]
+    for cell in ("shop", "web", "10.96.0.10", "80->http (http)", "1/2", "10.244.1.11, 10.244.2.10 (not ready)"):
+        assert cell in row
+
+
+def test_workloads_table_marks_enrollment_and_capture():
+    workload = Workload("client", "shop", "10.244.1.10", "node-1", "client", enrolled=True)
+    row = views.workloads([{**dataclasses.asdict(workload), "captured": True}]).splitlines()[1]
+    assert row.split() == ["shop", "client", "10.244.1.10", "node-1", "client", "yes", "yes", "yes", "file"]
+
+
+def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
+    manifest = Path(__file__).resolve().parents[2] / "daemonset" / "amesh.yaml"
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "DaemonSet"]
+    container = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["ameshctl"]
+    name, *args = container["args"]
+    command = main.get_command(click.Context(main), name)
+    params = command.make_context(name, args).params
+    assert params["node"] == "$(NODE_NAME)" and params["drain_grace"] == 5.0

@@ -1,0 +1,273 @@
+"""OutboundProxy on loopback: splicing, byte counts, half-close, failures, balancing, draining.
+
+The proxy listens on a plain 127.0.0.1 socket, so the accepted socket's local address is the
+listener itself; each test injects the "original destination" a BPF capture would have given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+from typing import Awaitable, Callable
+
+import pytest
+
+from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
+from ztunnel.connections import ConnectionRecord, ConnectionTable
+from ztunnel.outbound import OutboundProxy
+
+VIP = "10.96.0.10"
+CLIENT = Workload(name="client", namespace="shop", ip="127.0.0.1", node="n1")
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def tagged_echo(tag: bytes) -> Handler:
+    """Echo everything, then after the client's EOF send `tag` and close."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write(tag)
+            await writer.drain()
+        except ConnectionResetError:
+            pass  # the proxy resets upstreams of the connections it cancels
+        writer.close()
+
+    return handle
+
+
+async def reply_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Say nothing until the client has finished sending, then report how much arrived."""
+    received = await reader.read()
+    writer.write(b"got %d bytes" % len(received))
+    await writer.drain()
+    writer.close()
+
+
+async def reset_on_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reset the connection as soon as anything arrives."""
+    await reader.read(1)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound, read, released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Bed:
+    """Upstream servers, a registry with one Service over them, a proxy, and its table."""
+
+    def __init__(self) -> None:
+        self.servers: list[asyncio.Server] = []
+        self.table = ConnectionTable()
+        self.proxy: OutboundProxy | None = None
+
+    async def serve(self, handler: Handler) -> int:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        self.servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    async def start_proxy(self, upstream_ports: list[int], dst_port: int = 80) -> tuple[str, int]:
+        service = Service(
+            name="web",
+            namespace="shop",
+            cluster_ip=VIP,
+            ports=(ServicePort(port=80, target_port="http", name="http"),),
+            endpoints=tuple(
+                Endpoint(ip="127.0.0.1", ports={"http": p}, workload=f"shop/web-{i}")
+                for i, p in enumerate(upstream_ports)
+            ),
+        )
+        state = RegistryState(workloads=(CLIENT,), services=(service,))
+        self.proxy = OutboundProxy(
+            lambda: state, self.table, connect_timeout=2.0, original_destination=lambda _: (VIP, dst_port)
+        )
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        await self.proxy.start(listener)
+        return self.proxy.address
+
+    async def finish(self) -> list[ConnectionRecord]:
+        """Close the proxy (waiting for its connections) and servers; the closed records, oldest first."""
+        if self.proxy is not None:
+            await self.proxy.close(grace=2.0)
+        for server in self.servers:
+            server.close()
+            await server.wait_closed()
+        assert self.table.live() == []
+        return self.table.recent()[::-1]
+
+
+def run(test: Callable[[Bed], Awaitable[None]]) -> None:
+    async def main() -> None:
+        bed = Bed()
+        try:
+            await asyncio.wait_for(test(bed), 10)
+        finally:
+            await bed.finish()
+
+    asyncio.run(main())
+
+
+async def exchange(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send `payload`, half-close, and read the reply to its end while still sending."""
+    reader, writer = await asyncio.open_connection(*address)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    _, reply = await asyncio.gather(send(), reader.read())
+    writer.close()
+    await writer.wait_closed()
+    return reply
+
+
+async def expect_reset(reader: asyncio.StreamReader) -> None:
+    """The proxy aborts the connection: the client gets a reset, well within a second."""
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 1.0)
+
+
+def test_bytes_are_echoed_and_counted_exactly_both_ways() -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # many 64 KiB reads, and backpressure on the way
+
+    async def test(bed: Bed) -> None:
+        port = await bed.serve(tagged_echo(b"|bye"))
+        address = await bed.start_proxy([port])
+        assert await exchange(address, payload) == payload + b"|bye"
+        [record] = await bed.finish()
+        assert (record.bytes_sent, record.bytes_received) == (len(payload), len(payload) + 4)
+        assert (record.state, record.reason) == ("closed", "closed")
+        assert record.original_dst == f"{VIP}:80"
+        assert (record.service, record.upstream) == ("shop/web", f"127.0.0.1:{port}")
+        assert (record.source_workload, record.upstream_workload) == ("shop/client", "shop/web-0")
+
+    run(test)
+
+
+def test_half_close_lets_the_server_reply_after_client_eof() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(reply_after_eof)])
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"hello")
+        writer.write_eof()
+        assert await reader.read() == b"got 5 bytes"
+        writer.close()
+        [record] = await bed.finish()
+        assert (record.bytes_sent, record.bytes_received, record.reason) == (5, 11, "closed")
+
+    run(test)
+
+
+def test_refused_upstream_resets_client_promptly_and_fails_the_record() -> None:
+    async def test(bed: Bed) -> None:
+        dead = free_port()
+        address = await bed.start_proxy([dead])
+        reader, writer = await asyncio.open_connection(*address)
+        started = time.monotonic()
+        await expect_reset(reader)
+        assert time.monotonic() - started < 1.0
+        writer.close()
+        [record] = await bed.finish()
+        assert record.state == "failed"
+        assert record.reason == f"upstream 127.0.0.1:{dead} refused the connection"
+
+    run(test)
+
+
+def test_route_error_resets_client_and_names_the_cause() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b""))], dst_port=8081)
+        reader, writer = await asyncio.open_connection(*address)
+        await expect_reset(reader)
+        writer.close()
+        [record] = await bed.finish()
+        assert (record.state, record.reason) == ("failed", "service shop/web does not expose port 8081")
+        assert record.upstream is None
+
+    run(test)
+
+
+def test_upstream_reset_resets_client_and_is_recorded() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(reset_on_data)])
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"x")
+        await expect_reset(reader)
+        writer.close()
+        [record] = await bed.finish()
+        assert record.state == "closed"
+        assert record.reason is not None and record.reason.startswith("upstream reset")
+
+    run(test)
+
+
+def test_connections_alternate_between_two_upstreams() -> None:
+    async def test(bed: Bed) -> None:
+        ports = [await bed.serve(tagged_echo(b"A")), await bed.serve(tagged_echo(b"B"))]
+        address = await bed.start_proxy(ports)
+        tags = [await exchange(address, b"") for _ in range(4)]
+        assert sorted(tags[:2]) == [b"A", b"B"]
+        assert tags[2:] == tags[:2]
+
+    run(test)
+
+
+def test_close_drains_live_connections_then_cancels_the_rest() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))])
+        idle_reader, idle_writer = await asyncio.open_connection(*address)
+        busy_reader, busy_writer = await asyncio.open_connection(*address)
+        for reader, writer in ((idle_reader, idle_writer), (busy_reader, busy_writer)):
+            writer.write(b"x")  # a round trip proves the proxy has spliced this connection
+            assert await reader.readexactly(1) == b"x"
+        assert bed.proxy is not None
+
+        closing = asyncio.create_task(bed.proxy.close(grace=0.5))
+        await asyncio.sleep(0)  # let close() run to its first await; it stops accepting before that
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*address)
+
+        busy_writer.write_eof()  # ends within the grace period
+        assert await busy_reader.read() == b"|bye"
+        busy_writer.close()
+        await expect_reset(idle_reader)  # never ends by itself: cancelled when the grace runs out
+        idle_writer.close()
+        await closing
+
+        idle, busy = sorted(await bed.finish(), key=lambda r: r.id)
+        assert (busy.state, busy.reason) == ("closed", "closed")
+        assert (idle.state, idle.reason) == ("closed", "cancelled: proxy shutting down")
+        assert idle.ended is not None and busy.ended is not None and busy.ended < idle.ended
+
+    run(test)
+
+
+def test_table_keeps_a_bounded_newest_first_history() -> None:
+    clock = iter(range(1_700_000_000, 1_800_000_000)).__next__
+    table = ConnectionTable(closed_capacity=3, clock=lambda: float(clock()))
+    records = [table.open("10.244.1.5", 40000 + i, f"{VIP}:80") for i in range(5)]
+    for record in records[:4]:
+        table.close(record, "closed", "closed")
+
+    assert [r.id for r in table.recent()] == [4, 3, 2]
+    assert [r.id for r in table.live()] == [5]
+    assert [d["id"] for d in table.snapshot()] == [5, 4, 3, 2]
+    first = table.recent()[-1].to_dict()
+    assert first["started"] == "2023-11-14T22:13:21.000+00:00"
+    assert first["duration"] == 5.0  # opened at tick 1, closed at tick 6 of the fake clock
+    with pytest.raises(ValueError, match="not live"):
+        table.close(records[0], "closed", "closed")

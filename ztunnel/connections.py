@@ -1,0 +1,108 @@
+"""The ztunnel's record of each proxied connection: live ones, and the most recent closed ones.
+
+The data plane counts bytes with plain integers on the record as they flow; readers such as
+`ameshctl connections` take a `snapshot()` when they need one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal
+
+ConnectionState = Literal["connecting", "open", "closed", "failed"]
+EndState = Literal["closed", "failed"]
+
+
+@dataclass
+class ConnectionRecord:
+    """One client connection and its upstream, from accept to close."""
+
+    id: int
+    source_ip: str
+    source_port: int
+    source_workload: str | None
+    original_dst: str  # "ip:port" the client dialled
+    started: float  # wall-clock seconds since the epoch
+    service: str | None = None
+    upstream: str | None = None  # "ip:port", once routed
+    upstream_workload: str | None = None
+    ended: float | None = None
+    bytes_sent: int = 0  # client -> upstream
+    bytes_received: int = 0  # upstream -> client
+    state: ConnectionState = "connecting"
+    reason: str | None = None
+
+    def duration(self, now: float | None = None) -> float:
+        """Seconds from accept to close, or to `now` (default: the wall clock) while live."""
+        end = self.ended if self.ended is not None else (time.time() if now is None else now)
+        return max(0.0, end - self.started)
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        """A JSON-ready view: ISO 8601 UTC times, duration in seconds rounded to milliseconds."""
+        data = asdict(self)
+        data["started"] = iso_utc(self.started)
+        data["ended"] = iso_utc(self.ended) if self.ended is not None else None
+        data["duration"] = round(self.duration(now), 3)
+        return data
+
+
+def iso_utc(timestamp: float) -> str:
+    """A wall-clock time as ISO 8601 UTC with milliseconds, as the admin API shows times."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class ConnectionTable:
+    """Live connections by id, plus a bounded history of closed ones (newest first)."""
+
+    def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time) -> None:
+        self._ids = itertools.count(1)
+        self._clock = clock
+        self._live: dict[int, ConnectionRecord] = {}
+        self._recent: deque[ConnectionRecord] = deque(maxlen=closed_capacity)
+
+    def open(
+        self,
+        source_ip: str,
+        source_port: int,
+        original_dst: str,
+        source_workload: str | None = None,
+    ) -> ConnectionRecord:
+        """Start tracking a newly accepted connection, in state "connecting"."""
+        record = ConnectionRecord(
+            id=next(self._ids),
+            source_ip=source_ip,
+            source_port=source_port,
+            source_workload=source_workload,
+            original_dst=original_dst,
+            started=self._clock(),
+        )
+        self._live[record.id] = record
+        return record
+
+    def close(self, record: ConnectionRecord, state: EndState, reason: str) -> None:
+        """Mark a live connection ended and move it to the recent history."""
+        if state not in ("closed", "failed"):
+            raise ValueError(f"connection {record.id}: end state must be closed or failed, not {state!r}")
+        if self._live.pop(record.id, None) is None:
+            raise ValueError(f"connection {record.id} is not live in this table (closed twice?)")
+        record.state = state
+        record.reason = reason
+        record.ended = self._clock()
+        self._recent.appendleft(record)
+
+    def live(self) -> list[ConnectionRecord]:
+        """Connections not yet closed, oldest first."""
+        return list(self._live.values())
+
+    def recent(self) -> list[ConnectionRecord]:
+        """Closed connections, newest first, at most `closed_capacity` of them."""
+        return list(self._recent)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Live then recent connections as JSON-ready dicts, durations taken at one instant."""
+        now = self._clock()
+        return [record.to_dict(now) for record in (*self._live.values(), *self._recent)]

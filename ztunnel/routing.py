@@ -1,0 +1,91 @@
+"""Where a captured outbound connection goes: a Service backend, a known pod, or straight through.
+
+Pure logic over one `RegistryState` snapshot; no sockets. The only state kept between calls is
+the round-robin position of each (service, port), so the caller keeps one `Router` for the life
+of the proxy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from registry.model import Endpoint, RegistryState, Service
+
+UpstreamKind = Literal["service", "workload", "passthrough"]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The address to connect to for one connection, and what it belongs to."""
+
+    ip: str
+    port: int
+    kind: UpstreamKind
+    service: str | None = None  # "namespace/name" when the client dialled a Service IP
+    workload: str | None = None  # "namespace/name" of the destination pod, when known
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+class RouteError(Exception):
+    """The registry says the destination cannot be served; the client's request, not our fault.
+
+    `reason` is a short machine code for counters and filters; str(error) is for people.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Router:
+    """Chooses an upstream for (destination IP, port), balancing Service traffic round-robin."""
+
+    def __init__(self) -> None:
+        # One ever-increasing counter per (service key, port), taken modulo the candidates of
+        # the moment: when endpoints come or go the rotation carries on from where it was
+        # instead of restarting at the first endpoint, which would overload it.
+        self._turns: dict[tuple[str, int], int] = {}
+
+    def route(self, state: RegistryState, dst_ip: str, dst_port: int) -> Upstream:
+        """The upstream for a connection to `dst_ip`:`dst_port`; RouteError if none can serve it."""
+        service = state.service_by_ip(dst_ip)
+        if service is not None:
+            return self._to_service(state, service, dst_port)
+        workload = state.workload_by_ip(dst_ip)
+        if workload is not None:
+            return Upstream(dst_ip, dst_port, "workload", workload=workload.key)
+        return Upstream(dst_ip, dst_port, "passthrough")
+
+    def _to_service(self, state: RegistryState, service: Service, port: int) -> Upstream:
+        service_port = service.port(port)
+        if service_port is None:
+            raise RouteError("no_service_port", f"service {service.key} does not expose port {port}")
+        candidates = sorted(
+            (ep for ep in service.endpoints if ep.ready and service_port.name in ep.ports),
+            key=lambda ep: (ep.ip, ep.ports[service_port.name]),
+        )
+        if not candidates:
+            raise RouteError("no_endpoint", f"service {service.key} has no ready endpoint for port {port}")
+        turn_key = (service.key, port)
+        turn = self._turns.get(turn_key, 0)
+        self._turns[turn_key] = turn + 1
+        endpoint = candidates[turn % len(candidates)]
+        return Upstream(
+            endpoint.ip,
+            endpoint.ports[service_port.name],
+            "service",
+            service=service.key,
+            workload=_endpoint_workload(state, endpoint),
+        )
+
+
+def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:
+    """The pod behind an endpoint: as the endpoint names it, else as the registry knows its IP."""
+    if endpoint.workload is not None:
+        return endpoint.workload
+    workload = state.workload_by_ip(endpoint.ip)
+    return workload.key if workload is not None else None
