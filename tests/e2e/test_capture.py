@@ -16,12 +16,13 @@ import time
 
 import pytest
 
-from tests.bed import Bed, netns_snapshot
+from tests.bed import Bed, netns_snapshot, netns_socket
 from tests.mesh import Mesh, ServiceSpec, exchange
 
 SERVICE_IP = "10.96.0.10"
 SERVICE_PORT = 80
 TARGET_PORT = 8080
+DOWN_SERVICE_IP = "10.96.0.11"
 LABEL_FLIP_DEADLINE = 1.0  # seconds, from the issue
 
 
@@ -33,6 +34,8 @@ def build_mesh(bed: Bed) -> Mesh:
     bed.add_pod("plain", 1, namespace="legacy", labels={"app": "plain"})
     bed.add_pod("optout", 1, namespace="shop", labels={"app": "optout", "amesh.io/dataplane-mode": "none"})
     mesh.services.append(ServiceSpec("web", "shop", SERVICE_IP, SERVICE_PORT, "http", {"app": "web"}))
+    # endpoints that refuse: nothing listens on port 9 in the server pods
+    mesh.services.append(ServiceSpec("down", "shop", DOWN_SERVICE_IP, SERVICE_PORT, 9, {"app": "web"}))
     for name in ("server-a", "server-b"):
         bed.start_podserver(bed.pods[name], TARGET_PORT)
     mesh.write_registry()
@@ -101,6 +104,36 @@ def test_enrolled_pod_reaches_service_through_ztunnel_on_both_endpoints(mesh: Me
         assert c["bytes_received"] == len(name) + 1 + 1000 + i
     # the agent on node-2 serves no enrolled client: it saw none of this
     assert mesh.ctl_json(2, "connections") == []
+
+
+def test_enrolled_pod_to_pod_ip_goes_through_ztunnel_and_udp_passes_untouched(p2p_mesh: Mesh):
+    mesh, bed = p2p_mesh, p2p_mesh.bed
+    server_b = bed.pods["server-b"]
+    assert exchange(bed, bed.pods["client"], server_b.ip, TARGET_PORT, b"direct") == ("server-b", b"direct")
+    [conn] = mesh.wait_for("the closed connection", lambda: closed_connections(mesh, 1))
+    assert conn["original_dst"] == conn["upstream"] == f"{server_b.ip}:{TARGET_PORT}"
+    assert conn["service"] is None and conn["upstream_workload"] == "shop/server-b"
+
+    with netns_socket(server_b.netns, type=socket.SOCK_DGRAM) as server, \
+            netns_socket(bed.pods["client"].netns, type=socket.SOCK_DGRAM) as client:
+        server.bind((server_b.ip, 5353))
+        server.settimeout(2)
+        client.sendto(b"query", (server_b.ip, 5353))
+        data, (peer_ip, _) = server.recvfrom(100)
+    assert (data, peer_ip) == (b"query", bed.pods["client"].ip)
+    assert len(mesh.ctl_json(1, "connections")) == 1
+
+
+def test_refused_upstream_resets_the_client_promptly_and_shows_why(p2p_mesh: Mesh):
+    mesh, bed = p2p_mesh, p2p_mesh.bed
+    started = time.monotonic()
+    with bed.connect(bed.pods["client"], DOWN_SERVICE_IP, SERVICE_PORT, timeout=3) as sock:
+        with pytest.raises(ConnectionResetError):
+            sock.recv(100)
+    assert time.monotonic() - started < 1.0
+    [conn] = mesh.wait_for("the failed connection", lambda: mesh.ctl_json(1, "connections"))
+    assert conn["state"] == "failed" and conn["service"] == "shop/down"
+    assert "refused" in conn["reason"] and conn["upstream"].endswith(":9"), conn
 
 
 def test_pods_not_enrolled_or_opted_out_are_not_captured(mesh: Mesh):
