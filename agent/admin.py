@@ -1,4 +1,6 @@
-"""The admin API on 127.0.0.1:15000: read-only JSON views of the agent, for `ameshctl`."""
+"""The admin API on 127.0.0.1:15000: JSON views of the agent for `ameshctl`, and POST
+/certs/renew. It is bound to loopback (node-local operators only) and never shows key material.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class AdminServer:
-    """Serves /status, /workloads, /services and /connections of one agent."""
+    """Serves the agent's views (GET) and its few operator actions (POST) as JSON."""
 
     def __init__(self, agent: "NodeAgent") -> None:
         self.agent = agent
@@ -23,6 +25,8 @@ class AdminServer:
         app.router.add_get("/workloads", self._workloads)
         app.router.add_get("/services", self._services)
         app.router.add_get("/connections", self._connections)
+        app.router.add_get("/certs", self._certs)
+        app.router.add_post("/certs/renew", self._renew_certs)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self, port: int) -> None:
@@ -46,6 +50,16 @@ class AdminServer:
     async def _services(self, request: web.Request) -> web.Response:
         return web.json_response([{**_plain(s), "key": s.key}
                                   for s in sorted(self.agent.state.services, key=lambda s: s.key)])
+
+    async def _certs(self, request: web.Request) -> web.Response:
+        certs = self.agent.certs
+        return web.json_response({"trust_domain": certs.trust_domain, "root_fingerprint": certs.root_fingerprint,
+                                  "certificates": certs.certificates()})
+
+    async def _renew_certs(self, request: web.Request) -> web.Response:
+        """Renews every workload certificate now; live connections keep the ones they have."""
+        renewed = self.agent.renew_certificates()
+        return web.json_response({"renewing": renewed}, status=202)
 
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(self.agent.table.snapshot())

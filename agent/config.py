@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+
+from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 
 ADMIN_HOST = "127.0.0.1"  # the admin API changes nothing but is still node-local only
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+DEFAULT_CA_DIR = Path("/var/lib/amesh/ca")
 
 
 @dataclass(frozen=True)
@@ -17,7 +22,14 @@ class AgentConfig:
     node: str  # the Kubernetes node name this agent serves (spec.nodeName of its pods)
     registry_file: Path
     admin_port: int = ADMIN_PORT
-    outbound_port: int = OUTBOUND_PORT
+    # how enrolled pods whose namespace has no amesh.io/mtls-mode label treat plaintext that
+    # reaches them directly: PERMISSIVE delivers it, STRICT refuses it
+    mtls_mode: str = "PERMISSIVE"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    # the root CA's ca.key and ca.crt (created there, mode 0600, when both are absent); every
+    # agent of a cluster must use the same root
+    ca_dir: Path = DEFAULT_CA_DIR
+    cert_lifetime: timedelta = DEFAULT_LIFETIME  # workload certificates; renewed at half-life
     # seconds between registry file checks: a label flipped in the file applies within ~1 s
     registry_poll_interval: float = 0.2
     # seconds between full datapath reconciliations, which also pick up pod interfaces that

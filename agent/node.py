@@ -18,23 +18,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from agent.admin import AdminServer
-from agent.config import AgentConfig
-from bpf.datapath import NodeDatapath
+from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
+from bpf.datapath import NodeDatapath, Slot
 from registry.kubefile import FileSource
 from registry.model import RegistryError, RegistryState
 from ztunnel.connections import ConnectionTable, iso_utc
 from ztunnel.listener import transparent_listener
-from ztunnel.outbound import OutboundProxy
+from ztunnel.hbone import HBONE_PORT, HboneClientPool
+from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
+from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
+from ztunnel.outbound import MeshTransport, OutboundProxy
+from ztunnel.server import CapturedListener
 
 log = logging.getLogger("amesh.agent")
 
 T = TypeVar("T")
+
+LISTENER_PORTS = {
+    Slot.OUTBOUND: OUTBOUND_PORT,
+    Slot.INBOUND_HBONE: HBONE_PORT,
+    Slot.INBOUND_PLAINTEXT: INBOUND_PLAINTEXT_PORT,
+}
 
 
 class NodeAgent:
@@ -50,8 +59,9 @@ class NodeAgent:
         self._datapath_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._reconcile_now = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._listener: socket.socket | None = None
-        self._proxy: OutboundProxy | None = None
+        self._proxies: dict[Slot, CapturedListener] = {}
+        self.certs: CertificateManager | None = None
+        self.pool = HboneClientPool()
         self._admin: AdminServer | None = None
 
     @property
@@ -61,6 +71,18 @@ class NodeAgent:
 
     def local_enrolled_ips(self) -> list[str]:
         return sorted(w.ip for w in self.state.enrolled_on(self.config.node))
+
+    def local_identities(self) -> set[Identity]:
+        """The identities this node serves: one per service account of its enrolled pods."""
+        return {workload_identity(w, self.config.trust_domain) for w in self.state.enrolled_on(self.config.node)}
+
+    def renew_certificates(self) -> list[str]:
+        """Makes every held certificate due now; the manager's task renews them at once."""
+        assert self.certs is not None
+        identities = sorted(self.local_identities(), key=str)
+        for identity in identities:
+            self.certs.renew_now(identity)
+        return [i.uri for i in identities]
 
     async def _in_datapath_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._datapath_thread, fn, *args)
@@ -81,11 +103,13 @@ class NodeAgent:
             loop.add_signal_handler(sig, self._stopping.set)
         try:
             await self._start()
-            log.info("event=ready node=%s outbound_port=%d admin=127.0.0.1:%d enrolled_local_pods=%d",
-                     self.config.node, self.config.outbound_port, self.config.admin_port,
+            log.info("event=ready node=%s listeners=%s admin=127.0.0.1:%d enrolled_local_pods=%d",
+                     self.config.node, ",".join(str(p) for p in LISTENER_PORTS.values()), self.config.admin_port,
                      len(self.local_enrolled_ips()))
+            assert self.certs is not None
             tasks = [asyncio.create_task(self.registry.run(), name="registry"),
-                     asyncio.create_task(self._reconcile_loop(), name="reconcile")]
+                     asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                     asyncio.create_task(self.certs.run(), name="certificates")]
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
@@ -101,10 +125,29 @@ class NodeAgent:
         state = self.registry.load()
         log.info("event=registry_loaded path=%s generation=%d workloads=%d services=%d",
                  self.config.registry_file, state.generation, len(state.workloads), len(state.services))
-        self._listener = transparent_listener(self.config.outbound_port)
-        self.datapath = await self._in_datapath_thread(NodeDatapath, self._listener)
-        self._proxy = OutboundProxy(lambda: self.state, self.table, connect_timeout=self.config.connect_timeout)
-        await self._proxy.start(self._listener)
+        config = self.config
+        ca = FileCA.load_or_create(config.ca_dir, config.trust_domain)
+        self.certs = CertificateManager(ca, config.trust_domain, config.cert_lifetime)
+        self.certs.set_identities(self.local_identities())
+        sockets = {}
+        try:
+            for slot, port in LISTENER_PORTS.items():
+                sockets[slot] = transparent_listener(port)
+            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT)
+        except BaseException:
+            for sock in sockets.values():
+                sock.close()
+            raise
+        state, timeout = (lambda: self.state), config.connect_timeout
+        transport = MeshTransport(config.node, self.certs, self.pool)
+        self._proxies = {
+            Slot.OUTBOUND: OutboundProxy(state, self.table, transport, connect_timeout=timeout),
+            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, config.node, self.certs, connect_timeout=timeout),
+            Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, config.node, config.mtls_mode,
+                                                          connect_timeout=timeout),
+        }
+        for slot, proxy in self._proxies.items():
+            await proxy.start(sockets[slot])
         await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
@@ -116,7 +159,8 @@ class NodeAgent:
             except asyncio.TimeoutError:
                 pass
             self._reconcile_now.clear()
-            assert self.datapath is not None
+            assert self.datapath is not None and self.certs is not None
+            self.certs.set_identities(self.local_identities())
             await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
 
     async def _stop(self) -> None:
@@ -124,10 +168,10 @@ class NodeAgent:
                  len(self.table.live()))
         if self._admin is not None:
             await self._admin.stop()
-        if self._proxy is not None:
-            await self._proxy.close(grace=self.config.drain_grace)
-        if self._listener is not None:
-            self._listener.close()
+        # All listeners close at once (new connections are refused from here on), then the
+        # live ones share one grace period.
+        await asyncio.gather(*(proxy.close(grace=self.config.drain_grace) for proxy in self._proxies.values()))
+        await self.pool.close()
         if self.datapath is not None:
             await self._in_datapath_thread(self.datapath.close)
         log.info("event=stopped node=%s", self.config.node)
@@ -148,7 +192,9 @@ class NodeAgent:
                 "services": len(state.services),
                 "last_error": self.registry.last_error,
             },
-            "listeners": {"outbound": f"0.0.0.0:{self.config.outbound_port}"},
+            "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,
-            "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent())},
+            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions},
+            "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
+                            "failures": dict(self.table.failures)},
         }

@@ -25,8 +25,9 @@ def status(data: dict) -> str:
         ["outbound listener", data["listeners"]["outbound"]],
         ["captured pods", ", ".join(datapath.get("enrolled_pod_ips", [])) or "none"],
         ["attached to", attached],
-        ["pods without interface", ", ".join(datapath.get("unresolved_pod_ips", [])) or "none"],
+        ["pods not routed here", ", ".join(datapath.get("pods_not_routed_here", [])) or "none"],
         ["connections", f"{conns['live']} live, {conns['recently_closed']} recently closed"],
+        ["failures", ", ".join(f"{code} {n}" for code, n in sorted(conns["failures"].items())) or "none"],
     ]
     return tabulate(lines, tablefmt="plain")
 
@@ -53,12 +54,20 @@ def services(data: list[dict]) -> str:
 def connections(data: list[dict]) -> str:
     rows = []
     for c in data:
-        source = c["source_workload"] or "-"
         destination = c["original_dst"] + (f" ({c['service']})" if c["service"] else "")
         endpoint = (c["upstream"] or "-") + (f" ({c['upstream_workload']})" if c["upstream_workload"] else "")
+        # the identity at the far end: proved by mTLS for inbound, checked by us for outbound
+        peer = c["source_identity"] if c["direction"] == "inbound" else c["destination_identity"]
         reason = "" if c["reason"] in (None, "closed") else c["reason"]
-        rows.append([c["id"], source, f"{c['source_ip']}:{c['source_port']}", destination, endpoint,
-                     c["bytes_sent"], c["bytes_received"], c["started"], f"{c['duration']:.3f}s", c["state"],
-                     reason])
-    return _table(["ID", "SOURCE WORKLOAD", "SOURCE", "DESTINATION", "ENDPOINT", "SENT", "RECEIVED", "STARTED",
-                   "DURATION", "STATE", "REASON"], rows, "no connections")
+        rows.append([c["id"], c["direction"], c["source_workload"] or "-", c["source_ip"] + (f":{c['source_port']}" if c["source_port"] else ""),
+                     destination, endpoint, c["security"] or "-", peer or "-", c["bytes_sent"], c["bytes_received"],
+                     c["started"], f"{c['duration']:.3f}s", c["state"], reason])
+    return _table(["ID", "DIR", "SOURCE WORKLOAD", "SOURCE", "DESTINATION", "ENDPOINT", "SECURITY", "PEER IDENTITY",
+                   "SENT", "RECEIVED", "STARTED", "DURATION", "STATE", "REASON"], rows, "no connections")
+
+
+def certs(data: dict) -> str:
+    rows = [[c["identity"], c["serial"] or "-", c["not_before"] or "-", c["not_after"] or "-", c["state"],
+             c["last_error"] or ""] for c in data["certificates"]]
+    table = _table(["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "STATE", "LAST ERROR"], rows, "no certificates")
+    return f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}\n\n{table}"

@@ -1,9 +1,9 @@
 """The node's capture datapath: the BPF program, its tc attachments and the routing it needs.
 
 `NodeDatapath` is the one place that changes kernel state for amesh: it compiles
-bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces enrolled pods'
-packets enter the node by, keeps the map of enrolled pod addresses, and installs the policy
-rule and local route that deliver marked packets to the ztunnel. Everything it adds carries a
+bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces packets enter
+the node by, keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
+listeners, and installs the policy rule and local route that deliver marked packets to them. Everything it adds carries a
 fixed priority or table number, so a later agent finds and replaces what a killed one left.
 """
 
@@ -15,8 +15,9 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -35,6 +36,14 @@ FILTER_PRIORITY = 15001
 TC_INGRESS = "ffff:fff2"
 
 
+class Slot(IntEnum):
+    """The ztunnel listeners' places in the program's sockmap."""
+
+    OUTBOUND = 0  # connections enrolled pods open
+    INBOUND_HBONE = 1  # HBONE (port 15008) to enrolled pods
+    INBOUND_PLAINTEXT = 2  # any other TCP to enrolled pods
+
+
 class DatapathError(RuntimeError):
     """The kernel refused a change amesh needs (BPF load, tc attach, rule or route)."""
 
@@ -45,33 +54,36 @@ class Attachment:
 
     ifindex: int
     ifname: str
-    kind: str  # "veth" (point-to-point pod network) or "bridge"
+    kind: str  # link kind: "veth", "bridge", "vxlan", "" for a physical NIC, ...
 
 
 class CaptureProgram:
     """bpf/capture.c compiled and loaded, with handles on its two maps."""
 
-    def __init__(self) -> None:
+    def __init__(self, hbone_port: int) -> None:
         from bcc import BPF  # imported here: loading libbcc is slow and needs root
 
         self._bpf_cls = BPF
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-DCAPTURE_MARK={CAPTURE_MARK:#x}"])
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[
+                f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
+                *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot)])
             self.fn = self.bpf.load_func(b"capture", BPF.SCHED_CLS)
         except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
             raise DatapathError(f"loading {SOURCE.name} failed: {exc}") from exc
         self._enrolled = self.bpf[b"enrolled_pods"]
 
-    def set_listener(self, sock: socket.socket) -> None:
-        """Puts the ztunnel's listening socket in the sockmap SYNs are assigned from."""
+    def set_listener(self, slot: Slot, sock: socket.socket) -> None:
+        """Puts one of the ztunnel's listening sockets in the sockmap SYNs are assigned from."""
         from bcc import lib
 
         # BCC 0.26 has no Python wrapper for sockmaps ("Unknown table type 15").
-        fd = lib.bpf_table_fd(self.bpf.module, b"outbound_listener")
-        key, value = ctypes.c_uint32(0), ctypes.c_uint64(sock.fileno())
+        fd = lib.bpf_table_fd(self.bpf.module, b"listeners")
+        key, value = ctypes.c_uint32(slot), ctypes.c_uint64(sock.fileno())
         if lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0) != 0:
             err = ctypes.get_errno()
-            raise DatapathError(f"putting the listener in the sockmap failed: {errno.errorcode.get(err, err)}")
+            raise DatapathError(f"putting the {slot.name.lower()} listener in the sockmap failed: "
+                                f"{errno.errorcode.get(err, err)}")
 
     def set_enrolled(self, ips: Iterable[str]) -> None:
         """Makes the enrolled-pods map hold exactly `ips`."""
@@ -92,17 +104,19 @@ def _ip_key(ip: str) -> int:
 class NodeDatapath:
     """Capture for one node: `sync()` it with the enrolled local pods, `close()` to remove it."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listeners: Mapping[Slot, socket.socket], hbone_port: int) -> None:
+        """Loads the program with `listeners` in its sockmap; `hbone_port` selects INBOUND_HBONE."""
         self._ipr = IPRoute()
         self._attached: dict[int, Attachment] = {}
         self._enrolled: tuple[str, ...] = ()
-        self._unresolved: tuple[str, ...] = ()
+        self._not_routed_here: tuple[str, ...] = ()
         try:
             removed = remove_leftovers(self._ipr)
             if removed:
                 log.info("event=leftovers_removed items=%s", ",".join(removed))
-            self.program = CaptureProgram()
-            self.program.set_listener(listener)
+            self.program = CaptureProgram(hbone_port)
+            for slot, sock in listeners.items():
+                self.program.set_listener(slot, sock)
             self._install_routing()
         except BaseException:
             self.close()
@@ -118,16 +132,14 @@ class NodeDatapath:
             raise DatapathError(f"installing the capture rule and route failed: {exc}") from exc
 
     def sync(self, pod_ips: Iterable[str]) -> None:
-        """Captures exactly the pods at `pod_ips`: updates the map, attaches and detaches."""
+        """Captures exactly the local enrolled pods at `pod_ips`: updates the map and attachments.
+
+        With any pod enrolled the program sits on every interface packets can enter the node
+        by (inbound capture needs the uplink and other pods' interfaces too); with none, on none.
+        """
         ips = tuple(sorted(set(pod_ips)))
-        wanted: dict[int, Attachment] = {}
-        unresolved = []
-        for ip in ips:
-            attachment = self._ingress_for(ip)
-            if attachment is None:
-                unresolved.append(ip)
-            else:
-                wanted[attachment.ifindex] = attachment
+        wanted = {a.ifindex: a for a in self._ingress_interfaces()} if ips else {}
+        not_routed = tuple(ip for ip in ips if not self._routed_here(ip))
         # Order matters for fail-closed: attach before enrolling a pod, un-enroll before
         # detaching, so a pod is never half captured.
         for ifindex in wanted.keys() - self._attached.keys():
@@ -135,28 +147,33 @@ class NodeDatapath:
         self.program.set_enrolled(ips)
         for ifindex in self._attached.keys() - wanted.keys():
             self._detach(self._attached.pop(ifindex))
-        if unresolved != list(self._unresolved):
-            for ip in unresolved:
-                log.warning("event=pod_interface_not_found pod_ip=%s reason=\"no route to the pod in this node\"", ip)
-        self._enrolled, self._unresolved = ips, tuple(unresolved)
+        for ip in set(not_routed) - set(self._not_routed_here):
+            log.warning("event=pod_not_routed_here pod_ip=%s reason=\"the node has no direct route to this pod\"", ip)
+        self._enrolled, self._not_routed_here = ips, not_routed
 
-    def _ingress_for(self, pod_ip: str) -> Attachment | None:
-        """The interface a pod's packets enter the node by, found from the route to the pod."""
+    def _ingress_interfaces(self) -> list[Attachment]:
+        """Every interface packets enter the node by: all but loopback and bridge ports.
+
+        A bridge port is skipped for its bridge: at a port bpf_sk_assign is accepted but the
+        packet is never delivered (KERNEL-NOTES), at the bridge device it is.
+        """
+        found = []
+        for link in self._ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name == "lo" or link.get_attr("IFLA_MASTER"):
+                continue
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+            found.append(Attachment(link["index"], name, kind))
+        return found
+
+    def _routed_here(self, pod_ip: str) -> bool:
+        """Whether the node delivers to `pod_ip` directly (its veth or bridge), not via a gateway."""
         try:
             route = self._ipr.route("get", dst=pod_ip)[0]
         except NetlinkError:
-            return None
-        oif = route.get_attr("RTA_OIF")
-        if route.get_attr("RTA_GATEWAY") or oif is None:
-            return None  # routed onward: the pod is not on this node
-        link = self._ipr.link("get", index=oif)[0]
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info else None
-        if kind == "bridge_slave" or link.get_attr("IFLA_MASTER"):
-            return None  # a bridge port: the program must sit on the bridge (KERNEL-NOTES)
-        if kind not in ("veth", "bridge"):
-            return None
-        return Attachment(oif, link.get_attr("IFLA_IFNAME"), kind)
+            return False
+        return route.get_attr("RTA_GATEWAY") is None and route.get_attr("RTA_OIF") is not None
 
     def _attach(self, attachment: Attachment) -> None:
         try:
@@ -179,7 +196,7 @@ class NodeDatapath:
         return {
             "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "kind": a.kind} for a in self._attached.values()],
             "enrolled_pod_ips": list(self._enrolled),
-            "unresolved_pod_ips": list(self._unresolved),
+            "pods_not_routed_here": list(self._not_routed_here),
             "mark": f"{CAPTURE_MARK:#x}/{CAPTURE_MARK_MASK:#x}",
             "route_table": ROUTE_TABLE,
         }

@@ -22,6 +22,8 @@ from registry.model import (
     ENROLL_AMBIENT,
     ENROLL_LABEL,
     ENROLL_NONE,
+    MTLS_MODE_LABEL,
+    MTLS_MODES,
     Endpoint,
     RegistryError,
     RegistryState,
@@ -333,6 +335,14 @@ def _check_unique_ips(owners: Iterable[tuple[_Object, str]], path: str) -> None:
             raise obj.fail(path, f"{ip} is already used by {other.label} ({other.where})")
 
 
+def _namespace_labels(obj: _Object) -> dict[str, str]:
+    labels = _labels(obj, obj.metadata.get("labels"), "metadata.labels")
+    mode = labels.get(MTLS_MODE_LABEL)
+    if mode is not None and mode not in MTLS_MODES:
+        raise obj.fail(f'metadata.labels["{MTLS_MODE_LABEL}"]', f"must be one of {', '.join(MTLS_MODES)}, got {_show(mode)}")
+    return labels
+
+
 def _enrolled(pod_labels: Mapping[str, str], namespace_labels: Mapping[str, str]) -> bool:
     """Istio's rule: the pod label wins ("none" opts out, "ambient" opts in), else the namespace."""
     mode = pod_labels.get(ENROLL_LABEL)
@@ -395,7 +405,7 @@ def parse_objects(text: str, source: str = "file", generation: int = 0) -> Regis
             problem = f"duplicate: {obj.label} is already defined in {other.where}"
             raise obj.fail("metadata.name", problem)
         if obj.kind == "Namespace":
-            namespaces[obj.name] = _labels(obj, obj.metadata.get("labels"), "metadata.labels")
+            namespaces[obj.name] = _namespace_labels(obj)
         elif obj.kind == "Pod":
             pod = _read_pod(obj, source)
             if pod is not None:
@@ -409,7 +419,8 @@ def parse_objects(text: str, source: str = "file", generation: int = 0) -> Regis
     _check_unique_ips(((obj, s.cluster_ip) for obj, s in services), "spec.clusterIP")
     # A pod's namespace may have no Namespace object; then only the pod's own label can enroll it.
     workloads = tuple(
-        replace(w, enrolled=_enrolled(w.labels, namespaces.get(w.namespace, {})))
+        replace(w, enrolled=_enrolled(w.labels, namespaces.get(w.namespace, {})),
+                mtls_mode=namespaces.get(w.namespace, {}).get(MTLS_MODE_LABEL, ""))
         for w in (p.workload for p in pods)
     )
     # As in Kubernetes, once a Service has EndpointSlices they alone list its endpoints; a slice

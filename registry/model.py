@@ -13,6 +13,11 @@ from typing import Mapping
 ENROLL_LABEL = "amesh.io/dataplane-mode"
 ENROLL_AMBIENT = "ambient"
 ENROLL_NONE = "none"
+# Namespace label choosing how enrolled pods there treat plaintext that reaches them directly:
+# STRICT refuses it, PERMISSIVE delivers it (marked as not mutually authenticated). Unset: the
+# agent's default (--mtls-mode).
+MTLS_MODE_LABEL = "amesh.io/mtls-mode"
+MTLS_MODES = ("STRICT", "PERMISSIVE")
 
 
 class RegistryError(ValueError):
@@ -32,6 +37,7 @@ class Workload:
     ready: bool = True
     enrolled: bool = False
     source: str = "file"
+    mtls_mode: str = ""  # "STRICT", "PERMISSIVE", or "" for the agent's default
 
     @property
     def key(self) -> str:

@@ -49,7 +49,8 @@ def run(mode: str, requests: int) -> None:
         mesh.write_registry()
         print(f"    {mesh.registry_path}")
 
-        say("starting one amesh agent per node (compiles and attaches the BPF capture program)")
+        say("starting one amesh agent per node (compiles and attaches the BPF capture program; the first "
+            "creates the mesh's root CA, each issues certificates for its pods' service accounts)")
         for node in bed.nodes:
             mesh.start_agent(node)
         show(mesh, 1, "status")
@@ -69,8 +70,12 @@ def run(mode: str, requests: int) -> None:
         except OSError as exc:
             print(f"    fails as it should without the mesh: {exc.strerror or exc}")
 
-        say("what node-1's ztunnel saw")
+        say("what node-1's ztunnel saw: server-a is on the same node, server-b was reached over "
+            "mTLS (HBONE to node-2:15008) as spiffe://cluster.local/ns/shop/sa/client")
         show(mesh, 1, "connections")
+        say("node-2's ztunnel terminated those tunnels and checked the client's identity")
+        show(mesh, 2, "connections")
+        show(mesh, 1, "certs")
         show(mesh, 1, "workloads")
         show(mesh, 1, "services")
 

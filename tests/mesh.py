@@ -42,6 +42,7 @@ class Mesh:
 
     bed: Bed
     namespaces: dict[str, bool] = field(default_factory=dict)  # name -> enrolled (ambient)
+    mtls_modes: dict[str, str] = field(default_factory=dict)  # namespace -> STRICT / PERMISSIVE label
     services: list[ServiceSpec] = field(default_factory=list)
     container_port: int = 8080  # every pod's "http" container port, for named target ports
     agents: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -55,6 +56,8 @@ class Mesh:
         docs: list[dict] = []
         for name, ambient in self.namespaces.items():
             labels = {"amesh.io/dataplane-mode": "ambient"} if ambient else {}
+            if name in self.mtls_modes:
+                labels["amesh.io/mtls-mode"] = self.mtls_modes[name]
             docs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
         for pod in self.bed.pods.values():
             docs.append(_pod_object(pod, self.container_port))
@@ -75,19 +78,33 @@ class Mesh:
         tmp.write_text(text if text is not None else yaml.safe_dump_all(self.objects(), sort_keys=False))
         os.replace(tmp, path)
 
-    def start_agent(self, node: Node | str | int) -> subprocess.Popen:
+    @property
+    def ca_dir(self) -> Path:
+        """The root CA all agents of this mesh share (the first agent creates it)."""
+        return self.bed.logdir / "ca"
+
+    def start_agent(self, node: Node | str | int, *extra_args: str) -> subprocess.Popen:
         """Runs `ameshctl agent` in a node's namespace; returns once its admin API answers."""
         nd = self.bed.node(node)
         if not self.registry_path.exists():
             self.write_registry()
-        proc = self.bed.spawn(nd, [AMESHCTL, "agent", "--node", nd.name, "--registry-file", str(self.registry_path)],
-                              self.agent_log(nd))
+        argv = [AMESHCTL, "agent", "--node", nd.name, "--registry-file", str(self.registry_path),
+                "--ca-dir", str(self.ca_dir), *extra_args]
+        proc = self.bed.spawn(nd, argv, self.agent_log(nd))
         self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=proc)
         self.agents[nd.name] = proc
         return proc
 
     def agent_log(self, node: Node | str | int) -> Path:
         return self.bed.logdir / f"agent-{self.bed.node(node).name}.log"
+
+    def print_logs(self, lines: int = 60) -> None:
+        """Prints the end of every agent's log; pytest shows it when the test failed."""
+        for node in self.bed.nodes:
+            path = self.agent_log(node)
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                print(f"--- {path.name} (last {lines} lines) ---", *tail, sep="\n")
 
     def stop_agent(self, node: Node | str | int) -> int | None:
         """SIGTERM the node's agent (SIGKILL after the bed's grace); returns its exit code."""

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
 ConnectionState = Literal["connecting", "open", "closed", "failed"]
 EndState = Literal["closed", "failed"]
+Direction = Literal["outbound", "inbound"]
+# How the connection crossed between workloads: "mtls" (HBONE), "plaintext", or "same-node"
+# (both ends enrolled on this node: joined inside the ztunnel, identities still checked).
+Security = Literal["mtls", "plaintext", "same-node"]
 
 
 @dataclass
@@ -27,6 +31,10 @@ class ConnectionRecord:
     source_workload: str | None
     original_dst: str  # "ip:port" the client dialled
     started: float  # wall-clock seconds since the epoch
+    direction: Direction = "outbound"
+    security: Security | None = None  # known once routed
+    source_identity: str | None = None  # SPIFFE IDs, when known (proved by mTLS or local)
+    destination_identity: str | None = None
     service: str | None = None
     upstream: str | None = None  # "ip:port", once routed
     upstream_workload: str | None = None
@@ -35,6 +43,12 @@ class ConnectionRecord:
     bytes_received: int = 0  # upstream -> client
     state: ConnectionState = "connecting"
     reason: str | None = None
+
+    def count_sent(self, n: int) -> None:
+        self.bytes_sent += n
+
+    def count_received(self, n: int) -> None:
+        self.bytes_received += n
 
     def duration(self, now: float | None = None) -> float:
         """Seconds from accept to close, or to `now` (default: the wall clock) while live."""
@@ -63,6 +77,7 @@ class ConnectionTable:
         self._clock = clock
         self._live: dict[int, ConnectionRecord] = {}
         self._recent: deque[ConnectionRecord] = deque(maxlen=closed_capacity)
+        self.failures: Counter[str] = Counter()  # failed connections by reason code, since start
 
     def open(
         self,
@@ -70,6 +85,7 @@ class ConnectionTable:
         source_port: int,
         original_dst: str,
         source_workload: str | None = None,
+        direction: Direction = "outbound",
     ) -> ConnectionRecord:
         """Start tracking a newly accepted connection, in state "connecting"."""
         record = ConnectionRecord(
@@ -79,12 +95,16 @@ class ConnectionTable:
             source_workload=source_workload,
             original_dst=original_dst,
             started=self._clock(),
+            direction=direction,
         )
         self._live[record.id] = record
         return record
 
-    def close(self, record: ConnectionRecord, state: EndState, reason: str) -> None:
-        """Mark a live connection ended and move it to the recent history."""
+    def close(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:
+        """Mark a live connection ended and move it to the recent history.
+
+        A failed connection is counted under `code` (a ProxyError's reason), else "other".
+        """
         if state not in ("closed", "failed"):
             raise ValueError(f"connection {record.id}: end state must be closed or failed, not {state!r}")
         if self._live.pop(record.id, None) is None:
@@ -93,6 +113,8 @@ class ConnectionTable:
         record.reason = reason
         record.ended = self._clock()
         self._recent.appendleft(record)
+        if state == "failed":
+            self.failures[code or "other"] += 1
 
     def live(self) -> list[ConnectionRecord]:
         """Connections not yet closed, oldest first."""

@@ -1,268 +1,93 @@
 """The outbound listener: proxies connections captured from local pods to their upstreams.
 
 The BPF program hands each captured SYN to our transparent listener, so the accepted socket's
-local address is the address the pod dialled. `Router` turns that into an upstream; this module
-only connects, moves bytes, and records what happened.
+local address is the address the pod dialled. `Router` turns that into an upstream, and the
+upstream's enrollment decides how to reach it:
+
+  enrolled, on another node   HBONE: an mTLS HTTP/2 CONNECT to its node's ztunnel (port 15008),
+                              as the source workload's identity, checking the destination's
+  enrolled, on this node      same-node: connected directly, both identities recorded
+  not enrolled                plaintext TCP
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import socket
-import struct
+from dataclasses import dataclass
 from typing import Callable
 
-from registry.model import RegistryState
-from ztunnel.connections import ConnectionRecord, ConnectionTable, EndState
-from ztunnel.routing import RouteError, Router, Upstream
+from registry.model import RegistryState, Workload
+from ztunnel.connections import ConnectionRecord, ConnectionTable
+from ztunnel.errors import ProxyError
+from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
+from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
+from ztunnel.routing import Router
+from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
+from ztunnel.streams import Stream, TcpStream, connect_tcp
 
-log = logging.getLogger("amesh.ztunnel")
+@dataclass
+class MeshTransport:
+    """What the ztunnel needs to reach enrolled workloads: its node, certificates, HBONE pool."""
 
-COPY_CHUNK = 64 * 1024  # bytes per read; few syscalls for bulk data, bounded memory per connection
-# SO_LINGER on with a zero timeout: close() sends RST and drops unsent data.
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-OriginalDestination = Callable[[asyncio.StreamWriter], tuple[str, int]]
-
-
-def sockname_destination(writer: asyncio.StreamWriter) -> tuple[str, int]:
-    """The dialled address of a connection captured with bpf_sk_assign: its local address."""
-    ip, port = writer.get_extra_info("sockname")[:2]
-    return ip, port
-
-
-class UpstreamConnectError(Exception):
-    """Connecting to the chosen upstream failed; `reason` is a short machine code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    node: str
+    certs: CertificateManager
+    pool: HboneClientPool
 
 
-class _StreamReset(Exception):
-    """One side of a spliced connection broke off; the message names the side."""
-
-    @classmethod
-    def of(cls, side: str, error: OSError) -> _StreamReset:
-        return cls(f"{side} reset ({error.strerror or error})")
-
-
-class OutboundProxy:
+class OutboundProxy(CapturedListener):
     """Accepts captured connections on one listening socket and splices each to its upstream."""
 
     def __init__(
         self,
         state_getter: Callable[[], RegistryState],
         table: ConnectionTable,
+        transport: MeshTransport,
         connect_timeout: float = 5.0,
         original_destination: OriginalDestination = sockname_destination,
     ) -> None:
-        self._state_getter = state_getter
-        self._table = table
-        self._connect_timeout = connect_timeout
-        self._original_destination = original_destination
+        super().__init__(state_getter, table, connect_timeout, original_destination)
+        self._transport = transport
         self._router = Router()
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._closing = False
 
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on `sock`, an already bound and listening socket; the proxy takes ownership."""
-        self._server = await asyncio.start_server(self._handle, sock=sock)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The (ip, port) the proxy listens on."""
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("outbound proxy is not serving (start() not called, or closed)")
-        ip, port = self._server.sockets[0].getsockname()[:2]
-        return ip, port
-
-    async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting, give live connections `grace` seconds to end, then cancel the rest."""
-        if self._server is None:
-            return
-        self._closing = True
-        self._server.close()
-        handlers = set(self._handlers)
-        if handlers:
-            _, pending = await asyncio.wait(handlers, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback, not a coroutine: asyncio would log every task close() cancels as an
-        # error ("Exception in callback"), so each connection runs in a task we own instead.
-        if self._closing:
-            # Accepted just before close() but handed to us after it: nobody would wait for it.
-            _reset(writer)
-            return
-        task = asyncio.create_task(self._proxy(reader, writer))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-
-    async def _proxy(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        peer = client_writer.get_extra_info("peername")
-        if peer is None:  # the client reset before we got to look at the connection
-            client_writer.close()
-            return
-        src_ip, src_port = peer[:2]
-        dst_ip, dst_port = self._original_destination(client_writer)
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
         state = self._state_getter()
-        source = state.workload_by_ip(src_ip)
-        record = self._table.open(
-            src_ip, src_port, f"{dst_ip}:{dst_port}", source.key if source is not None else None
+        record = self.open_record(state, peer, hostport(*destination), "outbound")
+        await self.proxy(record, TcpStream(reader, writer), lambda: self._open_upstream(state, record, *destination))
+
+    async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
+                             dst_port: int) -> Stream:
+        route = self._router.route(state, dst_ip, dst_port)
+        record.service = route.service
+        record.upstream = route.address
+        record.upstream_workload = route.workload
+        target = state.workload_by_ip(route.ip)
+        if target is None or not target.enrolled:
+            record.security = "plaintext"
+            return await connect_tcp(route.ip, route.port, self._connect_timeout)
+        source = state.workload_by_ip(record.source_ip)
+        if source is None:
+            raise ProxyError("unknown_source", f"source {record.source_ip} is not in the registry, so it has "
+                                               f"no identity to reach enrolled {target.key} with")
+        return await self._to_enrolled(record, source, target, route.port)
+
+    async def _to_enrolled(self, record: ConnectionRecord, source: Workload, target: Workload, port: int) -> Stream:
+        transport = self._transport
+        trust_domain = transport.certs.trust_domain
+        source_id, target_id = workload_identity(source, trust_domain), workload_identity(target, trust_domain)
+        record.source_identity, record.destination_identity = source_id.uri, target_id.uri
+        if target.node == transport.node:
+            record.security = "same-node"
+            return await connect_tcp(target.ip, port, self._connect_timeout)
+        record.security = "mtls"
+
+        def verify(cert_der: bytes | None) -> None:
+            expect_identity(peer_identity(cert_der, trust_domain), target_id)
+
+        return await transport.pool.open(
+            PoolKey(source_id.uri, target_id.uri, (target.ip, HBONE_PORT), transport.certs.serial(source_id)),
+            transport.certs.client_context(source_id),
+            hostport(target.ip, port),
+            [("forwarded", forwarded_for(record.source_ip)), ("traceparent", traceparent())],
+            verify,
         )
-        upstream_writer: asyncio.StreamWriter | None = None
-        try:
-            try:
-                upstream = self._router.route(state, dst_ip, dst_port)
-                record.service = upstream.service
-                record.upstream = upstream.address
-                record.upstream_workload = upstream.workload
-                upstream_reader, upstream_writer = await self._connect(upstream)
-            except (RouteError, UpstreamConnectError) as e:
-                # Reset rather than FIN: a clean EOF would look like an empty reply from a
-                # healthy server; ztunnel resets so the client fails fast and retries.
-                _reset(client_writer)
-                self._end(record, "failed", str(e))
-                return
-            record.state = "open"
-            log.info("conn.open %s", _fields(record))
-            reason = await self._splice(record, client_reader, client_writer, upstream_reader, upstream_writer)
-            self._end(record, "closed", reason)
-        except asyncio.CancelledError:
-            _reset(client_writer)
-            if upstream_writer is not None:
-                _reset(upstream_writer)
-            self._end(record, "closed" if record.state == "open" else "failed", "cancelled: proxy shutting down")
-            raise
-        finally:
-            client_writer.close()
-            if upstream_writer is not None:
-                upstream_writer.close()
-
-    def _end(self, record: ConnectionRecord, state: EndState, reason: str) -> None:
-        self._table.close(record, state, reason)
-        log.info("conn.close %s", _fields(record))
-
-    async def _connect(self, upstream: Upstream) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open a connection to `upstream`, translating OS errors into UpstreamConnectError."""
-        try:
-            return await asyncio.wait_for(
-                asyncio.open_connection(upstream.ip, upstream.port), self._connect_timeout
-            )
-        except ConnectionRefusedError:
-            raise UpstreamConnectError(
-                "connect_refused", f"upstream {upstream.address} refused the connection"
-            ) from None
-        except TimeoutError:
-            raise UpstreamConnectError(
-                "connect_timeout", f"connect to {upstream.address} timed out after {self._connect_timeout}s"
-            ) from None
-        except OSError as e:
-            raise UpstreamConnectError(
-                "connect_failed", f"connect to {upstream.address} failed: {e.strerror or e}"
-            ) from None
-
-    async def _splice(
-        self,
-        record: ConnectionRecord,
-        client_reader: asyncio.StreamReader,
-        client_writer: asyncio.StreamWriter,
-        upstream_reader: asyncio.StreamReader,
-        upstream_writer: asyncio.StreamWriter,
-    ) -> str:
-        """Copy both directions until both have ended; returns why the connection ended."""
-
-        def count_sent(n: int) -> None:
-            record.bytes_sent += n
-
-        def count_received(n: int) -> None:
-            record.bytes_received += n
-
-        directions = {
-            asyncio.create_task(_copy(client_reader, upstream_writer, "client", "upstream", count_sent)),
-            asyncio.create_task(_copy(upstream_reader, client_writer, "upstream", "client", count_received)),
-        }
-        try:
-            done, _ = await asyncio.wait(directions, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            # Either one direction broke (the other would never end by itself) or we are being
-            # cancelled; both leave nothing worth waiting for.
-            for task in directions:
-                task.cancel()
-            await asyncio.gather(*directions, return_exceptions=True)
-        for task in done:
-            error = task.exception()
-            if error is not None:
-                _reset(client_writer)
-                _reset(upstream_writer)
-                return str(error)
-        return "closed"
-
-
-async def _copy(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    reader_side: str,
-    writer_side: str,
-    count: Callable[[int], None],
-) -> None:
-    """Copy one direction until EOF, then pass the EOF on (half-close) and return."""
-    while True:
-        try:
-            data = await reader.read(COPY_CHUNK)
-        except OSError as e:
-            raise _StreamReset.of(reader_side, e) from None
-        if not data:
-            break
-        writer.write(data)
-        count(len(data))
-        try:
-            await writer.drain()  # backpressure: a slow reader on the other side pauses us here
-        except OSError as e:
-            raise _StreamReset.of(writer_side, e) from None
-    try:
-        writer.write_eof()
-    except OSError as e:
-        raise _StreamReset.of(writer_side, e) from None
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close abortively, so the peer sees a reset instead of a clean end of stream."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and not writer.is_closing():
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # the socket is already gone; there is nothing left to reset
-    writer.transport.abort()
-
-
-def _fields(record: ConnectionRecord) -> str:
-    """The record as key=value pairs for a log line, quoting values that contain spaces."""
-    pairs = {
-        "conn": record.id,
-        "src": f"{record.source_ip}:{record.source_port}",
-        "src_workload": record.source_workload,
-        "dst": record.original_dst,
-        "service": record.service,
-        "upstream": record.upstream,
-        "upstream_workload": record.upstream_workload,
-        "state": record.state,
-        "sent": record.bytes_sent,
-        "received": record.bytes_received,
-        "duration": f"{record.duration():.3f}s",
-        "reason": record.reason,
-    }
-    return " ".join(f"{k}={_quote(v)}" for k, v in pairs.items() if v is not None)
-
-
-def _quote(value: object) -> str:
-    text = str(value)
-    return f'"{text}"' if " " in text or '"' in text else text

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from registry.model import Endpoint, RegistryState, Service
+from ztunnel.errors import ProxyError
 
 UpstreamKind = Literal["service", "workload", "passthrough"]
 
@@ -30,15 +31,8 @@ class Upstream:
         return f"{self.ip}:{self.port}"
 
 
-class RouteError(Exception):
-    """The registry says the destination cannot be served; the client's request, not our fault.
-
-    `reason` is a short machine code for counters and filters; str(error) is for people.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class RouteError(ProxyError):
+    """The registry says the destination cannot be served; the client's request, not our fault."""
 
 
 class Router:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from typing import Iterator
 
 import pytest
 
@@ -43,19 +44,22 @@ def build_mesh(bed: Bed) -> Mesh:
 
 
 @pytest.fixture(params=["p2p", "bridge"])
-def mesh(request, make_bed) -> Mesh:
+def mesh(request, make_bed) -> Iterator[Mesh]:
     bed = make_bed(request.param, nodes=2)
     mesh = build_mesh(bed)
     for node in bed.nodes:
         mesh.start_agent(node)
-    return mesh
+    yield mesh
+    mesh.print_logs()
 
 
 @pytest.fixture
-def p2p_mesh(make_bed) -> Mesh:
+def p2p_mesh(make_bed) -> Iterator[Mesh]:
     mesh = build_mesh(make_bed("p2p", nodes=2))
     mesh.start_agent(1)
-    return mesh
+    mesh.start_agent(2)
+    yield mesh
+    mesh.print_logs()
 
 
 def cluster_ip_reachable(mesh: Mesh, pod: str, timeout: float = 0.5) -> bool:
@@ -102,8 +106,11 @@ def test_enrolled_pod_reaches_service_through_ztunnel_on_both_endpoints(mesh: Me
         assert c["upstream"] == f"{bed.pods[name].ip}:{TARGET_PORT}"
         assert c["bytes_sent"] == 1000 + i
         assert c["bytes_received"] == len(name) + 1 + 1000 + i
-    # the agent on node-2 serves no enrolled client: it saw none of this
-    assert mesh.ctl_json(2, "connections") == []
+    # node-2's ztunnel terminated the HBONE tunnels of the connections server-b served
+    inbound = mesh.wait_for("4 inbound connections on node-2", lambda: len(cs := closed_connections(mesh, 2)) == 4 and cs)
+    assert {(c["direction"], c["security"], c["source_workload"], c["upstream_workload"]) for c in inbound} == {
+        ("inbound", "mtls", "shop/client", "shop/server-b")}
+    assert not [c for c in mesh.ctl_json(2, "connections") if c["direction"] == "outbound"]
 
 
 def test_enrolled_pod_to_pod_ip_goes_through_ztunnel_and_udp_passes_untouched(p2p_mesh: Mesh):
@@ -113,6 +120,7 @@ def test_enrolled_pod_to_pod_ip_goes_through_ztunnel_and_udp_passes_untouched(p2
     [conn] = mesh.wait_for("the closed connection", lambda: closed_connections(mesh, 1))
     assert conn["original_dst"] == conn["upstream"] == f"{server_b.ip}:{TARGET_PORT}"
     assert conn["service"] is None and conn["upstream_workload"] == "shop/server-b"
+    assert conn["security"] == "mtls"
 
     with netns_socket(server_b.netns, type=socket.SOCK_DGRAM) as server, \
             netns_socket(bed.pods["client"].netns, type=socket.SOCK_DGRAM) as client:
@@ -136,15 +144,21 @@ def test_refused_upstream_resets_the_client_promptly_and_shows_why(p2p_mesh: Mes
     assert "refused" in conn["reason"] and conn["upstream"].endswith(":9"), conn
 
 
-def test_pods_not_enrolled_or_opted_out_are_not_captured(mesh: Mesh):
+def test_pods_not_enrolled_or_opted_out_are_not_captured_on_their_way_out(mesh: Mesh):
     bed = mesh.bed
-    server_a = bed.pods["server-a"]
+    server_b = bed.pods["server-b"]
     for pod in ("plain", "optout"):
-        name, echoed = exchange(bed, bed.pods[pod], server_a.ip, TARGET_PORT, b"direct")
-        assert (name, echoed) == ("server-a", b"direct")
+        name, echoed = exchange(bed, bed.pods[pod], server_b.ip, TARGET_PORT, b"direct")
+        assert (name, echoed) == ("server-b", b"direct")
         with pytest.raises(OSError):
             exchange(bed, bed.pods[pod], SERVICE_IP, SERVICE_PORT, b"x", timeout=1.0)
-    assert mesh.ctl_json(1, "connections") == []
+    assert mesh.ctl_json(1, "connections") == []  # node-1's ztunnel never saw them leave
+    # server-b is enrolled: node-2 captured the plaintext reaching it (PERMISSIVE: delivered)
+    inbound = mesh.wait_for("two inbound records on node-2", lambda: len(cs := closed_connections(mesh, 2)) == 2 and cs)
+    assert {c["source_ip"] for c in inbound} == {bed.pods["plain"].ip, bed.pods["optout"].ip}
+    for c in inbound:
+        assert (c["direction"], c["security"], c["upstream_workload"]) == ("inbound", "plaintext", "shop/server-b")
+        assert (c["bytes_sent"], c["bytes_received"]) == (len(b"direct"), len(b"server-b\ndirect"))
     workloads = {w["key"]: w for w in mesh.ctl_json(1, "workloads")}
     assert workloads["legacy/plain"]["enrolled"] is False
     assert workloads["shop/optout"]["enrolled"] is False

@@ -48,16 +48,17 @@ def test_connections_table_shows_source_destination_endpoint_bytes_and_failures(
     table = ConnectionTable()
     ok = table.open("10.244.1.10", 40000, "10.96.0.10:80", "shop/client")
     ok.service, ok.upstream, ok.upstream_workload = "shop/web", "10.244.2.10:8080", "shop/server-b"
+    ok.security, ok.destination_identity = "mtls", "spiffe://cluster.local/ns/shop/sa/web"
     ok.bytes_sent, ok.bytes_received = 1024, 1033
     table.close(ok, "closed", "closed")
     bad = table.open("10.244.1.10", 40002, "10.96.0.10:81", "shop/client")
     table.close(bad, "failed", "service shop/web does not expose port 81")
     text = views.connections(table.snapshot())
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["ID", "SOURCE", "WORKLOAD", "SOURCE"]
+    assert lines[0].split()[:5] == ["ID", "DIR", "SOURCE", "WORKLOAD", "SOURCE"]
     failed_row, ok_row = lines[1], lines[2]  # newest first
     for cell in ("shop/client", "10.244.1.10:40000", "10.96.0.10:80 (shop/web)", "10.244.2.10:8080 (shop/server-b)",
-                 "1024", "1033", "closed"):
+                 "mtls", "spiffe://cluster.local/ns/shop/sa/web", "1024", "1033", "closed"):
         assert cell in ok_row
     assert "failed" in failed_row and "service shop/web does not expose port 81" in failed_row
     assert views.connections([]) == "no connections"
@@ -87,3 +88,14 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     command = main.get_command(click.Context(main), name)
     params = command.make_context(name, args).params
     assert params["node"] == "$(NODE_NAME)" and params["drain_grace"] == 5.0
+    assert str(params["ca_dir"]) == "/etc/amesh-ca"
+
+
+def test_ca_init_creates_a_private_root_and_shows_the_same_one_again(tmp_path):
+    first = run("ca-init", str(tmp_path / "ca"))
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert run("ca-init", str(tmp_path / "ca")).output == first.output
+    (tmp_path / "ca" / "ca.crt").unlink()
+    broken = run("ca-init", str(tmp_path / "ca"))
+    assert broken.exit_code == 1 and "ca.crt does not" in broken.output

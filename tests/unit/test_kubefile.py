@@ -478,3 +478,17 @@ def test_run_keeps_last_good_state_and_recovers(tmp_path: Path) -> None:
         assert task.cancelled()
 
     asyncio.run(scenario())
+
+
+def test_namespace_mtls_mode_label_reaches_its_workloads_and_bad_values_are_named():
+    def namespace(mode: str) -> str:
+        return (f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{amesh.io/mtls-mode: {mode}}}}}\n"
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n"
+                "spec: {nodeName: node-1}\nstatus: {podIP: 10.244.1.10}\n")
+
+    [web] = parse_objects(namespace("STRICT")).workloads
+    assert web.mtls_mode == "STRICT"
+    with pytest.raises(RegistryError) as error:
+        parse_objects(namespace("strictest"))
+    assert str(error.value) == ('document 1 (Namespace shop): metadata.labels["amesh.io/mtls-mode"]: '
+                                'must be one of STRICT, PERMISSIVE, got "strictest"')

@@ -10,14 +10,18 @@ import asyncio
 import os
 import socket
 import struct
+import tempfile
 import time
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import pytest
 
 from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
 from ztunnel.connections import ConnectionRecord, ConnectionTable
-from ztunnel.outbound import OutboundProxy
+from ztunnel.hbone import HboneClientPool
+from ztunnel.identity import CertificateManager, FileCA
+from ztunnel.outbound import MeshTransport, OutboundProxy
 
 VIP = "10.96.0.10"
 CLIENT = Workload(name="client", namespace="shop", ip="127.0.0.1", node="n1")
@@ -70,6 +74,7 @@ class Bed:
         self.servers: list[asyncio.Server] = []
         self.table = ConnectionTable()
         self.proxy: OutboundProxy | None = None
+        self.tmp = tempfile.TemporaryDirectory()
 
     async def serve(self, handler: Handler) -> int:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
@@ -88,8 +93,10 @@ class Bed:
             ),
         )
         state = RegistryState(workloads=(CLIENT,), services=(service,))
+        certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))
+        transport = MeshTransport("n1", certs, HboneClientPool())
         self.proxy = OutboundProxy(
-            lambda: state, self.table, connect_timeout=2.0, original_destination=lambda _: (VIP, dst_port)
+            lambda: state, self.table, transport, connect_timeout=2.0, original_destination=lambda _: (VIP, dst_port)
         )
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
@@ -105,6 +112,7 @@ class Bed:
         for server in self.servers:
             server.close()
             await server.wait_closed()
+        self.tmp.cleanup()
         assert self.table.live() == []
         return self.table.recent()[::-1]
 

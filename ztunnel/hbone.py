@@ -1,0 +1,805 @@
+"""HBONE: TCP connections carried between ztunnels as HTTP/2 CONNECT streams over mutual TLS.
+
+As in Istio's ambient ztunnel, each node listens on port 15008. A client opens one mTLS
+connection per (source identity, destination identity, peer address) and runs many CONNECT
+streams on it, one per proxied TCP connection; each stream is an `HboneStream`, a
+`ztunnel.streams.Stream` the ztunnel splices like a TCP socket.
+
+- HTTP/2 itself is h2's sans-I/O `H2Connection`. `_H2Session` only moves bytes between it and one
+  TLS connection: a read loop feeds `receive_data` and dispatches the events to streams, and
+  `flush()` is the one place that writes `data_to_send()`.
+- Flow control is end to end: received data is acknowledged only as the consumer reads it, so a
+  slow reader stops its sender through the HTTP/2 windows and at most STREAM_WINDOW bytes wait
+  unread per stream; `drain()` waits for the peer's send windows.
+- `HboneClientPool` reuses sessions, shares one handshake between concurrent first opens, and
+  closes idle sessions. `HboneServer` answers CONNECTs on an accepted connection with a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+
+from ztunnel.errors import ProxyError
+
+log = logging.getLogger("amesh.ztunnel.hbone")
+
+HBONE_PORT = 15008  # the port every node's ztunnel accepts HBONE on, as in Istio ambient
+STREAM_WINDOW = 4 * 1024 * 1024  # bytes a peer may send on one stream before we read any of it
+# bytes; 4x the stream window so one slow stream cannot stall the rest of the connection
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024  # bytes per DATA frame we accept: bulk data in few frames
+IDLE_TIMEOUT = 60.0  # seconds a pooled session may carry no stream before it is closed
+CONNECT_TIMEOUT = 5.0  # seconds for TCP + TLS + the peer's SETTINGS, and again for a CONNECT answer
+READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bounded memory
+REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not accepted
+_RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts here (RFC 9113 6.9.2)
+
+
+class HboneError(ProxyError):
+    """An HBONE tunnel could not be opened. `reason` is one of: connect_refused, connect_timeout,
+    connect_failed, tls, peer_rejected, status (`status` holds the answer), protocol, closed."""
+
+    def __init__(self, reason: str, message: str, status: int | None = None) -> None:
+        super().__init__(reason, message)
+        self.status = status
+
+
+def hostport(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 host in brackets: the form of an :authority and of our messages."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """(host, port) of a CONNECT :authority `host:port` (IPv6 in brackets); ValueError if invalid."""
+    host, sep, port = authority.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets: where it ends and the port starts is a guess
+    if not (sep and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"invalid :authority {authority!r}: expected host:port with port 1-65535")
+    return host, int(port)
+
+
+def traceparent() -> str:
+    """A new random W3C traceparent (version 00, sampled) to send with a CONNECT."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def forwarded_for(ip: str) -> str:
+    """The RFC 7239 Forwarded value naming the original client: for=10.0.0.1, for="[::1]"."""
+    address = ipaddress.ip_address(ip)
+    return f'for="[{address}]"' if address.version == 6 else f"for={address}"
+
+
+def parse_forwarded_for(value: str) -> str | None:
+    """The client IP of the first `for=` in a Forwarded header, or None (absent, or not an IP
+    such as for=unknown): the inverse of `forwarded_for`."""
+    for element in value.split(",")[0].split(";"):
+        name, _, node = element.strip().partition("=")
+        if name.strip().lower() == "for":
+            node = node.strip().strip('"')
+            try:
+                return str(ipaddress.ip_address(node[1:-1] if node.startswith("[") else node))
+            except ValueError:
+                return None
+    return None
+
+
+def _header_value(text: str) -> str:
+    """`text` on one line, as a header value must be."""
+    return " ".join(text.split())
+
+
+def _code_name(code: int) -> str:
+    """ErrorCodes.CANCEL -> "CANCEL"; h2 passes codes it does not know as plain ints."""
+    return getattr(code, "name", str(code))
+
+
+def _reset_error(message: str) -> ConnectionResetError:
+    """A ConnectionResetError whose strerror is `message` (ztunnel.streams.splice reports strerror)."""
+    return ConnectionResetError(errno.ECONNRESET, message)
+
+
+class HboneStream:
+    """One tunnelled TCP connection: a CONNECT stream of an HTTP/2 session, as a `Stream`.
+
+    The stream is finished once both sides have sent END_STREAM, or either side reset it. Call
+    `drain()` before `close()`: closing a stream that is not finished resets it, and what was not
+    yet sent is lost, as when a socket is closed with unread data.
+    """
+
+    def __init__(self, session: _H2Session, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._inbound = bytearray()  # received, not read yet; HTTP/2 bounds it to STREAM_WINDOW
+        self._outbound = bytearray()  # written, waiting for the peer's send windows
+        self._eof_written = False  # write_eof() was called
+        self._local_ended = False  # our END_STREAM went out (after all of _outbound)
+        self._remote_ended = False
+        self._error: ConnectionResetError | None = None
+        self._readable = asyncio.Event()  # data, END_STREAM or a reset arrived
+        self._progress = asyncio.Event()  # some of _outbound went out, or the stream broke
+        self._response: asyncio.Future[list[tuple[str, str]]] | None = None  # client side only
+
+    def __repr__(self) -> str:
+        return f"HboneStream(peer={self.peer}, stream_id={self.stream_id})"
+
+    @property
+    def peer(self) -> str:
+        """The ip:port of the ztunnel at the other end."""
+        return self._session.peer
+
+    async def read(self, n: int) -> bytes:
+        """Up to n bytes; b"" after the peer's END_STREAM; ConnectionResetError on a reset."""
+        while not self._inbound:
+            if self._error is not None:
+                raise self._error
+            if self._remote_ended:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = bytes(self._inbound[:n])
+        del self._inbound[:n]
+        self._session.acknowledge(self.stream_id, len(data))  # only now may the peer send more
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Queues data; it goes out as the peer's windows allow. A broken stream drops it and
+        `drain()` raises, as asyncio's StreamWriter does."""
+        if self._eof_written:
+            raise RuntimeError(f"{self!r}: write() after write_eof()")
+        if self._error is None and data:
+            self._outbound += data
+            self.send_pending()
+
+    async def drain(self) -> None:
+        """Waits until everything written is within the peer's HTTP/2 windows and the socket."""
+        while self._outbound and self._error is None:
+            self._progress.clear()
+            await self._progress.wait()
+        if self._error is not None:
+            raise self._error
+        await self._session.drain()
+
+    def write_eof(self) -> None:
+        """END_STREAM, sent after what is still queued."""
+        if self._error is not None:
+            raise self._error
+        if not self._eof_written:
+            self._eof_written = True
+            self.send_pending()
+
+    def abort(self) -> None:
+        """RST_STREAM (CANCEL): the peer's reads raise ConnectionResetError."""
+        if self._error is None and not self.finished:
+            self._session.reset(self.stream_id, ErrorCodes.CANCEL)
+            self.fail(_reset_error(f"HBONE stream {self.stream_id} to {self.peer} aborted locally"))
+
+    def close(self) -> None:
+        """Releases the stream; resets it if it is not finished."""
+        self.abort()
+        self._discard_inbound()
+
+    @property
+    def broken(self) -> bool:
+        """Reset by either side, or its connection is gone."""
+        return self._error is not None
+
+    @property
+    def finished(self) -> bool:
+        """Both sides sent END_STREAM."""
+        return self._local_ended and self._remote_ended
+
+    # The session calls the methods below, as its read loop sees frames for this stream.
+
+    def send_pending(self) -> None:
+        """Hands queued data (then END_STREAM) to h2, within the peer's windows and frame size."""
+        h2 = self._session.h2
+        sent = False
+        while self._outbound and self._error is None:
+            size = min(
+                len(self._outbound),
+                h2.local_flow_control_window(self.stream_id),
+                h2.max_outbound_frame_size,
+            )
+            if size <= 0:
+                break  # a WINDOW_UPDATE or new SETTINGS will call us again
+            h2.send_data(self.stream_id, bytes(self._outbound[:size]))
+            del self._outbound[:size]
+            sent = True
+        if self._eof_written and not self._outbound and not self._local_ended and self._error is None:
+            h2.end_stream(self.stream_id)
+            self._local_ended = sent = True
+        if sent:
+            self._progress.set()
+            self._session.flush()
+            if self.finished:
+                self._session.forget(self)
+
+    def receive(self, data: bytes) -> None:
+        self._inbound += data
+        self._readable.set()
+
+    def remote_end(self) -> None:
+        self._remote_ended = True
+        self._readable.set()
+        if self.finished:
+            self._session.forget(self)
+
+    def respond(self, headers: list[tuple[str, str]]) -> None:
+        if self._response is not None and not self._response.done():
+            self._response.set_result(headers)
+
+    def fail(self, error: ConnectionResetError) -> None:
+        """The stream broke: readers and writers see `error`, buffered data is dropped."""
+        if self._error is not None:
+            return
+        self._error = error
+        self._outbound.clear()
+        self._discard_inbound()
+        self._readable.set()
+        self._progress.set()
+        if self._response is not None and not self._response.done():
+            self._response.set_exception(error)
+        self._session.forget(self)
+
+    def _discard_inbound(self) -> None:
+        """Drops unread data, handing its share of the connection window back to the peer."""
+        self._session.acknowledge(self.stream_id, len(self._inbound))
+        self._inbound.clear()
+
+
+class _H2Session:
+    """One HTTP/2 connection over an established TLS connection, and its streams.
+
+    Client sessions (client_side=True) open streams with `open_stream`; server sessions hand each
+    incoming request to `on_request`. `on_close` is told once when the connection is gone.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        client_side: bool,
+        peer: str,
+        idle_timeout: float | None = None,
+        on_request: Callable[[HboneStream, list[tuple[str, str]]], None] | None = None,
+        on_close: Callable[[_H2Session], None] | None = None,
+    ) -> None:
+        self._reader, self._writer = reader, writer
+        self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
+        self.peer = peer
+        self._idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._on_request, self._on_close = on_request, on_close
+        self._streams: dict[int, HboneStream] = {}
+        self._settings_received = asyncio.get_running_loop().create_future()
+        self._read_task: asyncio.Task[None] | None = None
+        self.closed = False
+        self._why_closed = ""
+        self.failure: OSError | None = None  # the socket or TLS error that ended the connection
+
+    def __repr__(self) -> str:
+        return f"_H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"
+
+    def start(self) -> None:
+        """Sends the preface and our SETTINGS, raises the connection window, starts reading."""
+        self.h2.initiate_connection()
+        # Pending until the peer ACKs them; h2 then applies them (window, frame size) itself.
+        self.h2.update_settings({
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            SettingCodes.ENABLE_PUSH: 0,
+        })
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - _RFC_INITIAL_WINDOW)
+        self.flush()
+        self._read_task = asyncio.create_task(self._read_loop(), name=f"hbone-read {self.peer}")
+        self._arm_idle_timer()
+
+    async def wait_settings(self) -> None:
+        """Waits for the peer's first SETTINGS (its stream limit and windows)."""
+        assert self._read_task is not None, "start() first"
+        await asyncio.wait({self._settings_received, self._read_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._settings_received.done():
+            return
+        if isinstance(self.failure, ssl.SSLError):
+            raise self.failure  # e.g. the peer's TLS alert that it does not trust our certificate
+        raise HboneError(
+            "closed",
+            f"HBONE connection to {self.peer} {self._why_closed} before its HTTP/2 SETTINGS: "
+            f"does it trust this node's certificate?",
+        )
+
+    def has_capacity(self) -> bool:
+        """Open and below the peer's MAX_CONCURRENT_STREAMS."""
+        return not self.closed and len(self._streams) < self.h2.remote_settings.max_concurrent_streams
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], timeout: float
+    ) -> HboneStream:
+        """Sends CONNECT `authority` and returns the stream once the peer answers 200."""
+        stream_id = self.h2.get_next_available_stream_id()
+        stream = HboneStream(self, stream_id)
+        stream._response = asyncio.get_running_loop().create_future()
+        self._add(stream)
+        self.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority), *headers])
+        self.flush()
+        try:
+            async with asyncio.timeout(timeout):
+                response = dict(await stream._response)
+        except ConnectionResetError as e:
+            raise HboneError(
+                "closed", f"{e.strerror} before answering CONNECT {authority}"
+            ) from None
+        except TimeoutError:
+            stream.abort()
+            raise HboneError(
+                "connect_timeout",
+                f"{self.peer} did not answer CONNECT {authority} within {timeout}s: "
+                f"is its ztunnel overloaded or stuck connecting to {authority}?",
+            ) from None
+        except BaseException:
+            stream.abort()  # cancelled: nobody will use the stream
+            raise
+        status = response[":status"]
+        if status != "200":
+            stream.abort()
+            reason = response.get(REASON_HEADER, "no reason given")
+            raise HboneError(
+                "status", f"{self.peer} answered CONNECT {authority} with {status}: {reason}",
+                status=int(status),
+            )
+        return stream
+
+    def answer(self, stream: HboneStream, status: int, reason: str = "") -> None:
+        """Sends the response to a CONNECT; any status but 200 also ends and releases the stream."""
+        headers = [(":status", str(status))]
+        if reason:
+            headers.append((REASON_HEADER, _header_value(reason)))
+        final = status != 200
+        self.h2.send_headers(stream.stream_id, headers, end_stream=final)
+        if final:
+            # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) so the
+            # client stops sending; the stream then ends here whatever the client does.
+            self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+            stream.fail(_reset_error(f"CONNECT stream {stream.stream_id} answered {status}"))
+        self.flush()
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """`size` received bytes were consumed: the peer may send that many more."""
+        if size and not self.closed:
+            self.h2.acknowledge_received_data(size, stream_id)
+            self.flush()
+
+    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+        if not self.closed:
+            self.h2.reset_stream(stream_id, code)
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes whatever h2 has queued: the only place bytes reach the socket."""
+        data = self.h2.data_to_send()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        """Waits while the socket's send buffer is above its high-water mark."""
+        await self._writer.drain()
+
+    def forget(self, stream: HboneStream) -> None:
+        """The stream is finished or broken; a session left without streams may go idle."""
+        if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
+            self._arm_idle_timer()
+
+    def close(self) -> None:
+        """GOAWAY, then closes the connection; streams still open see ConnectionResetError."""
+        if self.closed:
+            return
+        self.h2.close_connection()
+        self.flush()
+        self._terminate("closed locally")
+        if self._read_task is not None and self._read_task is not asyncio.current_task():
+            self._read_task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Waits until the read loop has ended (the peer closed, or close() was called)."""
+        if self._read_task is not None:
+            await asyncio.gather(self._read_task, return_exceptions=True)
+
+    def _add(self, stream: HboneStream) -> None:
+        self._streams[stream.stream_id] = stream
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timeout is not None and not self.closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout, self._expire)
+
+    def _expire(self) -> None:
+        if not self._streams:
+            log.debug("hbone.idle peer=%s idle_timeout=%ss", self.peer, self._idle_timeout)
+            self.close()
+
+    async def _read_loop(self) -> None:
+        why = None  # why the connection ended, when the peer or the network ended it
+        try:
+            while not self.closed and (data := await self._reader.read(READ_CHUNK)):
+                events = self.h2.receive_data(data)
+                for event in events:
+                    self._dispatch(event)
+                self.flush()
+            why = "closed by the peer"
+        except ProtocolError as e:
+            self.flush()  # h2 queued a GOAWAY that tells the peer what it did wrong
+            why = f"broken by an HTTP/2 protocol error from the peer ({e})"
+        except OSError as e:  # includes ssl.SSLError
+            self.failure = e
+            why = f"lost ({getattr(e, 'reason', None) or e.strerror or e})"
+        finally:
+            if why is None:  # cancelled: say goodbye properly
+                self.close()
+            else:
+                self._terminate(why)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, RemoteSettingsChanged) and not self._settings_received.done():
+            self._settings_received.set_result(None)
+        if isinstance(event, (RemoteSettingsChanged, WindowUpdated)):
+            # A window grew (connection or stream WINDOW_UPDATE, new initial window): send what waited.
+            grown = getattr(event, "stream_id", 0)
+            for stream in [s for s in self._streams.values() if grown in (0, s.stream_id)]:
+                stream.send_pending()
+        elif isinstance(event, ConnectionTerminated):
+            self._terminate(f"ended by the peer (GOAWAY {_code_name(event.error_code)})")
+        elif isinstance(event, RequestReceived) and self._on_request is not None:
+            stream = HboneStream(self, event.stream_id)
+            self._add(stream)
+            self._on_request(stream, event.headers)
+        elif isinstance(event, DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:  # released or reset already: give the window straight back
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                return
+            stream.receive(event.data)
+            if padding := event.flow_controlled_length - len(event.data):
+                self.h2.acknowledge_received_data(padding, event.stream_id)
+        elif (stream := self._streams.get(getattr(event, "stream_id", 0))) is None:
+            return  # a late frame for a stream we released
+        elif isinstance(event, ResponseReceived):
+            stream.respond(event.headers)
+        elif isinstance(event, StreamEnded):
+            stream.remote_end()
+        elif isinstance(event, StreamReset):
+            code = _code_name(event.error_code)
+            stream.fail(_reset_error(f"HBONE stream {stream.stream_id} reset by {self.peer} ({code})"))
+
+    def _terminate(self, why: str) -> None:
+        """The connection is gone: fail every stream, close the socket, tell the owner once."""
+        if self.closed:
+            return
+        self.closed = True
+        self._why_closed = why
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        error = _reset_error(f"HBONE connection to {self.peer} {why}")
+        for stream in list(self._streams.values()):
+            stream.fail(error)
+        self._writer.close()
+        log.debug("hbone.session_closed peer=%s why=%r", self.peer, why)
+        if self._on_close is not None:
+            self._on_close(self)
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What a pooled session is for: source and destination identity (SPIFFE URIs), peer address,
+    and which certificate of the source it presents.
+
+    Streams share a session only when all match, so one mTLS connection never carries two
+    workloads' traffic, and after a certificate renewal new streams go on a new session that
+    presents the new certificate (sessions on the old one live on until idle).
+    """
+
+    source: str
+    destination: str
+    address: tuple[str, int]
+    credential: str = ""  # e.g. the serial of the source's certificate
+
+
+PeerVerifier = Callable[[bytes | None], None]  # gets the peer's certificate (DER); raises to refuse
+
+
+class HboneClientPool:
+    """Opens HBONE streams, reusing one mTLS session per `PoolKey` while it has stream capacity.
+
+    Counters (plain integers, read at scrape time): `handshakes` (TLS sessions established, ever)
+    and `sessions` (live now).
+    """
+
+    def __init__(
+        self, idle_timeout: float = IDLE_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.handshakes = 0
+        self._sessions: dict[PoolKey, list[_H2Session]] = {}
+        self._connecting: dict[PoolKey, asyncio.Task[_H2Session]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"HboneClientPool(sessions={self.sessions}, handshakes={self.handshakes})"
+
+    @property
+    def sessions(self) -> int:
+        """Live sessions."""
+        return sum(len(sessions) for sessions in self._sessions.values())
+
+    async def open(
+        self,
+        key: PoolKey,
+        ssl_context: ssl.SSLContext,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        verify_peer: PeerVerifier,
+    ) -> HboneStream:
+        """A CONNECT stream to `authority` through the ztunnel at key.address; HboneError if not.
+
+        `headers` go with the CONNECT (forwarded, traceparent); `verify_peer` sees the peer's
+        certificate of each new session before any stream is sent on it.
+        """
+        while True:
+            if self._closed:
+                raise HboneError("closed", "the HBONE client pool is closed (ztunnel shutting down)")
+            session = next((s for s in self._sessions.get(key, []) if s.has_capacity()), None)
+            if session is not None:
+                return await session.open_stream(authority, headers, self.connect_timeout)
+            # Everyone who finds no session while one is being made waits for that one.
+            connecting = self._connecting.get(key)
+            if connecting is None:
+                connecting = asyncio.create_task(self._connect(key, ssl_context, verify_peer))
+                self._connecting[key] = connecting
+                connecting.add_done_callback(lambda _: self._connecting.pop(key, None))
+            await asyncio.shield(connecting)  # one waiter cancelled must not cancel the handshake
+
+    async def close(self) -> None:
+        """Closes every session (GOAWAY) and abandons handshakes under way."""
+        self._closed = True
+        connecting = list(self._connecting.values())
+        for task in connecting:
+            task.cancel()
+        sessions = [s for group in self._sessions.values() for s in group]
+        for session in sessions:
+            session.close()
+        await asyncio.gather(*connecting, return_exceptions=True)
+        await asyncio.gather(*(s.wait_closed() for s in sessions))
+
+    async def _connect(
+        self, key: PoolKey, ssl_context: ssl.SSLContext, verify_peer: PeerVerifier
+    ) -> _H2Session:
+        """TCP, TLS, the peer check and the HTTP/2 preface; the session joins the pool."""
+        ip, port = key.address
+        peer = hostport(ip, port)
+        writer: asyncio.StreamWriter | None = None
+        session: _H2Session | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                # server_hostname=None: peers are checked by SPIFFE ID (verify_peer), and Python
+                # sends no SNI for an IP address.
+                reader, writer = await asyncio.open_connection(
+                    ip, port, ssl=ssl_context, server_hostname=None
+                )
+                self.handshakes += 1
+                tls = writer.get_extra_info("ssl_object")
+                if tls.selected_alpn_protocol() != "h2":
+                    raise HboneError(
+                        "protocol",
+                        f"{peer} did not agree to HTTP/2 (ALPN h2, got {tls.selected_alpn_protocol()}): "
+                        f"is it a ztunnel's HBONE port, and does our TLS context offer h2?",
+                    )
+                try:
+                    verify_peer(tls.getpeercert(binary_form=True))
+                except Exception as e:
+                    raise HboneError("peer_rejected", f"HBONE peer {peer} rejected: {e}") from None
+                session = _H2Session(
+                    reader, writer, client_side=True, peer=peer,
+                    idle_timeout=self.idle_timeout, on_close=lambda s: self._drop(key, s),
+                )
+                session.start()
+                await session.wait_settings()
+                if session.h2.remote_settings.max_concurrent_streams == 0:
+                    raise HboneError(
+                        "protocol", f"{peer} allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
+                    )
+        except BaseException as e:
+            if session is not None:
+                session.close()
+            elif writer is not None:
+                writer.close()
+            if isinstance(e, HboneError) or not isinstance(e, Exception):  # e.g. cancelled
+                raise
+            raise _connect_error(e, peer, port, self.connect_timeout) from None
+        self._sessions.setdefault(key, []).append(session)
+        log.debug(
+            "hbone.session_opened peer=%s source=%s destination=%s", peer, key.source, key.destination
+        )
+        return session
+
+    def _drop(self, key: PoolKey, session: _H2Session) -> None:
+        group = self._sessions.get(key, [])
+        if session in group:
+            group.remove(session)
+        if not group:
+            self._sessions.pop(key, None)
+
+
+def _connect_error(error: Exception, peer: str, port: int, timeout: float) -> Exception:
+    """The HboneError for an OS or TLS error while setting up a session to `peer`."""
+    if isinstance(error, TimeoutError):
+        return HboneError(
+            "connect_timeout",
+            f"HBONE connect to {peer} timed out after {timeout}s: is port {port} blocked between nodes?",
+        )
+    if isinstance(error, ConnectionRefusedError):
+        return HboneError(
+            "connect_refused", f"HBONE connect to {peer} refused: is the ztunnel on that node running?"
+        )
+    if isinstance(error, ssl.SSLError):
+        return HboneError(
+            "tls",
+            f"TLS handshake with {peer} failed ({error.reason or error}): "
+            f"do both nodes trust the same mesh CA?",
+        )
+    if isinstance(error, OSError):
+        return HboneError("connect_failed", f"HBONE connect to {peer} failed: {error.strerror or error}")
+    return error
+
+
+@dataclass
+class ConnectRequest:
+    """A CONNECT received by an HboneServer: where the client wants to go, and who asks."""
+
+    authority: str  # host:port as sent
+    host: str
+    port: int
+    headers: dict[str, str]  # the regular (non-pseudo) headers, e.g. forwarded, traceparent
+    stream_id: int
+    peer_cert: bytes | None = field(default=None, repr=False)  # the client's certificate, DER
+
+    @classmethod
+    def parse(
+        cls, headers: Sequence[tuple[str, str]], stream_id: int, peer_cert: bytes | None = None
+    ) -> ConnectRequest:
+        """The request in `headers`; ValueError (the text of a 400 answer) if it is no valid CONNECT."""
+        pseudo = {name: value for name, value in headers if name.startswith(":")}
+        method = pseudo.get(":method")
+        if method != "CONNECT":
+            raise ValueError(f"HBONE accepts only CONNECT, not {method}")
+        authority = pseudo.get(":authority", "")
+        host, port = parse_authority(authority)
+        regular = {name: value for name, value in headers if not name.startswith(":")}
+        return cls(authority, host, port, regular, stream_id, peer_cert)
+
+
+class Responder:
+    """Answers one CONNECT: `await accept()` for the stream, or `reject(status, reason)`."""
+
+    def __init__(self, session: _H2Session, stream: HboneStream) -> None:
+        self._session = session
+        self._stream = stream
+        self.answered: int | None = None  # the status sent, once sent
+
+    async def accept(self) -> HboneStream:
+        """Answers 200 and returns the tunnel stream; ConnectionResetError if the client left."""
+        self._answer(200, "")
+        await self._session.drain()
+        return self._stream
+
+    def reject(self, status: int, reason: str) -> None:
+        """Answers `status` (not 200) with `reason` in the amesh-reason header, and ends the stream."""
+        if status == 200:
+            raise ValueError("reject() needs an error status; accept() answers 200")
+        self._answer(status, reason)
+
+    def settle(self, reason: str) -> None:
+        """Answers 503 with `reason` if nothing was answered and the client is still waiting."""
+        if self.answered is None and not self._stream.broken:
+            self._answer(503, reason)
+
+    def _answer(self, status: int, reason: str) -> None:
+        if self.answered is not None:
+            raise RuntimeError(
+                f"CONNECT stream {self._stream.stream_id} was already answered {self.answered}"
+            )
+        if self._stream._error is not None:
+            raise self._stream._error
+        self.answered = status
+        self._session.answer(self._stream, status, reason)
+
+
+ConnectHandler = Callable[[ConnectRequest, Responder], Awaitable[None]]
+
+
+class HboneServer:
+    """Serves HBONE connections: each valid CONNECT runs `handler` in its own task.
+
+    The handler answers through its Responder; an accepted stream lives while the handler runs
+    and is closed when it returns. Requests that are not a CONNECT to host:port get 400 without
+    the handler; a handler that fails, or returns without answering, gets its client a 503.
+    """
+
+    def __init__(self, handler: ConnectHandler) -> None:
+        self._handler = handler
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serves one accepted, TLS-established connection until it ends, then cancels its handlers."""
+        ip, port = writer.get_extra_info("peername")[:2]
+        tls = writer.get_extra_info("ssl_object")
+        peer_cert = tls.getpeercert(binary_form=True) if tls is not None else None
+        handlers: set[asyncio.Task[None]] = set()
+
+        def on_request(stream: HboneStream, headers: list[tuple[str, str]]) -> None:
+            try:
+                request = ConnectRequest.parse(headers, stream.stream_id, peer_cert)
+            except ValueError as e:
+                log.info(
+                    "hbone.bad_request peer=%s stream=%d reason=%r", session.peer, stream.stream_id, str(e)
+                )
+                session.answer(stream, 400, str(e))
+                return
+            task = asyncio.create_task(self._run(request, Responder(session, stream), stream))
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+
+        session = _H2Session(
+            reader, writer, client_side=False, peer=hostport(ip, port), on_request=on_request
+        )
+        session.start()
+        try:
+            await session.wait_closed()
+        finally:
+            session.close()
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+    async def _run(self, request: ConnectRequest, responder: Responder, stream: HboneStream) -> None:
+        try:
+            await self._handler(request, responder)
+        except Exception as e:
+            where = (request.authority, request.stream_id)
+            if isinstance(e, ConnectionError):  # the client or the connection went away: routine
+                log.info("hbone.handler_reset authority=%s stream=%d error=%r", *where, str(e))
+            else:
+                log.exception("hbone.handler_failed authority=%s stream=%d", *where)
+            responder.settle(f"the ztunnel failed handling CONNECT {request.authority}")
+        else:
+            responder.settle(f"the ztunnel did not answer CONNECT {request.authority}")
+        finally:
+            stream.close()

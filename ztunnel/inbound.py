@@ -1,0 +1,149 @@
+"""The inbound listeners: connections to enrolled pods on this node, captured at the node.
+
+- HBONE (15008): another node's ztunnel tunnelling to a local pod. TLS 1.3 with the certificate
+  of the pod whose address was dialled, the client's certificate required (our root, our trust
+  domain), then each CONNECT: 400 for a bad request or an :authority that is not that local
+  workload, 503 when the pod cannot be reached, 200 once it is connected. The peer's SPIFFE
+  identity is recorded on the connection.
+- plaintext (15006): TCP that reached an enrolled pod without the mesh (from a pod that is
+  not enrolled, or from outside). PERMISSIVE delivers it, recorded as plaintext; STRICT
+  refuses it. Traffic the node itself sends (kubelet probes) is never captured, so never
+  refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Callable
+
+from registry.model import RegistryState, Workload
+from ztunnel.connections import ConnectionRecord, ConnectionTable
+from ztunnel.errors import ProxyError
+from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, parse_forwarded_for
+from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
+from ztunnel.policy import admit_plaintext
+from ztunnel.server import CapturedListener
+from ztunnel.streams import TcpStream, connect_tcp
+
+
+class NotLocal(ProxyError):
+    """The destination is not an enrolled workload on this node (stale capture or bad request)."""
+
+
+def local_destination(state: RegistryState, node: str, ip: str) -> Workload:
+    """The enrolled workload on `node` at `ip`, or NotLocal."""
+    workload = state.workload_by_ip(ip)
+    if workload is None or not workload.enrolled or workload.node != node:
+        raise NotLocal("not_local", f"{ip} is not an enrolled workload on node {node}")
+    return workload
+
+
+class InboundPlaintextProxy(CapturedListener):
+    """Delivers (PERMISSIVE) or refuses (STRICT) plaintext captured on its way to a local pod."""
+
+    def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, node: str,
+                 default_mode: str, connect_timeout: float = 5.0) -> None:
+        super().__init__(state_getter, table, connect_timeout)
+        self._node = node
+        self._default_mode = default_mode
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
+        state = self._state_getter()
+        record = self.open_record(state, peer, hostport(*destination), "inbound")
+        record.security, record.upstream = "plaintext", hostport(*destination)
+        await self.proxy(record, TcpStream(reader, writer), lambda: self._open_upstream(state, record, *destination))
+
+    async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
+                             dst_port: int) -> TcpStream:
+        destination = local_destination(state, self._node, dst_ip)
+        record.upstream_workload = destination.key
+        admit_plaintext(destination, self._default_mode)
+        return await connect_tcp(dst_ip, dst_port, self._connect_timeout)
+
+
+class InboundHboneProxy(CapturedListener):
+    """Terminates HBONE for the enrolled pods of this node."""
+
+    def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, node: str,
+                 certs: CertificateManager, connect_timeout: float = 5.0) -> None:
+        super().__init__(state_getter, table, connect_timeout)
+        self._node = node
+        self._certs = certs
+
+    def accepted(self, writer: asyncio.StreamWriter) -> None:
+        # TLS starts only once we know which pod was dialled. Bytes read before start_tls()
+        # would land in the plain StreamReader and the ClientHello would be lost to OpenSSL,
+        # so nothing is read until then.
+        writer.transport.pause_reading()
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
+        dst_ip, dst_port = destination
+        state = self._state_getter()
+        try:
+            destination = local_destination(state, self._node, dst_ip)
+            served = workload_identity(destination, self._certs.trust_domain)
+            await asyncio.wait_for(writer.start_tls(self._certs.server_context(served)), self._connect_timeout)
+            client = peer_identity(writer.get_extra_info("ssl_object").getpeercert(binary_form=True),
+                                   self._certs.trust_domain)
+        except (ProxyError, ssl.SSLError, OSError, TimeoutError) as e:
+            # Nothing reached the pod. Recorded as a failed connection so refusals show up.
+            record = self.open_record(state, peer, hostport(dst_ip, dst_port), "inbound")
+            record.security = "mtls"
+            error = e if isinstance(e, ProxyError) else _tls_error(e, hostport(*peer))
+            TcpStream(reader, writer).abort()
+            self.end(record, "failed", str(error), error.reason)
+            return
+
+        async def handle(request: ConnectRequest, responder: Responder) -> None:
+            await self._tunnel(state, served, client, peer, request, responder)
+
+        await HboneServer(handle).serve(reader, writer)
+
+    async def _tunnel(self, state: RegistryState, served: Identity, client: Identity, peer: tuple,
+                      request: ConnectRequest, responder: Responder) -> None:
+        source_ip = parse_forwarded_for(request.headers.get("forwarded", "")) or peer[0]
+        source = state.workload_by_ip(source_ip)
+        # HBONE carries the client's address (forwarded: for=) but not its port: 0 says unknown.
+        record = self._table.open(source_ip, 0, request.authority, source.key if source else None,
+                                  direction="inbound")
+        record.security, record.source_identity, record.upstream = "mtls", client.uri, request.authority
+        try:
+            target = local_destination(state, self._node, request.host)
+            record.upstream_workload = target.key
+            record.destination_identity = workload_identity(target, self._certs.trust_domain).uri
+            if record.destination_identity != served.uri:
+                raise NotLocal("wrong_authority", f"{request.authority} is {record.destination_identity}, not "
+                                                  f"{served.uri} whose certificate this connection was made to")
+        except NotLocal as e:
+            responder.reject(400, str(e))
+            self.end(record, "failed", str(e), e.reason)
+            return
+        try:
+            upstream = await connect_tcp(request.host, request.port, self._connect_timeout)
+        except ProxyError as e:
+            responder.reject(503, str(e))
+            self.end(record, "failed", str(e), e.reason)
+            return
+        try:
+            stream = await responder.accept()
+        except ConnectionError as e:
+            upstream.abort()
+            self.end(record, "failed", f"client left before the tunnel opened ({e})", "client_reset")
+            return
+        await self.relay(record, stream, upstream)
+
+
+def _tls_error(error: Exception, peer: str) -> ProxyError:
+    """An OpenSSL or socket failure during the handshake, as a reason an operator can act on."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return ProxyError("tls", f"TLS handshake from {peer} refused: its certificate failed verification "
+                                 f"({error.verify_message})")
+    if isinstance(error, ssl.SSLError):
+        detail = (error.reason or str(error)).replace("_", " ").lower()
+        return ProxyError("tls", f"TLS handshake from {peer} refused: {detail}")
+    if isinstance(error, TimeoutError):
+        return ProxyError("tls", f"TLS handshake from {peer} timed out")
+    return ProxyError("tls", f"TLS handshake from {peer} failed: {error}")
