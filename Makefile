@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 MODE ?= p2p
 
-.PHONY: deps demo test unit e2e
+.PHONY: deps demo test unit e2e bench
 
 deps:
 	./scripts/install-deps.sh $(PKGS)
@@ -10,8 +10,9 @@ deps:
 demo: deps
 	$(PYTHON) -m tests.demo --mode $(MODE)
 
-# tcpdump: the e2e tests look at the bytes on the wire between nodes
-test e2e: PKGS = tcpdump
+# tcpdump: the e2e tests look at the bytes on the wire between nodes; prometheus: promtool and a
+# real server scraping an agent; tmux: a terminal for `ameshctl top`
+test e2e: PKGS = tcpdump prometheus tmux
 
 test: deps
 	$(PYTHON) -m pytest -q -rfEs
@@ -21,3 +22,8 @@ unit: deps
 
 e2e: deps
 	$(PYTHON) -m pytest -q -rs tests/e2e
+
+# iperf3 drives the throughput figures. QUICK=1: one short repeat, to check the harness.
+bench: PKGS = iperf3
+bench: deps
+	$(PYTHON) -m bench.telemetry_cost $(if $(QUICK),--quick)

@@ -26,6 +26,7 @@ class AdminServer:
         app.router.add_get("/services", self._services)
         app.router.add_get("/connections", self._connections)
         app.router.add_get("/certs", self._certs)
+        app.router.add_get("/flows", self._flows)
         app.router.add_post("/certs/renew", self._renew_certs)
         self._runner = web.AppRunner(app, access_log=None)
 
@@ -63,6 +64,17 @@ class AdminServer:
 
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(self.agent.table.snapshot())
+
+    async def _flows(self, request: web.Request) -> web.Response:
+        """The capture program's per-flow counters, largest by bytes first; ?limit=N keeps N."""
+        limit = request.query.get("limit")
+        if limit is not None and not (limit.isdigit() and int(limit) > 0):
+            raise web.HTTPBadRequest(text=f"limit must be a positive integer, not {limit!r}")
+        datapath = self.agent.datapath
+        if datapath is None:  # not loaded yet
+            return web.json_response([])
+        # the datapath's own thread, as for status(): the BPF maps belong to it
+        return web.json_response(await self.agent._in_datapath_thread(datapath.flows, limit and int(limit)))
 
 
 def _plain(obj: object) -> dict:

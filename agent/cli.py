@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -13,11 +14,13 @@ from pathlib import Path
 import click
 
 from agent import views
-from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, AgentConfig
+from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
+from ztunnel.telemetry import DEFAULT_CLUSTER
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
                       help="table for people, json for scripts")
+LIMIT = click.option("--limit", type=click.IntRange(1), default=None, help="show at most N, largest first")
 
 
 @click.group()
@@ -44,10 +47,21 @@ def main(ctx: click.Context, admin: str) -> None:
               help="directory of the root CA (ca.key, ca.crt); created there when absent")
 @click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
               type=click.IntRange(60), help="seconds a workload certificate is valid (renewed at half-life)")
+@click.option("--metrics-port", default=METRICS_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="Prometheus metrics at :PORT/metrics")
+@click.option("--readiness-port", default=READINESS_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="readiness at :PORT/healthz/ready")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="one JSON line per closed connection on stdout")
+@click.option("--metrics/--no-metrics", default=True, show_default=True, help="Prometheus metrics on --metrics-port")
+@click.option("--flow-accounting/--no-flow-accounting", default=True, show_default=True,
+              help="per-flow packet and byte counters in the BPF program (ameshctl flows)")
+@click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="cluster name in metric labels")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(node: str, registry_file: Path, admin_port: int, drain_grace: float, mtls_mode: str, trust_domain: str,
-          ca_dir: Path, cert_lifetime: int, log_level: str) -> None:
+          ca_dir: Path, cert_lifetime: int, metrics_port: int, readiness_port: int, access_log: bool, metrics: bool, flow_accounting: bool, cluster: str,
+          log_level: str) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
     from agent.logs import setup_logging
     from agent.node import NodeAgent
@@ -58,7 +72,9 @@ def agent(node: str, registry_file: Path, admin_port: int, drain_grace: float, m
     setup_logging(log_level)
     config = AgentConfig(node=node, registry_file=registry_file, admin_port=admin_port, drain_grace=drain_grace,
                          mtls_mode=mtls_mode, trust_domain=trust_domain, ca_dir=ca_dir,
-                         cert_lifetime=timedelta(seconds=cert_lifetime))
+                         cert_lifetime=timedelta(seconds=cert_lifetime), metrics_port=metrics_port,
+                         readiness_port=readiness_port, access_log=access_log, metrics=metrics, flow_accounting=flow_accounting,
+                         cluster=cluster)
     try:
         asyncio.run(NodeAgent(config).run())
     except (RegistryError, DatapathError, CAError) as exc:
@@ -95,19 +111,36 @@ VIEWS = {  # command -> (admin API path, table renderer, help)
                     "Live and recently closed connections through this node's ztunnel."),
     "certs": ("/certs", views.certs,
               "Workload certificates this node holds (one per service account of its enrolled pods)."),
+    # a fourth element: options passed to the admin API as query parameters
+    "flows": ("/flows", views.flows, "Per-flow packet and byte counters of the capture program (each direction "
+              "its own flow, captured or not).", [LIMIT]),
 }
 
 
-def _add_view_command(name: str, path: str, render, help: str) -> None:
-    @main.command(name=name, help=help)
-    @OUTPUT
+def _add_view_command(name: str, path: str, render, help: str, query_options=()) -> None:
     @click.pass_obj
-    def show(admin: str, output: str) -> None:
-        _show(admin, path, output, render)
+    def show(admin: str, output: str, **query) -> None:
+        params = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        _show(admin, f"{path}?{params}" if params else path, output, render)
+
+    for option in (*query_options, OUTPUT):
+        show = option(show)
+    main.command(name=name, help=help)(show)
 
 
-for _name, (_path, _render, _help) in VIEWS.items():
-    _add_view_command(_name, _path, _render, _help)
+for _name, (_path, _render, _help, *_query_options) in VIEWS.items():
+    _add_view_command(_name, _path, _render, _help, *_query_options)
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60), help="seconds between refreshes")
+@click.pass_obj
+def top(admin: str, interval: float) -> None:
+    """A live view of this node's connections, busiest first (q quits)."""
+    from agent import top as live_view
+
+    node = _call(admin, "/status")["node"]
+    live_view.run(lambda: _call(admin, "/connections"), node, interval)
 
 
 @main.command(name="ca-init")

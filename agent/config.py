@@ -7,11 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
+from ztunnel.telemetry import DEFAULT_CLUSTER
 
 ADMIN_HOST = "127.0.0.1"  # the admin API changes nothing but is still node-local only
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
+METRICS_PORT = 15020
+READINESS_PORT = 15021
 DEFAULT_CA_DIR = Path("/var/lib/amesh/ca")
 
 
@@ -30,6 +33,12 @@ class AgentConfig:
     # agent of a cluster must use the same root
     ca_dir: Path = DEFAULT_CA_DIR
     cert_lifetime: timedelta = DEFAULT_LIFETIME  # workload certificates; renewed at half-life
+    metrics_port: int = METRICS_PORT
+    readiness_port: int = READINESS_PORT
+    access_log: bool = True  # one JSON line per closed connection on stdout
+    metrics: bool = True  # Prometheus metrics (off: nothing counted beyond the connection table)
+    flow_accounting: bool = True  # per-flow packet and byte counters in the BPF program
+    cluster: str = DEFAULT_CLUSTER  # the source_cluster/destination_cluster metric label
     # seconds between registry file checks: a label flipped in the file applies within ~1 s
     registry_poll_interval: float = 0.2
     # seconds between full datapath reconciliations, which also pick up pod interfaces that

@@ -16,24 +16,28 @@ which cannot nest in ours, and its netlink round trips must not stall the proxy.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
+from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
 from registry.kubefile import FileSource
 from registry.model import RegistryError, RegistryState
-from ztunnel.connections import ConnectionTable, iso_utc
-from ztunnel.listener import transparent_listener
+from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
+from ztunnel.listener import transparent_listener
 from ztunnel.outbound import MeshTransport, OutboundProxy
 from ztunnel.server import CapturedListener
+from ztunnel.telemetry import access_log_entry
 
 log = logging.getLogger("amesh.agent")
 
@@ -62,6 +66,10 @@ class NodeAgent:
         self._proxies: dict[Slot, CapturedListener] = {}
         self.certs: CertificateManager | None = None
         self.pool = HboneClientPool()
+        self.registry_errors = 0
+        self._telemetry: TelemetryServer | None = None
+        if config.access_log:
+            self.table.on_close.append(_write_access_log)
         self._admin: AdminServer | None = None
 
     @property
@@ -93,6 +101,7 @@ class NodeAgent:
         self._reconcile_now.set()
 
     def _on_registry_error(self, error: RegistryError) -> None:
+        self.registry_errors += 1
         log.error("event=registry_rejected path=%s error=%r action=\"keeping the last good state\"",
                   self.config.registry_file, str(error))
 
@@ -122,6 +131,8 @@ class NodeAgent:
             self._datapath_thread.shutdown()
 
     async def _start(self) -> None:
+        self._telemetry = TelemetryServer(self)
+        await self._telemetry.start(self.config.metrics_port, self.config.readiness_port)
         state = self.registry.load()
         log.info("event=registry_loaded path=%s generation=%d workloads=%d services=%d",
                  self.config.registry_file, state.generation, len(state.workloads), len(state.services))
@@ -133,7 +144,7 @@ class NodeAgent:
         try:
             for slot, port in LISTENER_PORTS.items():
                 sockets[slot] = transparent_listener(port)
-            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT)
+            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting)
         except BaseException:
             for sock in sockets.values():
                 sock.close()
@@ -168,6 +179,8 @@ class NodeAgent:
                  len(self.table.live()))
         if self._admin is not None:
             await self._admin.stop()
+        if self._telemetry is not None:
+            await self._telemetry.stop()
         # All listeners close at once (new connections are refused from here on), then the
         # live ones share one grace period.
         await asyncio.gather(*(proxy.close(grace=self.config.drain_grace) for proxy in self._proxies.values()))
@@ -175,6 +188,18 @@ class NodeAgent:
         if self.datapath is not None:
             await self._in_datapath_thread(self.datapath.close)
         log.info("event=stopped node=%s", self.config.node)
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether the node's capture is fully up, and what is missing if not."""
+        problems = []
+        if self.registry.state is None:
+            problems.append("registry not loaded")
+        if self.datapath is None:
+            problems.append("BPF program not loaded")
+        missing = [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
+        if missing or self._stopping.is_set():
+            problems.append("listeners not serving: " + ", ".join(missing or ["stopping"]))
+        return not problems, problems
 
     async def status(self) -> dict:
         """The agent's own view of itself, for `ameshctl status`."""
@@ -198,3 +223,8 @@ class NodeAgent:
             "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
                             "failures": dict(self.table.failures)},
         }
+
+
+def _write_access_log(record: ConnectionRecord) -> None:
+    sys.stdout.write(json.dumps(access_log_entry(record), separators=(",", ":")) + "\n")
+    sys.stdout.flush()

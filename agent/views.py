@@ -61,9 +61,18 @@ def connections(data: list[dict]) -> str:
         reason = "" if c["reason"] in (None, "closed") else c["reason"]
         rows.append([c["id"], c["direction"], c["source_workload"] or "-", c["source_ip"] + (f":{c['source_port']}" if c["source_port"] else ""),
                      destination, endpoint, c["security"] or "-", peer or "-", c["bytes_sent"], c["bytes_received"],
-                     c["started"], f"{c['duration']:.3f}s", c["state"], reason])
+                     *_kernel(c["kernel"]), c["started"], f"{c['duration']:.3f}s", c["state"], reason])
     return _table(["ID", "DIR", "SOURCE WORKLOAD", "SOURCE", "DESTINATION", "ENDPOINT", "SECURITY", "PEER IDENTITY",
-                   "SENT", "RECEIVED", "STARTED", "DURATION", "STATE", "REASON"], rows, "no connections")
+                   "SENT", "RECEIVED", "RTT", "RETRANS", "STARTED", "DURATION", "STATE", "REASON"], rows,
+                  "no connections")
+
+
+def _kernel(kernel: dict) -> tuple[str, str]:
+    """The client-facing socket's round-trip time and the retransmits of both sockets."""
+    sides = [info for info in kernel.values() if info]
+    client = kernel.get("client")
+    rtt = f"{client['rtt_ms']:.2f}ms" if client else "-"
+    return rtt, str(sum(info["retransmits"] for info in sides)) if sides else "-"
 
 
 def certs(data: dict) -> str:
@@ -71,3 +80,10 @@ def certs(data: dict) -> str:
              c["last_error"] or ""] for c in data["certificates"]]
     table = _table(["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "STATE", "LAST ERROR"], rows, "no certificates")
     return f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}\n\n{table}"
+
+
+def flows(data: list[dict]) -> str:
+    rows = [[f["src"], f["dst"] + ("" if f["proto"] == "tcp" else f" ({f['proto']})"), f["packets"], f["bytes"],
+             f["first_seen"], f["last_seen"], f["flags"] or "-", _yes(f["captured"])] for f in data]
+    return _table(["SOURCE", "DESTINATION", "PACKETS", "BYTES", "FIRST SEEN", "LAST SEEN", "FLAGS", "CAPTURED"],
+                  rows, "no flows")

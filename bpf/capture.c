@@ -1,5 +1,6 @@
 /*
- * capture.c: hands the TCP connections of enrolled pods to the node's ztunnel, both ways.
+ * capture.c: hands the TCP connections of enrolled pods to the node's ztunnel, both ways, and
+ * counts every TCP and UDP flow it sees.
  *
  * Attaches at tc (clsact) ingress of every interface packets enter the node by: the uplink,
  * each host-side pod veth on point-to-point pod networks, the bridge device on bridged ones
@@ -16,14 +17,29 @@
  * captured connection are only marked: the kernel's own lookup finds the ztunnel's socket.
  * Packets of connections the ztunnel does not own (opened before enrollment) pass untouched,
  * so enrolling a pod cuts nothing. The ztunnel's own connections leave the node by egress and
- * are never seen here; neither is traffic the node itself sends (kubelet probes).
+ * are never captured; neither is traffic the node itself sends (kubelet probes).
+ *
+ * Flow counters (flows): every IPv4 TCP and UDP packet seen here, enrolled or not, is counted
+ * under its 5-tuple as it appears in the packet (so each direction of a connection is its own
+ * flow, as in NetFlow/IPFIX): packets, bytes (skb->len less the Ethernet header, i.e. the IP
+ * length; a GSO/GRO packet counts once, with its full length), first and last time seen
+ * (CLOCK_MONOTONIC ns), the OR of its TCP flags, and whether the flow was captured (a packet
+ * handed to a listener or marked). That includes flows that bypass the ztunnel (between pods
+ * that are not enrolled) and the replies to the ztunnel's own connections. Packets without a
+ * readable L4 header (non-first fragments) are not counted. The map is an LRU hash shared by
+ * all CPUs (not BPF_F_NO_COMMON_LRU): only a flow's first packet inserts, so the common LRU's
+ * lock is rarely taken, and one shared pool keeps all 65536 entries usable whichever CPU a
+ * flow's packets arrive on; when it is full the least recently used flow is evicted.
  *
  * Fail closed: a SYN for a slot with no listener is dropped, so a restarting agent never lets
  * traffic bypass the mesh; TCP retries the SYN.
  *
- * Cost: per IPv4 TCP packet, one or two hash lookups; per non-SYN packet of an enrolled pod
- * one socket lookup. Everything else returns at the first checks.
- * Needs: tc clsact, sockmap, bpf_sk_assign (5.7+), bpf_skc_lookup_tcp (5.2+).
+ * Cost: per IPv4 TCP packet, one or two hash lookups for capture plus one LRU lookup, two
+ * atomic adds and a clock read for the counters (a flow's first packet inserts instead, and
+ * a new TCP flag takes one atomic OR); per non-SYN packet of an enrolled pod one socket
+ * lookup. Per UDP packet only the counters. Everything else returns at the first checks.
+ * Needs: tc clsact, sockmap, bpf_sk_assign (5.7+), bpf_skc_lookup_tcp (5.2+), LRU hash (4.10+),
+ * BPF atomic OR (5.12+).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -31,12 +47,38 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
 
 /* Defined by the loader (bpf/datapath.py), which also installs the rule: CAPTURE_MARK,
- * HBONE_PORT, and the sockmap slots OUTBOUND_SLOT, INBOUND_HBONE_SLOT, INBOUND_PLAINTEXT_SLOT. */
+ * HBONE_PORT, FLOW_ACCOUNTING (1 or 0), and the sockmap slots OUTBOUND_SLOT,
+ * INBOUND_HBONE_SLOT, INBOUND_PLAINTEXT_SLOT. */
 
 BPF_HASH(enrolled_pods, u32, u8, 4096);          /* local enrolled pod IPv4 (network order) -> 1 */
 BPF_TABLE("sockmap", u32, int, listeners, 3);    /* the ztunnel's listening sockets, by slot */
+
+/* A flow as the packet carries it; addresses and ports in network byte order. No implicit
+ * padding: the whole key is zeroed before it is filled, so equal tuples are equal keys. */
+struct flow_key {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u8 proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+    u8 pad[3];
+};
+
+struct flow_stats {
+    u64 packets;
+    u64 bytes;      /* IP lengths, headers included */
+    u64 first_seen; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    u64 last_seen;
+    u64 tcp_flags;  /* OR of every packet's TCP flag byte (FIN 0x01 ... CWR 0x80); 64 bits: BCC's
+                     * LLVM 14 has only 64-bit atomic OR */
+    u32 captured;   /* 1 once a packet was handed to a ztunnel listener or marked */
+    u32 pad;
+};
+
+BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows, 65536);
 
 /* Hands a SYN to the listener in `slot`; no listener means no ztunnel: drop (fail closed). */
 static __always_inline int assign(struct __sk_buff *skb, u32 slot)
@@ -52,36 +94,46 @@ static __always_inline int assign(struct __sk_buff *skb, u32 slot)
     return TC_ACT_OK;
 }
 
-int capture(struct __sk_buff *skb)
+/* Counts one packet of `key`: one lookup and atomic adds, an insert for a flow's first packet. */
+static __always_inline void count(struct flow_key *key, u64 len, u64 flags, u32 captured)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
+    if (!FLOW_ACCOUNTING)  /* the loader's switch; the compiler drops the rest when it is 0 */
+        return;
+    u64 now = bpf_ktime_get_ns();
+    struct flow_stats *st = flows.lookup(key);
+    if (!st) {
+        struct flow_stats fresh = {.packets = 1, .bytes = len, .first_seen = now, .last_seen = now,
+                                   .tcp_flags = flags, .captured = captured};
+        if (flows.insert(key, &fresh) == 0)
+            return;
+        st = flows.lookup(key);  /* another CPU inserted it first */
+        if (!st)
+            return;
+    }
+    __sync_fetch_and_add(&st->packets, 1);
+    __sync_fetch_and_add(&st->bytes, len);
+    st->last_seen = now;  /* a plain store: concurrent writers all write "now" */
+    if ((st->tcp_flags | flags) != st->tcp_flags)
+        __sync_fetch_and_or(&st->tcp_flags, flags);
+    if (captured && !st->captured)
+        st->captured = 1;
+}
 
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP))
-        return TC_ACT_OK;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
-        return TC_ACT_OK;
-
+/* The capture decision for a TCP packet whose header is readable; sets *captured when the
+ * packet is handed to a listener or marked. */
+static __always_inline int steer(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp, u32 *captured)
+{
     u32 saddr = ip->saddr, daddr = ip->daddr;
     int outbound = enrolled_pods.lookup(&saddr) != 0;
     if (!outbound && !enrolled_pods.lookup(&daddr))
         return TC_ACT_OK;
 
-    /* From here on the packet belongs to an enrolled pod: a header we cannot read (IP
-     * options beyond the packet, a non-first fragment) is dropped rather than let past. */
-    u32 ihl = ip->ihl * 4;
-    if (ihl < sizeof(*ip) || ip->frag_off & htons(0x1FFF))
-        return TC_ACT_SHOT;
-    struct tcphdr *tcp = (void *)ip + ihl;
-    if ((void *)(tcp + 1) > data_end)
-        return TC_ACT_SHOT;
-
     if (tcp->syn && !tcp->ack) {
-        if (outbound)
-            return assign(skb, OUTBOUND_SLOT);
-        return assign(skb, tcp->dest == htons(HBONE_PORT) ? INBOUND_HBONE_SLOT : INBOUND_PLAINTEXT_SLOT);
+        int verdict = assign(skb, outbound ? OUTBOUND_SLOT
+                                           : tcp->dest == htons(HBONE_PORT) ? INBOUND_HBONE_SLOT
+                                                                            : INBOUND_PLAINTEXT_SLOT);
+        *captured = verdict == TC_ACT_OK;
+        return verdict;
     }
 
     struct bpf_sock_tuple tuple = {};
@@ -93,6 +145,63 @@ int capture(struct __sk_buff *skb)
     if (owner) {
         bpf_sk_release(owner);
         skb->mark = CAPTURE_MARK;
+        *captured = 1;
     }
     return TC_ACT_OK;
+}
+
+/* A TCP or UDP packet whose L4 header cannot be read (IP options beyond the packet, a
+ * non-first fragment): not counted; dropped if it is TCP of an enrolled pod, rather than let past. */
+static __always_inline int unreadable(struct iphdr *ip)
+{
+    u32 saddr = ip->saddr, daddr = ip->daddr;
+    if (ip->protocol == IPPROTO_TCP && (enrolled_pods.lookup(&saddr) || enrolled_pods.lookup(&daddr)))
+        return TC_ACT_SHOT;
+    return TC_ACT_OK;
+}
+
+int capture(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP))
+        return TC_ACT_OK;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+        return TC_ACT_OK;
+
+    u32 ihl = ip->ihl * 4;
+    if (ihl < sizeof(*ip) || ip->frag_off & htons(0x1FFF))
+        return unreadable(ip);
+
+    struct flow_key key;
+    __builtin_memset(&key, 0, sizeof(key));
+    key.saddr = ip->saddr;
+    key.daddr = ip->daddr;
+    key.proto = ip->protocol;
+    u64 len = skb->len - sizeof(*eth);
+
+    if (ip->protocol == IPPROTO_UDP) {
+        struct udphdr *udp = (void *)ip + ihl;
+        if ((void *)(udp + 1) > data_end)
+            return TC_ACT_OK;
+        key.sport = udp->source;
+        key.dport = udp->dest;
+        count(&key, len, 0, 0);
+        return TC_ACT_OK;  /* UDP is never captured */
+    }
+
+    struct tcphdr *tcp = (void *)ip + ihl;
+    if ((void *)(tcp + 1) > data_end)
+        return unreadable(ip);
+    key.sport = tcp->source;
+    key.dport = tcp->dest;
+    u64 flags = ((u8 *)tcp)[13];  /* the flag byte: CWR ECE URG ACK PSH RST SYN FIN */
+
+    u32 captured = 0;
+    int verdict = steer(skb, ip, tcp, &captured);
+    count(&key, len, flags, captured);
+    return verdict;
 }

@@ -5,6 +5,7 @@ bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces p
 the node by, keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
 listeners, and installs the policy rule and local route that deliver marked packets to them. Everything it adds carries a
 fixed priority or table number, so a later agent finds and replaces what a killed one left.
+It also reads the program's per-flow counters back (`flows()`), through pure conversion helpers.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import errno
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -60,18 +63,20 @@ class Attachment:
 class CaptureProgram:
     """bpf/capture.c compiled and loaded, with handles on its two maps."""
 
-    def __init__(self, hbone_port: int) -> None:
+    def __init__(self, hbone_port: int, flow_accounting: bool = True) -> None:
         from bcc import BPF  # imported here: loading libbcc is slow and needs root
 
         self._bpf_cls = BPF
         try:
             self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[
                 f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
+                f"-DFLOW_ACCOUNTING={int(flow_accounting)}",
                 *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot)])
             self.fn = self.bpf.load_func(b"capture", BPF.SCHED_CLS)
         except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
             raise DatapathError(f"loading {SOURCE.name} failed: {exc}") from exc
         self._enrolled = self.bpf[b"enrolled_pods"]
+        self.flows = self.bpf[b"flows"]
 
     def set_listener(self, slot: Slot, sock: socket.socket) -> None:
         """Puts one of the ztunnel's listening sockets in the sockmap SYNs are assigned from."""
@@ -95,17 +100,74 @@ class CaptureProgram:
             self._enrolled[self._enrolled.Key(key)] = self._enrolled.Leaf(1)
 
 
+# Byte order, in one place: the program keeps addresses and ports as the packet carries them
+# (network order); BCC hands them to Python as host-order integers holding those same bytes.
+
 def _ip_key(ip: str) -> int:
-    # The program compares against ip->saddr, which is in network byte order; the map key is
-    # a host-order u32 holding those same four bytes.
-    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+    """A dotted IPv4 address as the program's u32 (its four bytes in network order)."""
+    return socket.htonl(int(ipaddress.IPv4Address(ip)))
+
+
+def _key_ip(value: int) -> str:
+    """The program's u32 address back to dotted form."""
+    return str(ipaddress.IPv4Address(socket.ntohl(value)))
+
+
+def _key_port(value: int) -> int:
+    """The program's u16 port (network order) as a number."""
+    return socket.ntohs(value)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+# The TCP flag byte's bits, in the order a connection usually shows them.
+TCP_FLAGS = (("SYN", 0x02), ("ACK", 0x10), ("PSH", 0x08), ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80),
+             ("FIN", 0x01), ("RST", 0x04))
+
+
+def tcp_flags_text(bits: int) -> str:
+    """The OR of a flow's TCP flag bytes as "SYN,ACK,FIN"; "" for none (UDP)."""
+    return ",".join(name for name, bit in TCP_FLAGS if bits & bit)
+
+
+def monotonic_offset_ns() -> int:
+    """Wall clock minus CLOCK_MONOTONIC (bpf_ktime_get_ns), in ns; read once per snapshot."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def monotonic_to_iso(ns: int, offset_ns: int) -> str:
+    """A CLOCK_MONOTONIC time in ns as ISO 8601 UTC with milliseconds, as the admin API shows times."""
+    wall = _EPOCH + timedelta(microseconds=(ns + offset_ns) // 1000)  # integers: no float rounding
+    return wall.isoformat(timespec="milliseconds")
+
+
+def flow_record(key: Any, stats: Any, offset_ns: int) -> dict:
+    """One entry of the flows map (objects with the C structs' fields) as JSON-ready data."""
+    return {
+        "src": f"{_key_ip(key.saddr)}:{_key_port(key.sport)}",
+        "dst": f"{_key_ip(key.daddr)}:{_key_port(key.dport)}",
+        "proto": PROTOCOLS.get(key.proto, str(key.proto)),
+        "packets": stats.packets,
+        "bytes": stats.bytes,
+        "first_seen": monotonic_to_iso(stats.first_seen, offset_ns),
+        "last_seen": monotonic_to_iso(stats.last_seen, offset_ns),
+        "flags": tcp_flags_text(stats.tcp_flags),
+        "captured": bool(stats.captured),
+    }
+
+
+def flow_records(entries: Iterable[tuple[Any, Any]], offset_ns: int, limit: int | None = None) -> list[dict]:
+    """Map entries as records, largest by bytes first, at most `limit` of them."""
+    ranked = sorted(entries, key=lambda kv: kv[1].bytes, reverse=True)
+    return [flow_record(k, v, offset_ns) for k, v in ranked[:limit]]
 
 
 class NodeDatapath:
     """Capture for one node: `sync()` it with the enrolled local pods, `close()` to remove it."""
 
-    def __init__(self, listeners: Mapping[Slot, socket.socket], hbone_port: int) -> None:
-        """Loads the program with `listeners` in its sockmap; `hbone_port` selects INBOUND_HBONE."""
+    def __init__(self, listeners: Mapping[Slot, socket.socket], hbone_port: int, flow_accounting: bool = True) -> None:
+        """Loads the program with `listeners` in its sockmap; `hbone_port` selects INBOUND_HBONE;
+        `flow_accounting` turns the per-flow counters on."""
         self._ipr = IPRoute()
         self._attached: dict[int, Attachment] = {}
         self._enrolled: tuple[str, ...] = ()
@@ -114,7 +176,7 @@ class NodeDatapath:
             removed = remove_leftovers(self._ipr)
             if removed:
                 log.info("event=leftovers_removed items=%s", ",".join(removed))
-            self.program = CaptureProgram(hbone_port)
+            self.program = CaptureProgram(hbone_port, flow_accounting)
             for slot, sock in listeners.items():
                 self.program.set_listener(slot, sock)
             self._install_routing()
@@ -191,6 +253,11 @@ class NodeDatapath:
         _remove_filter(self._ipr, attachment.ifindex)
         log.info("event=detached ifname=%s", attachment.ifname)
 
+    @property
+    def attached_count(self) -> int:
+        """How many interfaces the program is attached to (safe to read from any thread)."""
+        return len(self._attached)
+
     def status(self) -> dict:
         """What is captured now, for the admin API."""
         return {
@@ -200,6 +267,13 @@ class NodeDatapath:
             "mark": f"{CAPTURE_MARK:#x}/{CAPTURE_MARK_MASK:#x}",
             "route_table": ROUTE_TABLE,
         }
+
+    def flows(self, limit: int | None = None) -> list[dict]:
+        """The program's per-flow counters, largest by bytes first, at most `limit` of them."""
+        # Key by key bytes: when LRU eviction removes the key an iteration stands on, the
+        # kernel restarts it from the first key, so an entry can come twice.
+        entries = {bytes(key): (key, stats) for key, stats in self.program.flows.items()}
+        return flow_records(entries.values(), monotonic_offset_ns(), limit)
 
     def close(self) -> None:
         """Removes every filter, qdisc, rule and route this datapath added."""

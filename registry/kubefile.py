@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -455,6 +456,9 @@ class FileSource:
         self.path = Path(path)
         self.poll_interval = poll_interval
         self.last_error: str | None = None
+        # wall-clock time the source last confirmed its good state is current (loaded, or found
+        # unchanged); None until the first good load
+        self.synced_at: float | None = None
         self._on_state = on_state
         self._on_error = on_error
         self._state: RegistryState | None = None
@@ -476,6 +480,8 @@ class FileSource:
             await asyncio.sleep(self.poll_interval)
             version = self._stat()
             if version == self._version:
+                if self.last_error is None:
+                    self.synced_at = time.time()  # checked: the good state is still current
                 continue
             try:
                 state = self._parse(version)
@@ -508,6 +514,7 @@ class FileSource:
             self._generation = state.generation
             self._state = state
             self.last_error = None
+            self.synced_at = time.time()
             return state
         self.last_error = str(error)
         raise error

@@ -97,9 +97,14 @@ class RegistryState:
         # A pod that has no address yet must not claim "" as its address.
         object.__setattr__(self, "_by_ip", {w.ip: w for w in self.workloads if w.ip})
         object.__setattr__(self, "_by_vip", {s.cluster_ip: s for s in self.services if s.cluster_ip})
+        object.__setattr__(self, "_by_key", {w.key: w for w in self.workloads})
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self._by_ip.get(ip)  # type: ignore[attr-defined]
+
+    def workload_by_key(self, key: str) -> Workload | None:
+        """The workload "namespace/name"."""
+        return self._by_key.get(key)  # type: ignore[attr-defined]
 
     def service_by_ip(self, ip: str) -> Service | None:
         return self._by_vip.get(ip)  # type: ignore[attr-defined]

@@ -17,7 +17,18 @@ fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_pkgs[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  # Tools only: packages such as prometheus ship a service that Debian would start at once.
+  # policy-rc.d (when none is there already) keeps every service stopped during the install.
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    guard=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$guard"
+    chmod 755 "$guard"
+  fi
+  trap '[ -n "$guard" ] && rm -f "$guard"' EXIT
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  [ -n "$guard" ] && rm -f "$guard"
+  guard=""
 fi
 if [ ! -e "$modules/build" ]; then
   build=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)

@@ -6,6 +6,7 @@ of Kubernetes objects, `ameshctl agent` in each node's namespace, `ameshctl ... 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -16,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.bed import Bed, Node, Pod
+from tests.bed import Bed, Node, Pod, netns_socket
 
 AMESHCTL = str(Path(sys.executable).with_name("ameshctl"))  # the installed console script
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
+METRICS_PORT = 15020
 AGENT_START_TIMEOUT = 30.0  # seconds; compiling the BPF program takes about one
 
 
@@ -116,6 +119,35 @@ class Mesh:
 
     def ctl_json(self, node: Node | str | int, view: str) -> object:
         return json.loads(self.ctl(node, view, "-o", "json").stdout)
+
+    def http_get(self, node: Node | str | int, port: int, path: str) -> tuple[int, str]:
+        """GET http://127.0.0.1:PORT/PATH inside a node's namespace: (status, body)."""
+        sock = netns_socket(self.bed.node(node).netns)
+        try:
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.sock = sock
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            sock.close()
+
+    def metrics(self, node: Node | str | int) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """The agent's Prometheus samples by name: [(labels, value), ...]."""
+        status, body = self.http_get(node, METRICS_PORT, "/metrics")
+        assert status == 200, body
+        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return samples
+
+    def access_log(self, node: Node | str | int) -> list[dict]:
+        """The JSON access-log lines the node's agent wrote so far."""
+        text = self.agent_log(node).read_text(errors="replace")
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def wait_for(self, what: str, predicate, timeout: float = 5.0, interval: float = 0.05):
         """Polls `predicate()` until it returns something truthy; fails naming `what`."""

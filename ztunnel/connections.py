@@ -9,9 +9,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
+
+from ztunnel.tcpinfo import read_tcp_info
 
 ConnectionState = Literal["connecting", "open", "closed", "failed"]
 EndState = Literal["closed", "failed"]
@@ -43,6 +45,12 @@ class ConnectionRecord:
     bytes_received: int = 0  # upstream -> client
     state: ConnectionState = "connecting"
     reason: str | None = None
+    failure: str | None = None  # the reason code of a failed connection (ProxyError.reason)
+    connect_duration: float | None = None  # seconds to connect upstream (incl. HBONE setup)
+    # TCP_INFO of the client-facing and upstream sockets: read live while the connection is
+    # open, kept as last read when it closes.
+    kernel: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    sockets: dict[str, Any] = field(default_factory=dict, repr=False)  # side -> socket, while open
 
     def count_sent(self, n: int) -> None:
         self.bytes_sent += n
@@ -55,9 +63,16 @@ class ConnectionRecord:
         end = self.ended if self.ended is not None else (time.time() if now is None else now)
         return max(0.0, end - self.started)
 
+    def read_kernel(self) -> None:
+        """Refreshes `kernel` from the sockets (once more as the connection ends)."""
+        for side, sock in self.sockets.items():
+            self.kernel[side] = read_tcp_info(sock)
+
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         """A JSON-ready view: ISO 8601 UTC times, duration in seconds rounded to milliseconds."""
-        data = asdict(self)
+        if self.ended is None:
+            self.read_kernel()
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sockets"}
         data["started"] = iso_utc(self.started)
         data["ended"] = iso_utc(self.ended) if self.ended is not None else None
         data["duration"] = round(self.duration(now), 3)
@@ -73,6 +88,8 @@ class ConnectionTable:
     """Live connections by id, plus a bounded history of closed ones (newest first)."""
 
     def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time) -> None:
+        self.on_close: list[Callable[[ConnectionRecord], None]] = []  # told of each ended connection
+        self.opened = 0  # connections ever opened
         self._ids = itertools.count(1)
         self._clock = clock
         self._live: dict[int, ConnectionRecord] = {}
@@ -98,6 +115,7 @@ class ConnectionTable:
             direction=direction,
         )
         self._live[record.id] = record
+        self.opened += 1
         return record
 
     def close(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:
@@ -109,12 +127,17 @@ class ConnectionTable:
             raise ValueError(f"connection {record.id}: end state must be closed or failed, not {state!r}")
         if self._live.pop(record.id, None) is None:
             raise ValueError(f"connection {record.id} is not live in this table (closed twice?)")
+        record.read_kernel()
+        record.sockets.clear()
         record.state = state
         record.reason = reason
         record.ended = self._clock()
         self._recent.appendleft(record)
         if state == "failed":
-            self.failures[code or "other"] += 1
+            record.failure = code or "other"
+            self.failures[record.failure] += 1
+        for hook in self.on_close:
+            hook(record)
 
     def live(self) -> list[ConnectionRecord]:
         """Connections not yet closed, oldest first."""

@@ -24,7 +24,7 @@ import logging
 import secrets
 import ssl
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -268,6 +268,10 @@ class HboneStream:
             self._response.set_exception(error)
         self._session.forget(self)
 
+    def kernel_socket(self) -> Any:
+        """The TCP socket of the session carrying this stream (shared with its other streams)."""
+        return self._session.kernel_socket()
+
     def _discard_inbound(self) -> None:
         """Drops unread data, handing its share of the connection window back to the peer."""
         self._session.acknowledge(self.stream_id, len(self._inbound))
@@ -304,6 +308,10 @@ class _H2Session:
         self.closed = False
         self._why_closed = ""
         self.failure: OSError | None = None  # the socket or TLS error that ended the connection
+
+    def kernel_socket(self) -> Any:
+        """The TCP socket under this session's TLS."""
+        return self._writer.get_extra_info("socket")
 
     def __repr__(self) -> str:
         return f"_H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"

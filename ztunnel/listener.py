@@ -8,18 +8,21 @@ import socket
 IP_TRANSPARENT = 19
 
 
-def transparent_listener(port: int, backlog: int = 4096) -> socket.socket:
-    """A TCP listener on 0.0.0.0:`port` that accepts connections addressed to any IP.
+def transparent_listener(port: int, backlog: int = 4096, host: str = "0.0.0.0") -> socket.socket:
+    """A TCP listener on `host`:`port` that accepts connections addressed to any IP.
 
     IP_TRANSPARENT lets the socket own connections whose destination is not a local address
     (bpf_sk_assign hands it SYNs for Service IPs and remote pods); the accepted socket's
     local address is then the connection's original destination.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+    # and accepted sockets inherit it. Without it Nagle holds back a small write (an HTTP/2
+    # frame, a short reply) until the peer's delayed ACK, 40 ms later.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind(("0.0.0.0", port))
+        sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Awaitable, Callable
 
 from registry.model import RegistryState
@@ -110,7 +111,9 @@ class CapturedListener:
         """
         try:
             try:
+                started = time.monotonic()
                 upstream = await open_upstream()
+                record.connect_duration = time.monotonic() - started
             except ProxyError as e:
                 client.abort()
                 self.end(record, "failed", str(e), e.reason)
@@ -126,6 +129,8 @@ class CapturedListener:
     async def relay(self, record: ConnectionRecord, client: Stream, upstream: Stream) -> None:
         """Splices an accepted client to its connected upstream until both ends have finished."""
         record.state = "open"
+        record.sockets["client"] = client.kernel_socket()
+        record.sockets["upstream"] = upstream.kernel_socket()
         log.info("conn.open %s", log_fields(record))
         try:
             reason = await splice(client, upstream, record.count_sent, record.count_received)

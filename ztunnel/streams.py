@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from ztunnel.errors import ProxyError
 
@@ -37,6 +37,9 @@ class Stream(Protocol):
         """Ends the stream abruptly, so the peer sees a reset rather than a clean end."""
 
     def close(self) -> None: ...
+
+    def kernel_socket(self) -> Any:
+        """The TCP socket underneath, for TCP_INFO (for a tunnel: the tunnel's own socket)."""
 
 
 class TcpStream:
@@ -69,6 +72,9 @@ class TcpStream:
 
     def close(self) -> None:
         self.writer.close()
+
+    def kernel_socket(self) -> Any:
+        return self.writer.get_extra_info("socket")
 
 
 async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:

@@ -206,8 +206,8 @@ def test_a_server_with_another_identity_is_refused_by_the_client(mesh: Mesh):
                                 "--ca-dir", str(mesh.ca_dir), "--identity", spiffe("shop", "other")],
                      bed.logdir / "impostor.log")
     bed.wait_listening(impostor, HBONE_PORT, proc=proc)
-    with bed.connect(bed.pods["client"], impostor.ip, TARGET_PORT, timeout=3) as sock:
-        with pytest.raises(ConnectionResetError):
+    with pytest.raises(ConnectionResetError):  # possibly before connect() even returns
+        with bed.connect(bed.pods["client"], impostor.ip, TARGET_PORT, timeout=3) as sock:
             sock.sendall(b"secret")
             sock.recv(100)
     [conn] = closed(mesh, 1, 1)

@@ -1,0 +1,183 @@
+"""Prometheus metrics on :15020/metrics and readiness on :15021/healthz/ready, for one agent.
+
+Counting stays off the data plane's hot path, as prometheus_client's docs advise for custom
+collectors: the ztunnel counts bytes with plain integers on its connection records; a record is
+folded into per-label-set totals once, when it closes; live connections are added at scrape
+time. Series carry Istio's TCP metric names and labels (see ztunnel/telemetry.py), plus amesh's
+own, and the process collector's CPU, memory and file descriptors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from datetime import datetime
+from typing import TYPE_CHECKING, Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from ztunnel.connections import ConnectionRecord
+from ztunnel.telemetry import ISTIO_LABELS, istio_labels
+
+if TYPE_CHECKING:
+    from agent.node import NodeAgent
+
+# seconds; upstream connects range from ~0.1 ms (same node) to seconds (a timing-out peer)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_ISTIO_COUNTERS = (  # name, help, index into a label set's totals
+    ("istio_tcp_connections_opened", "Connections opened (Istio-compatible).", 0),
+    ("istio_tcp_connections_closed", "Connections closed (Istio-compatible).", 1),
+    # As in Istio: "sent" are the response bytes (destination to source), "received" the request bytes.
+    ("istio_tcp_sent_bytes", "Bytes sent in response, destination to source (Istio-compatible).", 3),
+    ("istio_tcp_received_bytes", "Bytes received in requests, source to destination (Istio-compatible).", 2),
+)
+
+
+class _ConnectHistogram:
+    """Bucket counts of upstream connect durations, for one label value."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(CONNECT_BUCKETS)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(CONNECT_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+        self.count += 1
+        self.sum += seconds
+
+
+class AgentCollector:
+    """A prometheus_client collector over one agent's connection table, registry and datapath."""
+
+    def __init__(self, agent: "NodeAgent") -> None:
+        self.agent = agent
+        self._closed: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self._connect: dict[str, _ConnectHistogram] = defaultdict(_ConnectHistogram)
+        # A connection's labels are fixed at its first scrape, so its bytes move from the live
+        # sum to the closed totals under the same series even if the registry changed meanwhile.
+        self._live_labels: dict[int, tuple[str, ...]] = {}
+        agent.table.on_close.append(self.fold)
+
+    def _labels(self, record: ConnectionRecord) -> tuple[str, ...]:
+        labels = self._live_labels.get(record.id)
+        if labels is None:
+            labels = istio_labels(record, self.agent.state, self.agent.config.cluster)
+        return labels
+
+    def fold(self, record: ConnectionRecord) -> None:
+        """Adds a connection that just ended to the totals."""
+        totals = self._closed[self._labels(record)]
+        self._live_labels.pop(record.id, None)
+        totals[0] += 1
+        totals[1] += 1
+        totals[2] += record.bytes_sent
+        totals[3] += record.bytes_received
+        if record.connect_duration is not None:
+            self._connect[record.security or "unknown"].observe(record.connect_duration)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._istio()
+        yield from self._connections()
+        yield from self._agent()
+
+    def _istio(self) -> Iterator[Metric]:
+        totals = {labels: list(values) for labels, values in self._closed.items()}
+        for record in self.agent.table.live():
+            if record.state != "open":
+                continue  # still being routed: its series is not known yet
+            labels = self._live_labels.setdefault(record.id, self._labels(record))
+            values = totals.setdefault(labels, [0, 0, 0, 0])
+            values[0] += 1
+            values[2] += record.bytes_sent
+            values[3] += record.bytes_received
+        for name, help_text, index in _ISTIO_COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=ISTIO_LABELS)
+            for labels, values in totals.items():
+                family.add_metric(labels, values[index])
+            yield family
+
+    def _connections(self) -> Iterator[Metric]:
+        table = self.agent.table
+        failures = CounterMetricFamily("amesh_connection_failures", "Connections that could not be served, "
+                                       "by reason.", labels=["reason"])
+        for reason, count in sorted(table.failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        connect = HistogramMetricFamily("amesh_connect_duration_seconds", "Time to connect the upstream of a "
+                                        "connection (TCP, or HBONE through the peer node).", labels=["security"])
+        for security, histogram in sorted(self._connect.items()):
+            buckets = [(str(bound), count) for bound, count in zip(CONNECT_BUCKETS, histogram.buckets)]
+            connect.add_metric([security], buckets + [("+Inf", histogram.count)], histogram.sum)
+        yield connect
+        live = GaugeMetricFamily("amesh_connections_live", "Connections open now.", labels=["direction"])
+        by_direction = {"outbound": 0, "inbound": 0}
+        for record in table.live():
+            by_direction[record.direction] += 1
+        for direction, count in by_direction.items():
+            live.add_metric([direction], count)
+        yield live
+
+    def _agent(self) -> Iterator[Metric]:
+        agent = self.agent
+        state = agent.state
+        yield GaugeMetricFamily("amesh_registry_workloads", "Workloads in the registry.", value=len(state.workloads))
+        yield GaugeMetricFamily("amesh_registry_services", "Services in the registry.", value=len(state.services))
+        synced = agent.registry.synced_at
+        yield GaugeMetricFamily("amesh_registry_last_sync_age_seconds", "Seconds since the registry last "
+                                "confirmed a good, current state.", value=time.time() - synced if synced else float("nan"))
+        yield CounterMetricFamily("amesh_registry_errors", "Registry inputs rejected.", value=agent.registry_errors)
+        attached = agent.datapath.attached_count if agent.datapath else 0
+        yield GaugeMetricFamily("amesh_bpf_attached_interfaces", "Interfaces the capture program is attached "
+                                "to.", value=attached)
+        expiry = GaugeMetricFamily("amesh_certificate_expiry_timestamp_seconds", "When each workload "
+                                   "certificate expires (Unix time).", labels=["identity"])
+        for cert in agent.certs.certificates() if agent.certs else []:
+            if cert["not_after"]:
+                expiry.add_metric([cert["identity"]], datetime.fromisoformat(cert["not_after"]).timestamp())
+        yield expiry
+        yield CounterMetricFamily("amesh_hbone_handshakes", "mTLS sessions the HBONE pool opened.",
+                                  value=agent.pool.handshakes)
+        yield GaugeMetricFamily("amesh_hbone_sessions", "Live pooled HBONE sessions.", value=agent.pool.sessions)
+        ready, _ = agent.readiness()
+        yield GaugeMetricFamily("amesh_ready", "1 when the BPF programs, the listeners and the registry are up.",
+                                value=1 if ready else 0)
+
+
+class TelemetryServer:
+    """Serves /metrics on the metrics port (unless metrics are off) and /healthz/ready on the
+    readiness port."""
+
+    def __init__(self, agent: "NodeAgent") -> None:
+        self.agent = agent
+        self.registry = CollectorRegistry()
+        metrics = web.Application()
+        if agent.config.metrics:
+            self.registry.register(AgentCollector(agent))
+            ProcessCollector(registry=self.registry)
+            metrics.router.add_get("/metrics", self._metrics)
+        readiness = web.Application()
+        readiness.router.add_get("/healthz/ready", self._ready)
+        self._runners = [web.AppRunner(metrics, access_log=None), web.AppRunner(readiness, access_log=None)]
+
+    async def start(self, metrics_port: int, readiness_port: int) -> None:
+        # all addresses of the node: Prometheus and the kubelet scrape and probe from outside
+        for runner, port in zip(self._runners, (metrics_port, readiness_port)):
+            await runner.setup()
+            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready, problems = self.agent.readiness()
+        return web.json_response({"ready": ready, "problems": problems}, status=200 if ready else 503)

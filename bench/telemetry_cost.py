@@ -1,0 +1,142 @@
+"""What seeing every connection costs: throughput and connection rate through the mesh with
+metrics (Prometheus + access log) and BPF flow accounting on and off, in one run.
+
+    python -m bench.telemetry_cost [--repeats N] [--seconds S] [--quick]
+
+Bed: two point-to-point nodes; an enrolled client pod on node-1, an enrolled server pod on
+node-2 (iperf3 server and an echo server), so every figure crosses the fabric through both
+ztunnels over mTLS/HBONE. The configurations run interleaved (repeat 1 of each, then repeat
+2, ...) so slow drifts of the machine hit them alike. Each configuration restarts both agents
+with its flags. Prints a table with min/median/max and the ratio of each median to "off",
+and (unless --quick) writes bench/results/telemetry-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.bed import Bed
+from tests.mesh import Mesh
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IPERF_PORT = 5201
+ECHO_PORT = 8080
+MESSAGE = b"x" * 64  # bytes exchanged on each new connection
+
+CONFIGS = {  # name -> agent flags
+    "off": ["--no-metrics", "--no-access-log", "--no-flow-accounting"],
+    "metrics": ["--no-flow-accounting"],  # Prometheus collector + JSON access log
+    "flows": ["--no-metrics", "--no-access-log"],  # BPF per-flow counters
+    "all on": [],
+}
+
+
+def throughput_gbps(bed: Bed, client, server_ip: str, seconds: float) -> float:
+    """One iperf3 stream client -> server for `seconds`; the receiver's rate in Gbit/s."""
+    out = bed.run(client, ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+                  timeout=seconds + 30, check=False).stdout
+    result = json.loads(out)
+    if "error" in result:
+        raise RuntimeError(f"iperf3 through the mesh failed: {result['error']}")
+    received = result["end"]["sum_received"]
+    if not received["bytes"]:
+        intervals = [round(i["sum"]["bits_per_second"] / 1e9, 2) for i in result.get("intervals", [])]
+        raise RuntimeError(f"iperf3 through the mesh moved no data (Gbit/s per interval: {intervals})")
+    return received["bits_per_second"] / 1e9
+
+
+def connection_rate(bed: Bed, client, server_ip: str, seconds: float) -> tuple[float, float]:
+    """New connections plus one 64-byte exchange, back to back for `seconds`: (per second, p50 ms)."""
+    latencies = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        with bed.connect(client, server_ip, ECHO_PORT, timeout=5) as sock:
+            greeting = sock.recv(64)  # the echo server names itself first
+            sock.sendall(MESSAGE)
+            received = b""
+            while len(received) < len(MESSAGE):
+                received += sock.recv(64)
+            if not greeting or received != MESSAGE:
+                raise AssertionError(f"echo through the mesh returned {received!r}")
+        latencies.append(time.monotonic() - started)
+    return len(latencies) / seconds, statistics.median(latencies) * 1000
+
+
+def summary(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "repeats": len(values)}
+
+
+def run(repeats: int, seconds: float) -> list[dict]:
+    figures: dict[tuple[str, str], list[float]] = {}
+    with Bed(nodes=2, mode="p2p") as bed:
+        mesh = Mesh(bed, namespaces={"bench": True})
+        client = bed.add_pod("client", 1, namespace="bench")
+        server = bed.add_pod("server", 2, namespace="bench")
+        bed.spawn(server, ["iperf3", "-s", "-p", str(IPERF_PORT)], bed.logdir / "iperf3.log")
+        bed.wait_listening(server, IPERF_PORT)
+        bed.start_podserver(server, ECHO_PORT)
+        mesh.write_registry()
+        for repeat in range(1, repeats + 1):
+            for name, flags in CONFIGS.items():
+                for node in bed.nodes:
+                    mesh.start_agent(node, *flags)
+                gbps = throughput_gbps(bed, client, server.ip, seconds)
+                rate, p50 = connection_rate(bed, client, server.ip, seconds)
+                for node in bed.nodes:
+                    mesh.stop_agent(node)
+                print(f"  repeat {repeat} {name:8} {gbps:6.2f} Gbit/s  {rate:7.0f} conn/s  p50 {p50:.2f} ms", flush=True)
+                for metric, value in (("throughput", gbps), ("connections", rate), ("setup_p50", p50)):
+                    figures.setdefault((name, metric), []).append(value)
+    units = {"throughput": "Gbit/s", "connections": "conn/s", "setup_p50": "ms"}
+    return [{"scenario": "telemetry-cost", "path": f"amesh-cross ({name})", "config": name, "metric": metric,
+             "unit": units[metric], **summary(values)} for (name, metric), values in figures.items()]
+
+
+def table(records: list[dict]) -> str:
+    base = {r["metric"]: r["median"] for r in records if r["config"] == "off"}
+    lines = ["| configuration | throughput Gbit/s (min/median/max) | vs off | new conn/s (median) | vs off | setup p50 ms |",
+             "|---|---|---|---|---|---|"]
+    for config in CONFIGS:
+        by_metric = {r["metric"]: r for r in records if r["config"] == config}
+        t, c, s = by_metric["throughput"], by_metric["connections"], by_metric["setup_p50"]
+        lines.append(f"| {config} | {t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} | "
+                     f"{t['median'] / base['throughput']:.2f} | {c['median']:.0f} | "
+                     f"{c['median'] / base['connections']:.2f} | {s['median']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--quick", action="store_true", help="one short repeat: checks the harness, not speed")
+    args = parser.parse_args(argv)
+    repeats, seconds = (1, 1.0) if args.quick else (args.repeats, args.seconds)
+    print(f"telemetry cost: {len(CONFIGS)} configurations x {repeats} repeats, {seconds:g} s per measurement")
+    records = run(repeats, seconds)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=RESULTS.parent.parent).stdout.strip()
+    report = {"machine": {"host": socket.gethostname(), "kernel": platform.release(), "cpus": os.cpu_count(),
+                          "python": platform.python_version()},
+              "commit": commit, "quick": args.quick, "records": records}
+    print(f"\n{table(records)}")
+    if not args.quick:  # quick runs check the harness; their figures are not worth keeping
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"telemetry-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
