@@ -63,18 +63,14 @@ class AdminServer:
         return web.json_response({"renewing": renewed}, status=202)
 
     async def _connections(self, request: web.Request) -> web.Response:
-        return web.json_response(self.agent.table.snapshot())
+        return web.json_response(await self.agent.connections())
 
     async def _flows(self, request: web.Request) -> web.Response:
         """The capture program's per-flow counters, largest by bytes first; ?limit=N keeps N."""
         limit = request.query.get("limit")
         if limit is not None and not (limit.isdigit() and int(limit) > 0):
             raise web.HTTPBadRequest(text=f"limit must be a positive integer, not {limit!r}")
-        datapath = self.agent.datapath
-        if datapath is None:  # not loaded yet
-            return web.json_response([])
-        # the datapath's own thread, as for status(): the BPF maps belong to it
-        return web.json_response(await self.agent._in_datapath_thread(datapath.flows, limit and int(limit)))
+        return web.json_response(await self.agent.flows(int(limit) if limit else None))
 
 
 def _plain(obj: object) -> dict:

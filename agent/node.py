@@ -189,6 +189,22 @@ class NodeAgent:
             await self._in_datapath_thread(self.datapath.close)
         log.info("event=stopped node=%s", self.config.node)
 
+    async def flows(self, limit: int | None = None) -> list[dict]:
+        """The capture program's per-flow counters, largest first (none before it is loaded)."""
+        if self.datapath is None:
+            return []
+        return await self._in_datapath_thread(self.datapath.flows, limit)
+
+    async def connections(self) -> list[dict]:
+        """Live and recent connections, each with the BPF counters of its pod-facing flow (the
+        packets the client sent, as the capture program counted them), when there is one."""
+        flows = {(f["src"], f["dst"]): f for f in await self.flows() if f["proto"] == "tcp"}
+        rows = self.table.snapshot()
+        for row in rows:
+            flow = flows.get((f"{row['source_ip']}:{row['source_port']}", row["original_dst"]))
+            row["flow"] = {"packets": flow["packets"], "bytes": flow["bytes"]} if flow else None
+        return rows
+
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether the node's capture is fully up, and what is missing if not."""
         problems = []

@@ -61,9 +61,10 @@ def connections(data: list[dict]) -> str:
         reason = "" if c["reason"] in (None, "closed") else c["reason"]
         rows.append([c["id"], c["direction"], c["source_workload"] or "-", c["source_ip"] + (f":{c['source_port']}" if c["source_port"] else ""),
                      destination, endpoint, c["security"] or "-", peer or "-", c["bytes_sent"], c["bytes_received"],
-                     *_kernel(c["kernel"]), c["started"], f"{c['duration']:.3f}s", c["state"], reason])
+                     *_kernel(c["kernel"]), c["flow"]["packets"] if c.get("flow") else "-", c["started"],
+                     f"{c['duration']:.3f}s", c["state"], reason])
     return _table(["ID", "DIR", "SOURCE WORKLOAD", "SOURCE", "DESTINATION", "ENDPOINT", "SECURITY", "PEER IDENTITY",
-                   "SENT", "RECEIVED", "RTT", "RETRANS", "STARTED", "DURATION", "STATE", "REASON"], rows,
+                   "SENT", "RECEIVED", "RTT", "RETRANS", "PKTS IN", "STARTED", "DURATION", "STATE", "REASON"], rows,
                   "no connections")
 
 
