@@ -14,7 +14,9 @@ demo: deps
 # real server scraping an agent; tmux: a terminal for `ameshctl top`
 test e2e: PKGS = tcpdump prometheus tmux
 
+# kubectl reads the test Kubernetes API server in the tests (Debian's kubernetes-client if absent)
 test: deps
+	command -v kubectl >/dev/null || ./scripts/install-deps.sh kubernetes-client
 	$(PYTHON) -m pytest -q -rfEs
 
 unit: deps

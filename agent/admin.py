@@ -5,14 +5,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from aiohttp import web
 
 from agent.config import ADMIN_HOST
+from registry.registrations import RegistrationError
 
 if TYPE_CHECKING:
     from agent.node import NodeAgent
+
+T = TypeVar("T")
 
 
 class AdminServer:
@@ -20,7 +24,7 @@ class AdminServer:
 
     def __init__(self, agent: "NodeAgent") -> None:
         self.agent = agent
-        app = web.Application()
+        app = web.Application(middlewares=[_registration_errors])
         app.router.add_get("/status", self._status)
         app.router.add_get("/workloads", self._workloads)
         app.router.add_get("/services", self._services)
@@ -28,6 +32,11 @@ class AdminServer:
         app.router.add_get("/certs", self._certs)
         app.router.add_get("/flows", self._flows)
         app.router.add_post("/certs/renew", self._renew_certs)
+        app.router.add_get("/registrations", self._registrations)
+        app.router.add_post("/registrations", self._register)
+        app.router.add_post("/registrations/{namespace}/{name}/heartbeat", self._heartbeat)
+        app.router.add_delete("/registrations/{namespace}/{name}", self._deregister)
+        app.router.add_get("/lookup/{namespace}/{name}", self._lookup)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self, port: int) -> None:
@@ -62,6 +71,42 @@ class AdminServer:
         renewed = self.agent.renew_certificates()
         return web.json_response({"renewing": renewed}, status=202)
 
+    async def _registrations(self, request: web.Request) -> web.Response:
+        now = time.time()
+        return web.json_response([r.to_dict(now) for r in self.agent.registrations.all()])
+
+    async def _register(self, request: web.Request) -> web.Response:
+        try:
+            spec = await request.json()
+        except ValueError as e:
+            raise RegistrationError(f"the request body must be JSON: {e}") from None
+        registration = self._registration_call(lambda: self.agent.registrations.register(spec))
+        return web.json_response(registration.to_dict(time.time()), status=201)
+
+    async def _heartbeat(self, request: web.Request) -> web.Response:
+        beaten = self._registration_call(lambda: self.agent.registrations.heartbeat(
+            request.match_info["namespace"], request.match_info["name"], request.query.get("instance")))
+        return web.json_response([r.to_dict(time.time()) for r in beaten])
+
+    async def _deregister(self, request: web.Request) -> web.Response:
+        removed = self._registration_call(lambda: self.agent.registrations.deregister(
+            request.match_info["namespace"], request.match_info["name"], request.query.get("instance")))
+        return web.json_response([r.to_dict(time.time()) for r in removed])
+
+    def _registration_call(self, change: Callable[[], T]) -> T:
+        """Runs a registry change (a RegistrationError changes nothing) and applies it."""
+        result = change()
+        self.agent.registrations_changed()
+        return result
+
+    async def _lookup(self, request: web.Request) -> web.Response:
+        """A service's endpoints, from Kubernetes or the file and from registrations, with health."""
+        key = f"{request.match_info['namespace']}/{request.match_info['name']}"
+        service = next((s for s in self.agent.state.services if s.key == key), None)
+        if service is None:
+            return web.json_response({"error": f"no service {key}"}, status=404)
+        return web.json_response({**_plain(service), "key": key})
+
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.connections())
 
@@ -71,6 +116,15 @@ class AdminServer:
         if limit is not None and not (limit.isdigit() and int(limit) > 0):
             raise web.HTTPBadRequest(text=f"limit must be a positive integer, not {limit!r}")
         return web.json_response(await self.agent.flows(int(limit) if limit else None))
+
+
+@web.middleware
+async def _registration_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """A refused registration request answers its 4xx with {"error": why}."""
+    try:
+        return await handler(request)
+    except RegistrationError as e:
+        return web.json_response({"error": str(e)}, status=e.status)
 
 
 def _plain(obj: object) -> dict:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,8 +37,11 @@ def main(ctx: click.Context, admin: str) -> None:
 
 @main.command()
 @click.option("--node", required=True, help="Kubernetes node name this agent serves (spec.nodeName)")
-@click.option("--registry-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML file of Kubernetes objects (Namespaces, Pods, Services, EndpointSlices); re-read on change")
+@click.option("--registry-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML file of Kubernetes objects (Namespaces, Pods, Services, EndpointSlices), re-read on "
+                   "change; without it the agent lists and watches the Kubernetes API server")
+@click.option("--kubeconfig", default=None, envvar="KUBECONFIG",
+              help="kubeconfig for the API server (default: in-cluster service account)")
 @click.option("--admin-port", default=ADMIN_PORT, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--drain-grace", default=2.0, show_default=True, type=click.FloatRange(0),
               help="seconds live connections get to finish on shutdown")
@@ -59,7 +65,7 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="cluster name in metric labels")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(node: str, registry_file: Path, admin_port: int, drain_grace: float, mtls_mode: str, trust_domain: str,
+def agent(node: str, registry_file: Path | None, kubeconfig: str | None, admin_port: int, drain_grace: float, mtls_mode: str, trust_domain: str,
           ca_dir: Path, cert_lifetime: int, metrics_port: int, readiness_port: int, access_log: bool, metrics: bool, flow_accounting: bool, cluster: str,
           log_level: str) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
@@ -70,7 +76,7 @@ def agent(node: str, registry_file: Path, admin_port: int, drain_grace: float, m
     from ztunnel.identity import CAError
 
     setup_logging(log_level)
-    config = AgentConfig(node=node, registry_file=registry_file, admin_port=admin_port, drain_grace=drain_grace,
+    config = AgentConfig(node=node, registry_file=registry_file, kubeconfig=kubeconfig, admin_port=admin_port, drain_grace=drain_grace,
                          mtls_mode=mtls_mode, trust_domain=trust_domain, ca_dir=ca_dir,
                          cert_lifetime=timedelta(seconds=cert_lifetime), metrics_port=metrics_port,
                          readiness_port=readiness_port, access_log=access_log, metrics=metrics, flow_accounting=flow_accounting,
@@ -83,18 +89,33 @@ def agent(node: str, registry_file: Path, admin_port: int, drain_grace: float, m
         raise click.ClickException(f"cannot start the agent: {exc}") from exc
 
 
-def _call(admin: str, path: str, method: str = "GET") -> object:
+def _call(admin: str, path: str, method: str = "GET", body: object = None) -> Any:
     url = admin + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
-        raise click.ClickException(f"{url} answered {exc.code}: {exc.read().decode(errors='replace')}") from exc
+        text = exc.read().decode(errors="replace")
+        try:
+            text = json.loads(text)["error"]
+        except (ValueError, KeyError, TypeError):
+            pass  # not one of our JSON errors: show it as it came
+        raise AdminError(exc.code, f"{method} {path} refused ({exc.code}): {text}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise click.ClickException(
             f"cannot reach the amesh admin API at {admin} ({reason}); is `ameshctl agent` running "
             "in this network namespace?") from exc
+
+
+class AdminError(click.ClickException):
+    """The agent answered a request with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _show(admin: str, path: str, output: str, render) -> None:
@@ -141,6 +162,77 @@ def top(admin: str, interval: float) -> None:
 
     node = _call(admin, "/status")["node"]
     live_view.run(lambda: _call(admin, "/connections"), node, interval)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--address", required=True, help="IPv4 address the workload is reached at")
+@click.option("--port", required=True, type=int, help="port it serves")
+@click.option("--version", default="", help="version label")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--service-account", default="default", show_default=True)
+@click.option("--ttl", default="30s", show_default=True, help="expires without a heartbeat for this long")
+@click.option("--keepalive", is_flag=True,
+              help="stay in the foreground sending heartbeats every ttl/3; deregister on Ctrl-C or SIGTERM")
+@click.pass_obj
+def register(admin: str, name: str, address: str, port: int, version: str, namespace: str, service_account: str,
+             ttl: str, keepalive: bool) -> None:
+    """Register a workload outside Kubernetes (a VM, a laptop) as NAME."""
+    spec = {"name": name, "address": address, "port": port, "version": version, "namespace": namespace,
+            "service_account": service_account, "ttl": ttl}
+    registered = _call(admin, "/registrations", "POST", spec)
+    click.echo(f"registered {namespace}/{name} at {address}:{port}, expires without heartbeats in {registered['ttl_s']:g}s")
+    if keepalive:
+        _keep_alive(admin, spec, registered["ttl_s"] / 3)
+
+
+def _keep_alive(admin: str, spec: dict, interval: float) -> None:
+    """Heartbeats until interrupted; registers again if the agent forgot us (it restarted)."""
+    path = f"/registrations/{spec['namespace']}/{spec['name']}"
+    instance = urllib.parse.urlencode({"instance": f"{spec['address']}:{spec['port']}"})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(interval)
+            try:
+                _call(admin, f"{path}/heartbeat?{instance}", "POST")
+            except AdminError as e:
+                if e.status != 404:
+                    raise
+                _call(admin, "/registrations", "POST", spec)
+    except (KeyboardInterrupt, SystemExit):
+        _call(admin, f"{path}?{instance}", "DELETE")
+        click.echo(f"deregistered {spec['namespace']}/{spec['name']}")
+
+
+def _add_instance_command(name: str, method: str, suffix: str, done: str, help: str) -> None:
+    """A command acting on the registered instances of NAME (or the one given by --instance)."""
+
+    @main.command(name=name, help=help)
+    @click.argument("service")
+    @click.option("-n", "--namespace", default="default", show_default=True)
+    @click.option("--instance", default=None, help="address:port of one instance (default: every instance)")
+    @click.pass_obj
+    def act(admin: str, service: str, namespace: str, instance: str | None) -> None:
+        query = "?" + urllib.parse.urlencode({"instance": instance}) if instance else ""
+        changed = _call(admin, f"/registrations/{namespace}/{service}{suffix}{query}", method)
+        click.echo(f"{done}: {', '.join(r['address'] + ':' + str(r['port']) for r in changed)}")
+
+
+_add_instance_command("heartbeat", "POST", "/heartbeat", "alive",
+                      "Tell the agent a registered workload is alive (revives an expired registration).")
+_add_instance_command("deregister", "DELETE", "", "deregistered",
+                      "Remove a registration: its endpoints stop receiving new connections at once.")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@OUTPUT
+@click.pass_obj
+def lookup(admin: str, name: str, namespace: str, output: str) -> None:
+    """Where NAME is served: its endpoints from Kubernetes, the file and registrations, with health."""
+    _show(admin, f"/lookup/{namespace}/{name}", output, views.lookup)
 
 
 @main.command(name="ca-init")

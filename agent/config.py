@@ -23,7 +23,10 @@ class AgentConfig:
     """How one node's agent runs; built from `ameshctl agent` flags."""
 
     node: str  # the Kubernetes node name this agent serves (spec.nodeName of its pods)
-    registry_file: Path
+    # a file of Kubernetes objects; None: list and watch the Kubernetes API server (in-cluster
+    # configuration, or `kubeconfig`)
+    registry_file: Path | None = None
+    kubeconfig: str | None = None
     admin_port: int = ADMIN_PORT
     # how enrolled pods whose namespace has no amesh.io/mtls-mode label treat plaintext that
     # reaches them directly: PERMISSIVE delivers it, STRICT refuses it

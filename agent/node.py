@@ -29,7 +29,9 @@ from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
 from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
 from registry.kubefile import FileSource
+from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
+from registry.registrations import RegistrationStore, merge
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
@@ -57,8 +59,13 @@ class NodeAgent:
         self.config = config
         self.started = time.time()
         self.table = ConnectionTable()
-        self.registry = FileSource(config.registry_file, self._on_registry_state, self._on_registry_error,
-                                   poll_interval=config.registry_poll_interval)
+        self.registry: FileSource | KubernetesSource
+        if config.registry_file is not None:
+            self.registry = FileSource(config.registry_file, self._on_registry_state, self._on_registry_error,
+                                       poll_interval=config.registry_poll_interval)
+        else:
+            self.registry = KubernetesSource(self._on_registry_state, self._on_registry_error,
+                                             kubeconfig=config.kubeconfig)
         self.datapath: NodeDatapath | None = None
         self._datapath_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._reconcile_now = asyncio.Event()
@@ -71,11 +78,25 @@ class NodeAgent:
         if config.access_log:
             self.table.on_close.append(_write_access_log)
         self._admin: AdminServer | None = None
+        self.registrations = RegistrationStore()
+        self._merged: tuple[tuple[int, int], float | None, RegistryState] | None = None
 
     @property
     def state(self) -> RegistryState:
-        """The registry snapshot the ztunnel routes by (the last good one)."""
-        return self.registry.state or RegistryState()
+        """The registry snapshot the ztunnel routes by: the source's last good state plus the
+        registrations. Rebuilt only when either changes or a registration expires, as it is read
+        for every connection."""
+        base = self.registry.state or RegistryState()
+        key = (id(base), self.registrations.generation)
+        now = time.time()
+        if self._merged is None or self._merged[0] != key or (self._merged[1] is not None and now >= self._merged[1]):
+            self._merged = (key, self.registrations.healthy_changes_at(),
+                            merge(base, self.registrations.all(), now))
+        return self._merged[2]
+
+    def registrations_changed(self) -> None:
+        """Called after the admin API changed a registration: routing and capture follow at once."""
+        self._reconcile_now.set()
 
     def local_enrolled_ips(self) -> list[str]:
         return sorted(w.ip for w in self.state.enrolled_on(self.config.node))
@@ -100,10 +121,13 @@ class NodeAgent:
                  len(state.workloads), len(state.services))
         self._reconcile_now.set()
 
-    def _on_registry_error(self, error: RegistryError) -> None:
+    def _on_registry_error(self, error: RegistryError | str) -> None:
         self.registry_errors += 1
-        log.error("event=registry_rejected path=%s error=%r action=\"keeping the last good state\"",
-                  self.config.registry_file, str(error))
+        log.error("event=registry_rejected source=%s error=%r action=\"keeping the last good state\"",
+                  self._registry_name(), str(error))
+
+    def _registry_name(self) -> str:
+        return str(self.config.registry_file) if self.config.registry_file else "kubernetes"
 
     async def run(self) -> None:
         """Starts everything, serves until a stop signal, then removes what it added."""
@@ -133,9 +157,10 @@ class NodeAgent:
     async def _start(self) -> None:
         self._telemetry = TelemetryServer(self)
         await self._telemetry.start(self.config.metrics_port, self.config.readiness_port)
-        state = self.registry.load()
-        log.info("event=registry_loaded path=%s generation=%d workloads=%d services=%d",
-                 self.config.registry_file, state.generation, len(state.workloads), len(state.services))
+        if isinstance(self.registry, FileSource):  # a bad file stops the start; the API server is waited for
+            state = self.registry.load()
+            log.info("event=registry_loaded source=%s generation=%d workloads=%d services=%d",
+                     self._registry_name(), state.generation, len(state.workloads), len(state.services))
         config = self.config
         ca = FileCA.load_or_create(config.ca_dir, config.trust_domain)
         self.certs = CertificateManager(ca, config.trust_domain, config.cert_lifetime)
@@ -226,11 +251,14 @@ class NodeAgent:
             "started": iso_utc(self.started),
             "uptime_s": round(time.time() - self.started, 3),
             "registry": {
-                "source": "file",
-                "path": str(self.config.registry_file),
+                "source": "file" if isinstance(self.registry, FileSource) else "kubernetes",
+                "path": self._registry_name(),
+                "connected": getattr(self.registry, "connected", self.registry.state is not None),
+                "synced_at": iso_utc(self.registry.synced_at) if self.registry.synced_at else None,
                 "generation": state.generation,
                 "workloads": len(state.workloads),
                 "services": len(state.services),
+                "registrations": len(self.registrations.all()),
                 "last_error": self.registry.last_error,
             },
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},

@@ -20,7 +20,10 @@ def status(data: dict) -> str:
         ["node", data["node"]],
         ["up since", f"{data['started']} ({data['uptime_s']:.0f}s)"],
         ["registry", f"{registry['source']} {registry['path']} generation {registry['generation']}: "
-                     f"{registry['workloads']} workloads, {registry['services']} services"],
+                     f"{registry['workloads']} workloads, {registry['services']} services, "
+                     f"{registry['registrations']} registrations"],
+        ["registry sync", ("connected" if registry["connected"] else "NOT CONNECTED")
+                          + f", last current at {registry['synced_at'] or 'never'}"],
         ["registry error", registry["last_error"] or "none"],
         ["outbound listener", data["listeners"]["outbound"]],
         ["captured pods", ", ".join(datapath.get("enrolled_pod_ips", [])) or "none"],
@@ -33,10 +36,16 @@ def status(data: dict) -> str:
 
 
 def workloads(data: list[dict]) -> str:
-    rows = [[w["namespace"], w["name"], w["ip"] or "-", w["node"], w["service_account"], _yes(w["ready"]),
+    rows = [[w["namespace"], w["name"], w["ip"] or "-", w["node"] or "-", w["service_account"], _yes(w["ready"]),
              _yes(w["enrolled"]), _yes(w["captured"]), w["source"]] for w in data]
     return _table(["NAMESPACE", "NAME", "IP", "NODE", "SERVICE ACCOUNT", "READY", "ENROLLED", "CAPTURED HERE",
                    "SOURCE"], rows, "no workloads")
+
+
+def _endpoint(e: dict, service_source: str) -> str:
+    text = e["ip"] + ("" if e["ready"] else " (not ready)")
+    source = e.get("source") or service_source
+    return text + (f" [{source}]" if source != service_source else "")
 
 
 def services(data: list[dict]) -> str:
@@ -45,10 +54,18 @@ def services(data: list[dict]) -> str:
         ports = ", ".join(f"{p['port']}->{p['target_port']}" + (f" ({p['name']})" if p["name"] else "")
                           for p in s["ports"])
         ready = sum(1 for e in s["endpoints"] if e["ready"])
-        endpoints = ", ".join(e["ip"] + ("" if e["ready"] else " (not ready)") for e in s["endpoints"])
+        endpoints = ", ".join(_endpoint(e, s["source"]) for e in s["endpoints"])
         rows.append([s["namespace"], s["name"], s["cluster_ip"] or "None", ports,
-                     f"{ready}/{len(s['endpoints'])}", endpoints or "-"])
-    return _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS"], rows, "no services")
+                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", s["source"]])
+    return _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "SOURCE"], rows, "no services")
+
+
+def lookup(data: dict) -> str:
+    rows = [[e["ip"], ", ".join(f"{name}={port}" for name, port in e["ports"].items()),
+             "healthy" if e["ready"] else "unhealthy", e["workload"] or "-", e.get("source") or data["source"]]
+            for e in data["endpoints"]]
+    head = f"{data['key']} cluster IP {data['cluster_ip'] or 'None'} ({data['source']})"
+    return head + "\n\n" + _table(["ADDRESS", "PORTS", "HEALTH", "WORKLOAD", "SOURCE"], rows, "no endpoints")
 
 
 def connections(data: list[dict]) -> str:

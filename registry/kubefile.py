@@ -2,8 +2,10 @@
 
 `parse_objects` turns multi-document YAML, as `kubectl get -o yaml` prints it or as a person
 writes it, into one `RegistryState`, or raises `RegistryError` naming the document, object and
-field at fault; bad input never yields a partial state. `FileSource` watches the file and
-re-parses it whenever it changes, keeping the last good state while the file is broken.
+field at fault; bad input never yields a partial state. `build_state` does the same for objects
+already decoded (the dicts the Kubernetes API server returns), and is where every rule lives.
+`FileSource` watches the file and re-parses it whenever it changes, keeping the last good state
+while the file is broken.
 
 Other kinds (ConfigMap, Deployment, ...) are ignored, so a whole `kubectl get` dump can be used.
 """
@@ -51,7 +53,10 @@ class _Object:
 
     def __init__(self, raw: dict[Any, Any], where: str) -> None:
         self.raw = raw
-        self.where = where  # "document 3", or "document 3 items[1]" inside a List
+        # "document 3", or "document 3 items[1]" inside a List; "" for an object from the API
+        # server, which its kind, namespace and name identify alone
+        self.where = where
+        self.key: tuple[str, str, str] | None = None  # (kind, namespace, name) once read
         kind = raw.get("kind")
         self.label = kind if isinstance(kind, str) and kind else "object"  # until the name is known
         self.kind = _string(self, kind, "kind", required=True)
@@ -65,9 +70,14 @@ class _Object:
             namespace = _string(self, self.metadata.get("namespace"), "metadata.namespace")
             self.namespace = namespace or "default"
             self.label = f"{self.kind} {self.namespace}/{self.name}"
+        self.key = (self.kind, self.namespace, self.name)
 
     def fail(self, path: str, problem: str) -> RegistryError:
-        return RegistryError(f"{self.where} ({self.label}): {path}: {problem}")
+        where = f"{self.where} ({self.label})" if self.where else self.label
+        error = RegistryError(f"{where}: {path}: {problem}")
+        # Which object is at fault, for a source that skips that object rather than the state.
+        error.object_key = self.key  # type: ignore[attr-defined]
+        return error
 
 
 # --- field readers: each checks one value and names it by its path when it is wrong ---
@@ -389,12 +399,25 @@ def _sliced_endpoints(service: Service, slices: list[_Slice]) -> tuple[Endpoint,
 
 def parse_objects(text: str, source: str = "file", generation: int = 0) -> RegistryState:
     """Parse multi-document Kubernetes YAML into a RegistryState; raise RegistryError if invalid."""
+    return build_state(_objects(text), source, generation)  # type: ignore[arg-type]
+
+
+def build_state(
+    objects: Iterable[dict[Any, Any]], source: str = "file", generation: int = 0
+) -> RegistryState:
+    """Build a RegistryState from Kubernetes objects (dicts); raise RegistryError if invalid.
+
+    Kinds other than Namespace, Pod, Service and EndpointSlice are skipped. A RegistryError
+    raised for one object carries `object_key` = (kind, namespace, name) of that object.
+    """
     seen: dict[tuple[str, str, str], _Object] = {}
     namespaces: dict[str, dict[str, str]] = {}
     pods: list[_Pod] = []
     services: list[tuple[_Object, Service]] = []
     slices: dict[str, list[_Slice]] = {}
-    for obj in _objects(text):
+    for raw in objects:
+        # The file reader hands over objects it has already located in their documents.
+        obj = raw if isinstance(raw, _Object) else _Object(raw, "")
         expected = API_VERSIONS.get(obj.kind)
         if expected is None:
             continue

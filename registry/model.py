@@ -62,6 +62,7 @@ class Endpoint:
     ports: Mapping[str, int]  # service-port name -> endpoint port
     ready: bool = True
     workload: str | None = None  # "namespace/name" of the pod behind it, when known
+    source: str = ""  # where it came from when not from its Service's source ("registration")
 
 
 @dataclass(frozen=True)

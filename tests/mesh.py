@@ -49,6 +49,7 @@ class Mesh:
     services: list[ServiceSpec] = field(default_factory=list)
     container_port: int = 8080  # every pod's "http" container port, for named target ports
     agents: dict[str, subprocess.Popen] = field(default_factory=dict)
+    kubeconfig: Path | None = None  # set: agents watch this API server instead of the registry file
 
     @property
     def registry_path(self) -> Path:
@@ -89,10 +90,11 @@ class Mesh:
     def start_agent(self, node: Node | str | int, *extra_args: str) -> subprocess.Popen:
         """Runs `ameshctl agent` in a node's namespace; returns once its admin API answers."""
         nd = self.bed.node(node)
-        if not self.registry_path.exists():
+        if self.kubeconfig is None and not self.registry_path.exists():
             self.write_registry()
-        argv = [AMESHCTL, "agent", "--node", nd.name, "--registry-file", str(self.registry_path),
-                "--ca-dir", str(self.ca_dir), *extra_args]
+        source = (["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig
+                  else ["--registry-file", str(self.registry_path)])
+        argv = [AMESHCTL, "agent", "--node", nd.name, *source, "--ca-dir", str(self.ca_dir), *extra_args]
         proc = self.bed.spawn(nd, argv, self.agent_log(nd))
         self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=proc)
         self.agents[nd.name] = proc
@@ -120,15 +122,17 @@ class Mesh:
     def ctl_json(self, node: Node | str | int, view: str) -> object:
         return json.loads(self.ctl(node, view, "-o", "json").stdout)
 
-    def http_get(self, node: Node | str | int, port: int, path: str) -> tuple[int, str]:
-        """GET http://127.0.0.1:PORT/PATH inside a node's namespace: (status, body)."""
+    def http(self, node: Node | str | int, port: int, path: str, method: str = "GET",
+             body: object = None) -> tuple[int, str]:
+        """An HTTP request to 127.0.0.1:PORT inside a node's namespace (JSON body): (status, body)."""
         sock = netns_socket(self.bed.node(node).netns)
         try:
             sock.settimeout(5)
             sock.connect(("127.0.0.1", port))
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             connection.sock = sock
-            connection.request("GET", path)
+            payload = json.dumps(body) if body is not None else None
+            connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
             response = connection.getresponse()
             return response.status, response.read().decode()
         finally:
@@ -136,7 +140,7 @@ class Mesh:
 
     def metrics(self, node: Node | str | int) -> dict[str, list[tuple[dict[str, str], float]]]:
         """The agent's Prometheus samples by name: [(labels, value), ...]."""
-        status, body = self.http_get(node, METRICS_PORT, "/metrics")
+        status, body = self.http(node, METRICS_PORT, "/metrics")
         assert status == 200, body
         samples: dict[str, list[tuple[dict[str, str], float]]] = {}
         for family in text_string_to_metric_families(body):

@@ -108,7 +108,7 @@ def test_a_refused_upstream_is_counted_with_its_reason(mesh: Mesh):
 
 
 def test_agent_metrics_readiness_and_process_figures(mesh: Mesh):
-    status, body = mesh.http_get(1, READINESS_PORT, "/healthz/ready")
+    status, body = mesh.http(1, READINESS_PORT, "/healthz/ready")
     assert (status, json.loads(body)) == (200, {"ready": True, "problems": []})
     samples = mesh.metrics(1)
     assert series(samples, "amesh_ready") == [1]
@@ -165,7 +165,7 @@ def test_a_real_prometheus_scrapes_the_agent_and_sees_what_was_sent(mesh: Mesh):
     _, sent, received = send_payloads(mesh, 3)
 
     def query(expr: str) -> float | None:
-        status, body = mesh.http_get(1, 9090, "/api/v1/query?query=" + urllib.parse.quote(expr))
+        status, body = mesh.http(1, 9090, "/api/v1/query?query=" + urllib.parse.quote(expr))
         result = json.loads(body)["data"]["result"] if status == 200 else []
         return float(result[0]["value"][1]) if result else None
 

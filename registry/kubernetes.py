@@ -1,0 +1,525 @@
+"""Registry source: the Kubernetes API server, through list and watch.
+
+`KubernetesSource` lists Namespaces, Pods, Services and discovery.k8s.io/v1 EndpointSlices,
+then watches each from the list's resourceVersion (with bookmarks), keeps a local cache of the
+objects, and publishes a `RegistryState` built by `registry.kubefile.build_state` (the same
+rules as the registry file) after the initial sync and after each burst of changes. A cut watch
+resumes from the last resourceVersion seen; 410 Gone relists that kind; connection errors retry
+with capped exponential backoff and jitter, while the last good state keeps serving. An object
+the rules reject is skipped and reported, never the whole state.
+
+Client library. We compared the three maintained asynchronous Kubernetes clients on PyPI.
+kr8s is the friendliest (objects with methods, kubectl-like), but its watch offers no
+allowWatchBookmarks and on 410 restarts from the same stale resourceVersion, and it brings
+httpx, anyio and python-box. lightkube is small and typed, re-reads a rotated in-cluster token
+on 401, but its watch has no bookmarks either, retries on its own terms, and it runs on a
+second HTTP stack (httpx2, msgspec). kubernetes_asyncio is generated from the Kubernetes
+OpenAPI spec at every release, so every list and watch parameter is there (resourceVersion,
+allowWatchBookmarks, limit/continue, timeoutSeconds); it runs on aiohttp, which amesh already
+uses; it loads kubeconfig (with exec and OIDC plugins) and in-cluster config; and with
+`_preload_content=False` it hands back the raw JSON, so objects reach `build_state` as the same
+dicts a file holds, without a round trip through its models. Its cost is size (27 MB of
+generated models) and a `Watch` helper that retries 410 from the same resourceVersion, so we
+drive list and watch ourselves: the library does configuration, authentication, TLS and URLs;
+this module does the protocol. We chose kubernetes_asyncio. Its in-cluster loader re-reads the
+service-account token once a minute; we install our own hook instead, which re-reads the token
+file whenever it changes (kubelet rotates it by swapping a symlink), checked before each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.config import ConfigException, load_kube_config
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+from registry.kubefile import build_state
+from registry.model import RegistryError, RegistryState
+
+log = logging.getLogger("amesh.registry")
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SOURCE = "kubernetes"
+
+# (kind, namespace, name); namespace is "" for a Namespace
+ObjectKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    kind: str
+    api_version: str
+    api: str  # "core" or "discovery"
+    method: str  # the kubernetes_asyncio list method across all namespaces
+
+
+KINDS = (
+    _Kind("Namespace", "v1", "core", "list_namespace"),
+    _Kind("Pod", "v1", "core", "list_pod_for_all_namespaces"),
+    _Kind("Service", "v1", "core", "list_service_for_all_namespaces"),
+    _Kind("EndpointSlice", "discovery.k8s.io/v1", "discovery", "list_endpoint_slice_for_all_namespaces"),
+)
+
+# Pods that have finished keep their status.podIP, which the cluster may already have given to a
+# new pod: they have nothing to capture or route to, and would only collide with the new one.
+_TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class _Gone(Exception):
+    """The resourceVersion we hold is too old for the server (410): relist."""
+
+
+class _ApiStatusError(Exception):
+    """The API server answered with an error status other than 410."""
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter: initial, doubling up to cap, x uniform(0.5, 1.5)."""
+
+    initial: float = 0.5  # seconds
+    cap: float = 30.0  # seconds
+    _next: float = field(default=0.0, init=False, repr=False)  # the next base delay; 0: initial
+
+    def delay(self) -> float:
+        """The next delay to wait, in seconds; each call doubles the base up to the cap."""
+        base = self._next or self.initial
+        self._next = min(base * 2, self.cap)
+        return base * random.uniform(0.5, 1.5)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+
+class _TokenFile:
+    """The in-cluster bearer token, re-read whenever the file changes (kubelet rotates it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._version: tuple[int, int, int] | None = None
+
+    def refresh(self, configuration: k8s.Configuration) -> None:
+        """Configuration.refresh_api_key_hook: called before each request."""
+        try:
+            st = os.stat(self.path)  # follows the ..data symlink kubelet swaps
+        except OSError as e:
+            log.warning("event=k8s_token_unreadable path=%s error=%r", self.path, str(e))
+            return  # keep the token we have
+        version = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if version == self._version:
+            return
+        try:
+            token = Path(self.path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("event=k8s_token_unreadable path=%s error=%r", self.path, str(e))
+            return
+        if not token:
+            return  # caught mid-write; the next request looks again
+        if self._version is not None:
+            log.info("event=k8s_token_reloaded path=%s", self.path)
+        self._version = version
+        configuration.api_key["BearerToken"] = f"Bearer {token}"
+
+
+def in_cluster(environ: os._Environ[str] | dict[str, str] = os.environ,
+               sa_dir: str = SERVICE_ACCOUNT_DIR) -> bool:
+    """True when running in a pod: the API service address is set and a token is mounted."""
+    return bool(environ.get("KUBERNETES_SERVICE_HOST")) and os.path.isfile(f"{sa_dir}/token")
+
+
+async def load_configuration(
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    environ: os._Environ[str] | dict[str, str] = os.environ,
+    sa_dir: str = SERVICE_ACCOUNT_DIR,
+) -> k8s.Configuration:
+    """Client configuration: in-cluster in a pod when no kubeconfig is given, else the kubeconfig."""
+    configuration = k8s.Configuration()
+    path = kubeconfig or environ.get("KUBECONFIG")
+    if not path and in_cluster(environ, sa_dir):
+        token = f"{sa_dir}/token"
+        loader = InClusterConfigLoader(token, f"{sa_dir}/ca.crt", try_refresh_token=False,
+                                       environ=environ)
+        loader.load_and_set(configuration)
+        configuration.refresh_api_key_hook = _TokenFile(token).refresh
+        log.info("event=k8s_config mode=in-cluster server=%s", configuration.host)
+        return configuration
+    path = path or os.path.expanduser("~/.kube/config")
+    await load_kube_config(config_file=path, context=context, client_configuration=configuration,
+                           persist_config=False)
+    log.info("event=k8s_config mode=kubeconfig path=%s server=%s", path, configuration.host)
+    return configuration
+
+
+class KubernetesSource:
+    """A registry source that lists and watches the Kubernetes API server."""
+
+    def __init__(
+        self,
+        on_state: Callable[[RegistryState], None],
+        on_error: Callable[[str], None],
+        kubeconfig: str | None = None,
+        *,
+        context: str | None = None,
+        configuration: k8s.Configuration | None = None,  # ready-made, instead of loading one
+        publish_interval: float = 0.05,  # seconds; a burst of changes becomes one state
+        backoff_initial: float = 0.5,  # seconds before the first retry after an error
+        backoff_cap: float = 30.0,  # seconds; the longest wait between retries
+        watch_timeout: float = 300.0,  # seconds; the server ends a watch after 1-2x this
+        read_timeout: float = 120.0,  # seconds of silence before a watch is deemed dead
+        connect_timeout: float = 10.0,  # seconds
+        list_timeout: float = 60.0,  # seconds for one page of a list
+        list_page: int = 500,  # objects per page of a list
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.context = context
+        self.publish_interval = publish_interval
+        self.backoff_initial = backoff_initial
+        self.backoff_cap = backoff_cap
+        self.watch_timeout = watch_timeout
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.list_timeout = list_timeout
+        self.list_page = list_page
+        # the last connection or API problem; None while every watch is healthy
+        self.last_error: str | None = None
+        self._on_state = on_state
+        self._on_error = on_error
+        self._configuration = configuration
+        self._state: RegistryState | None = None
+        self._generation = 0
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k.kind: {} for k in KINDS}
+        self._rv: dict[str, str | None] = {k.kind: None for k in KINDS}
+        self._watching: dict[str, bool] = {k.kind: False for k in KINDS}
+        self._listed: set[str] = set()
+        self._healthy_at: float | None = None  # wall clock when last seen all-healthy
+        self._changed = asyncio.Event()
+        self._rejected: dict[ObjectKey, str] = {}
+        # ADDED/MODIFIED/DELETED events applied, by kind (not bookmarks, not list items)
+        self.event_counts: dict[str, int] = {k.kind: 0 for k in KINDS}
+        self._outage_reported = False
+
+    # --- what the agent reads ---
+
+    @property
+    def state(self) -> RegistryState | None:
+        """The last state published, or None before the initial sync."""
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        """True when the initial sync is done and every kind's watch is open."""
+        return len(self._listed) == len(KINDS) and all(self._watching.values())
+
+    @property
+    def synced_at(self) -> float | None:
+        """Wall-clock time the source last knew it was current (synced, every watch healthy)."""
+        if self.connected and self._state is not None:
+            return time.time()
+        return self._healthy_at
+
+    @property
+    def rejected(self) -> dict[ObjectKey, str]:
+        """Objects skipped because the rules reject them, with the reason."""
+        return dict(self._rejected)
+
+    # --- running ---
+
+    async def run(self) -> None:
+        """Until cancelled: list and watch every kind, publishing each new state."""
+        if self._configuration is None:
+            self._configuration = await load_configuration(self.kubeconfig, self.context)
+        configuration = self._configuration
+        async with k8s.ApiClient(configuration) as api_client:
+            apis = {"core": k8s.CoreV1Api(api_client), "discovery": k8s.DiscoveryV1Api(api_client)}
+            tasks = [asyncio.create_task(self._publisher(), name="k8s-publish")]
+            tasks += [
+                asyncio.create_task(self._follow(kind, getattr(apis[kind.api], kind.method)),
+                                    name=f"k8s-{kind.kind}")
+                for kind in KINDS
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for kind in KINDS:
+                    self._set_watching(kind.kind, False)
+
+    async def _follow(self, kind: _Kind, method: Callable[..., Any]) -> None:
+        """List then watch one kind forever, resuming, relisting and backing off as needed."""
+        backoff = Backoff(self.backoff_initial, self.backoff_cap)
+        gone_in_a_row = 0
+        while True:
+            try:
+                if self._rv[kind.kind] is None:
+                    await self._list(kind, method)
+                    backoff.reset()
+                progressed = await self._watch(kind, method)
+                self._set_watching(kind.kind, False)
+                gone_in_a_row = 0
+                if progressed:
+                    backoff.reset()
+                    continue  # a watch the server ended: resume at once from where it stopped
+                # ended without a single event or bookmark: do not spin on a server doing that
+                await asyncio.sleep(backoff.delay())
+            except _Gone as e:
+                self._set_watching(kind.kind, False)
+                log.info("event=k8s_relist kind=%s rv=%s reason=%r", kind.kind, self._rv[kind.kind], str(e))
+                self._rv[kind.kind] = None  # list again
+                gone_in_a_row += 1
+                if gone_in_a_row > 1:  # a fresh list was already too old: do not hammer the server
+                    await asyncio.sleep(backoff.delay())
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _ApiStatusError, ValueError) as e:
+                self._set_watching(kind.kind, False)
+                delay = backoff.delay()
+                self._report_outage(kind.kind, _describe(e, self._host()), delay)
+                await asyncio.sleep(delay)
+            except Exception as e:  # a bug here must not stop the other kinds or the agent
+                self._set_watching(kind.kind, False)
+                delay = backoff.delay()
+                log.exception("event=k8s_internal_error kind=%s", kind.kind)
+                self._report_outage(kind.kind, f"internal error following {kind.kind}: {e!r}", delay)
+                await asyncio.sleep(delay)
+
+    async def _list(self, kind: _Kind, method: Callable[..., Any]) -> None:
+        """List every object of one kind (page by page) and replace its cache at once."""
+        objects: dict[tuple[str, str], dict[str, Any]] = {}
+        token: str | None = None
+        rv = ""
+        while True:
+            params: dict[str, Any] = {"limit": self.list_page}
+            if token:
+                params["_continue"] = token
+            body = await self._get_json(method, params)
+            for item in body.get("items") or ():
+                item = _with_kind(item, kind)
+                objects[_ns_name(item)] = item
+            meta = body.get("metadata") or {}
+            rv = meta.get("resourceVersion") or rv
+            token = meta.get("continue")
+            if not token:
+                break
+        self._objects[kind.kind] = objects
+        self._rv[kind.kind] = rv
+        self._listed.add(kind.kind)
+        log.info("event=k8s_listed kind=%s objects=%d rv=%s", kind.kind, len(objects), rv)
+        self._changed.set()
+
+    async def _get_json(self, method: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=self.list_timeout, sock_connect=self.connect_timeout)
+        response = await method(_preload_content=False, _request_timeout=timeout, **params)
+        try:
+            data = await response.read()
+        finally:
+            response.release()
+        if response.status == 410:
+            raise _Gone(_status_message(data, response.status))
+        if response.status != 200:
+            raise _ApiStatusError(f"HTTP {response.status}: {_status_message(data, response.status)}")
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError("list response is not a JSON object")
+        return body
+
+    async def _watch(self, kind: _Kind, method: Callable[..., Any]) -> bool:
+        """Watch one kind from its resourceVersion until the stream ends; True if it moved on."""
+        rv = self._rv[kind.kind]
+        timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+        response = await method(
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=int(self.watch_timeout * random.uniform(1.0, 2.0)),
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+        progressed = False
+        try:
+            if response.status != 200:
+                data = await response.read()
+                if response.status == 410:
+                    raise _Gone(_status_message(data, 410))
+                raise _ApiStatusError(f"HTTP {response.status}: {_status_message(data, response.status)}")
+            self._set_watching(kind.kind, True)
+            log.info("event=k8s_watching kind=%s rv=%s", kind.kind, rv)
+            while True:
+                try:
+                    line = await response.content.readline()
+                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                        ConnectionResetError) as e:
+                    # cut mid-stream: like an end, resume from the last resourceVersion seen
+                    log.info("event=k8s_watch_cut kind=%s rv=%s error=%r", kind.kind,
+                             self._rv[kind.kind], str(e) or type(e).__name__)
+                    return progressed
+                if not line.endswith(b"\n"):  # the end, or a last line cut short (ignored)
+                    log.info("event=k8s_watch_ended kind=%s rv=%s", kind.kind, self._rv[kind.kind])
+                    return progressed
+                if not line.strip():
+                    continue
+                self._apply(kind, json.loads(line))
+                progressed = True
+        finally:
+            response.close()  # mid-stream: the connection cannot be reused
+
+    def _apply(self, kind: _Kind, event: Any) -> None:
+        """Apply one watch event to the cache and advance the resourceVersion."""
+        if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+            raise ValueError(f"malformed watch event for {kind.kind}")
+        kind_of_event, obj = event.get("type"), event["object"]
+        if kind_of_event == "ERROR":
+            code = obj.get("code")
+            message = obj.get("message") or obj.get("reason") or "error"
+            if code == 410:
+                raise _Gone(message)
+            raise _ApiStatusError(f"watch error {code}: {message}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind_of_event == "BOOKMARK":
+            if rv:
+                self._rv[kind.kind] = rv
+            return
+        obj = _with_kind(obj, kind)
+        key = _ns_name(obj)
+        cache = self._objects[kind.kind]
+        if kind_of_event in ("ADDED", "MODIFIED"):
+            cache[key] = obj
+        elif kind_of_event == "DELETED":
+            cache.pop(key, None)
+        else:
+            raise ValueError(f"unknown watch event type {kind_of_event!r} for {kind.kind}")
+        if rv:
+            self._rv[kind.kind] = rv
+        self.event_counts[kind.kind] += 1
+        log.debug("event=k8s_event kind=%s type=%s object=%s/%s rv=%s", kind.kind, kind_of_event,
+                  key[0], key[1], rv)
+        self._changed.set()
+
+    def _set_watching(self, kind: str, watching: bool) -> None:
+        was = self.connected
+        self._watching[kind] = watching
+        now = self.connected
+        if was and not now:
+            self._healthy_at = time.time()
+        if now and not was:
+            self._healthy_at = time.time()
+            if self.last_error is not None:
+                log.info("event=k8s_reconnected server=%s", self._host())
+            self.last_error = None
+            self._outage_reported = False
+
+    def _report_outage(self, kind: str, message: str, delay: float) -> None:
+        self.last_error = message
+        log.warning("event=k8s_error kind=%s error=%r retry_in_s=%.2f", kind, message, delay)
+        if not self._outage_reported:  # once per outage, not at every retry
+            self._outage_reported = True
+            self._on_error(message)
+
+    def _host(self) -> str:
+        return self._configuration.host if self._configuration else "the Kubernetes API server"
+
+    # --- publishing ---
+
+    async def _publisher(self) -> None:
+        """After the initial sync and after each burst of changes, publish a new state if any."""
+        while True:
+            await self._changed.wait()
+            await asyncio.sleep(self.publish_interval)  # let the rest of the burst arrive
+            self._changed.clear()
+            if len(self._listed) < len(KINDS):
+                continue  # not every kind listed yet: a partial state would drop workloads
+            self._publish()
+
+    def _publish(self) -> None:
+        try:
+            state = self._build()
+        except RegistryError as e:  # a problem no single object can be blamed for
+            log.warning("event=k8s_state_rejected error=%r", str(e))
+            self._on_error(f"Kubernetes objects rejected, keeping the last good state: {e}")
+            return
+        last = self._state
+        if last is not None and (last.workloads, last.services) == (state.workloads, state.services):
+            return
+        self._generation = state.generation
+        self._state = state
+        if self._healthy_at is None:
+            self._healthy_at = time.time()
+        log.info("event=k8s_state generation=%d workloads=%d services=%d rejected=%d",
+                 state.generation, len(state.workloads), len(state.services), len(self._rejected))
+        self._on_state(state)
+
+    def _build(self) -> RegistryState:
+        """The state of every cached object the rules accept; each rejected one is reported."""
+        objects: dict[ObjectKey, dict[str, Any]] = {}
+        for kind in KINDS:
+            for (namespace, name), obj in self._objects[kind.kind].items():
+                if kind.kind == "Pod" and (obj.get("status") or {}).get("phase") in _TERMINAL_PHASES:
+                    continue
+                objects[(kind.kind, namespace if kind.kind != "Namespace" else "", name)] = obj
+        rejected: dict[ObjectKey, str] = {}
+        while True:
+            try:
+                state = build_state(objects.values(), SOURCE, self._generation + 1)
+                break
+            except RegistryError as e:
+                key = getattr(e, "object_key", None)
+                if key not in objects:  # cannot tell which object: keep the last good state
+                    raise
+                # one bad object must not take the cluster's other objects down with it
+                del objects[key]
+                rejected[key] = str(e)
+        for key, problem in rejected.items():
+            if self._rejected.get(key) != problem:  # report each problem once
+                log.warning("event=k8s_object_rejected kind=%s namespace=%s name=%s error=%r",
+                            key[0], key[1], key[2], problem)
+                self._on_error(f"{problem} (object skipped)")
+        self._rejected = rejected
+        return state
+
+
+def _with_kind(obj: dict[str, Any], kind: _Kind) -> dict[str, Any]:
+    """The object with its kind and apiVersion, which list responses leave off their items."""
+    if obj.get("kind") == kind.kind and obj.get("apiVersion") == kind.api_version:
+        return obj
+    return {**obj, "kind": kind.kind, "apiVersion": kind.api_version}
+
+
+def _ns_name(obj: dict[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") == "Namespace":
+        return "", str(meta.get("name") or "")
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+
+
+def _status_message(data: bytes, status: int) -> str:
+    try:
+        body = json.loads(data)
+        return str(body.get("message") or body.get("reason") or status)
+    except (ValueError, AttributeError):
+        return data[:200].decode("utf-8", "replace") or str(status)
+
+
+def _describe(error: BaseException, host: str) -> str:
+    """One line saying what went wrong with the API server, for logs and `ameshctl status`."""
+    if isinstance(error, asyncio.TimeoutError):
+        return f"Kubernetes API server {host} timed out"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return f"cannot reach the Kubernetes API server {host}: {error.os_error.strerror or error}"
+    if isinstance(error, _ApiStatusError):
+        return f"Kubernetes API server {host} refused the request: {error}"
+    if isinstance(error, ValueError):
+        return f"Kubernetes API server {host} sent something unreadable: {error}"
+    return f"connection to the Kubernetes API server {host} failed: {error or type(error).__name__}"
+
+
+__all__ = ["KubernetesSource", "Backoff", "load_configuration", "in_cluster", "ConfigException"]

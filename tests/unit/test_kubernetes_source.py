@@ -1,0 +1,363 @@
+"""Unit tests for registry/kubernetes.py: list/watch against the test API server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+
+from registry.kubefile import build_state
+from registry.kubernetes import Backoff, KubernetesSource, _TokenFile, load_configuration
+from registry.model import RegistryState
+from tests.kubeapi import KubeAPIServer
+
+DEADLINE = 1.5  # seconds a change may take to show up in the published state ("within ~1 s")
+
+
+# --- objects ---
+
+
+def namespace(name: str, mode: str | None = "ambient") -> dict[str, Any]:
+    labels = {"amesh.io/dataplane-mode": mode} if mode else {}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def pod(name: str, ip: str, ns: str = "shop", ready: bool = True, app: str = "web",
+        node: str = "node-1") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "ports": [{"containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": ip, "hostIP": "192.168.0.1",
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def service(name: str, cluster_ip: str, ns: str = "shop", app: str = "web") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": cluster_ip, "selector": {"app": app},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }
+
+
+def endpoint_slice(name: str, service_name: str, ips: list[str], ns: str = "shop",
+                   ready: bool = True) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service_name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip in ips],
+    }
+
+
+# --- harness ---
+
+
+class Run:
+    """A running source and what it published and reported."""
+
+    def __init__(self, source: KubernetesSource) -> None:
+        self.source = source
+        self.states: list[RegistryState] = []
+        self.errors: list[str] = []
+
+    @property
+    def state(self) -> RegistryState:
+        assert self.source.state is not None
+        return self.source.state
+
+
+async def until(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> None:
+    """Poll `condition` every 20 ms until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (AssertionError, AttributeError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(api: KubeAPIServer, tmp_path: Path, **options: Any) -> AsyncIterator[Run]:
+    """Start a KubernetesSource on `api` (through a kubeconfig), wait for the first state."""
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    options = {"backoff_initial": 0.05, "backoff_cap": 0.2, **options}
+    run: Run
+    source = KubernetesSource(lambda s: run.states.append(s), lambda e: run.errors.append(e),
+                              kubeconfig=str(kubeconfig), **options)
+    run = Run(source)
+    task = asyncio.create_task(source.run())
+    try:
+        await until(lambda: source.state is not None and source.connected, 5.0, "initial sync")
+        yield run
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def scenario(coro_fn: Callable[..., Any]) -> Callable[..., None]:
+    """Run an async test under asyncio.run with an overall timeout."""
+    def test(tmp_path: Path) -> None:
+        asyncio.run(asyncio.wait_for(coro_fn(tmp_path), 30))
+    test.__name__ = coro_fn.__name__
+    test.__doc__ = coro_fn.__doc__
+    return test
+
+
+def server(*objects: dict[str, Any]) -> KubeAPIServer:
+    return KubeAPIServer(bookmark_interval=0.5, objects=objects)
+
+
+def ips(state: RegistryState) -> dict[str, str]:
+    return {w.key: w.ip for w in state.workloads}
+
+
+# --- pure parts ---
+
+
+def test_backoff_doubles_to_the_cap_with_jitter_and_resets() -> None:
+    backoff = Backoff(0.5, 30.0)
+    delays = [backoff.delay() for _ in range(10)]
+    bases = [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30]
+    for delay, base in zip(delays, bases):
+        assert 0.5 * base <= delay <= 1.5 * base
+    backoff.reset()
+    assert 0.25 <= backoff.delay() <= 0.75
+
+
+def test_in_cluster_config_reads_the_token_again_when_it_rotates(tmp_path: Path) -> None:
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("first\n")
+    (sa / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+
+    async def main() -> None:
+        conf = await load_configuration(None, environ=environ, sa_dir=str(sa))
+        assert conf.host == "https://10.96.0.1:443"
+        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer first"
+        # kubelet writes a new file and swaps it in
+        (sa / "token.new").write_text("second")
+        os.replace(sa / "token.new", sa / "token")
+        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
+        (sa / "token").unlink()  # unreadable for a moment: keep the token we have
+        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
+
+    asyncio.run(main())
+
+
+def test_kubeconfig_wins_over_in_cluster(tmp_path: Path) -> None:
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("t")
+    (sa / "ca.crt").write_text("x")
+    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
+               "KUBECONFIG": str(tmp_path / "kubeconfig")}
+    with KubeAPIServer() as api:
+        api.write_kubeconfig(tmp_path / "kubeconfig")
+        conf = asyncio.run(load_configuration(None, environ=environ, sa_dir=str(sa)))
+        assert conf.host == api.url
+
+
+def test_token_file_hook_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
+    from kubernetes_asyncio.client import Configuration
+
+    path = tmp_path / "token"
+    path.write_text("")
+    conf = Configuration()
+    _TokenFile(str(path)).refresh(conf)
+    assert "BearerToken" not in conf.api_key
+
+
+# --- against the test API server ---
+
+
+@scenario
+async def test_initial_sync(tmp_path: Path) -> None:
+    """After the initial list of all four kinds, one state with everything in it."""
+    with server(namespace("shop"), pod("web-1", "10.244.1.5"), service("web", "10.96.0.10"),
+                endpoint_slice("web-abc", "web", ["10.244.1.5"])) as api:
+        async with running(api, tmp_path) as run:
+            assert len(run.states) == 1
+            state = run.state
+            (w,) = state.workloads
+            assert (w.key, w.ip, w.node, w.enrolled, w.ready, w.source) == (
+                "shop/web-1", "10.244.1.5", "node-1", True, True, "kubernetes")
+            (svc,) = state.services
+            assert svc.cluster_ip == "10.96.0.10"
+            assert [(e.ip, dict(e.ports)) for e in svc.endpoints] == [("10.244.1.5", {"http": 8080})]
+            assert run.source.connected and run.source.last_error is None
+            assert time.time() - run.source.synced_at < 1  # type: ignore[operator]
+            assert run.errors == []
+
+
+@scenario
+async def test_pod_create_ip_change_readiness_and_delete(tmp_path: Path) -> None:
+    with server(namespace("shop")) as api:
+        async with running(api, tmp_path) as run:
+            assert run.state.workloads == ()
+            api.apply(pod("web-1", "10.244.1.5"))
+            await until(lambda: ips(run.state) == {"shop/web-1": "10.244.1.5"}, what="created")
+            api.apply(pod("web-1", "10.244.1.9"))
+            await until(lambda: ips(run.state) == {"shop/web-1": "10.244.1.9"}, what="new IP")
+            assert run.state.workload_by_ip("10.244.1.5") is None
+            api.apply(pod("web-1", "10.244.1.9", ready=False))
+            await until(lambda: not run.state.workloads[0].ready, what="not ready")
+            api.delete("Pod", "web-1", "shop")
+            await until(lambda: run.state.workloads == (), what="deleted")
+            generations = [s.generation for s in run.states]
+            assert generations == sorted(set(generations))
+            assert run.errors == []
+
+
+@scenario
+async def test_namespace_label_flip_enrolls_and_unenrolls(tmp_path: Path) -> None:
+    with server(namespace("shop", None), pod("web-1", "10.244.1.5")) as api:
+        async with running(api, tmp_path) as run:
+            assert not run.state.workloads[0].enrolled
+            api.apply(namespace("shop", "ambient"))
+            await until(lambda: run.state.workloads[0].enrolled, what="enrolled")
+            api.apply(namespace("shop", None))
+            await until(lambda: not run.state.workloads[0].enrolled, what="unenrolled")
+
+
+@scenario
+async def test_endpointslice_update(tmp_path: Path) -> None:
+    with server(namespace("shop"), service("web", "10.96.0.10"),
+                endpoint_slice("web-abc", "web", ["10.244.1.5"])) as api:
+        async with running(api, tmp_path) as run:
+            def endpoints() -> list[tuple[str, bool]]:
+                return [(e.ip, e.ready) for e in run.state.services[0].endpoints]
+            assert endpoints() == [("10.244.1.5", True)]
+            api.apply(endpoint_slice("web-abc", "web", ["10.244.1.5", "10.244.2.7"]))
+            await until(lambda: endpoints() == [("10.244.1.5", True), ("10.244.2.7", True)])
+            api.apply(endpoint_slice("web-abc", "web", ["10.244.2.7"], ready=False))
+            await until(lambda: endpoints() == [("10.244.2.7", False)])
+
+
+@scenario
+async def test_unchanged_state_is_not_published_again(tmp_path: Path) -> None:
+    with server(namespace("shop"), pod("web-1", "10.244.1.5")) as api:
+        async with running(api, tmp_path) as run:
+            # a change the mesh does not look at: a new resourceVersion, the same state
+            changed = pod("web-1", "10.244.1.5")
+            changed["metadata"]["annotations"] = {"note": "x"}
+            api.apply(changed)
+            await until(lambda: run.source.event_counts["Pod"] == 1)
+            await asyncio.sleep(0.2)  # longer than the publish interval
+            assert len(run.states) == 1
+
+
+@scenario
+async def test_watch_cut_mid_stream_resumes_without_missing_or_repeating(tmp_path: Path) -> None:
+    with server(namespace("shop")) as api:
+        async with running(api, tmp_path) as run:
+            lists, watches = api.list_count, api.watch_count
+            for i in range(5):
+                api.apply(pod(f"p{i}", f"10.244.1.{i + 1}"))
+            assert api.cut_watches() == 4  # after those five events, in the same stream
+            for i in range(5, 10):
+                api.apply(pod(f"p{i}", f"10.244.1.{i + 1}"))
+            await until(lambda: len(run.state.workloads) == 10, what="ten pods")
+            await until(lambda: run.source.connected, what="watching again")
+            assert api.watch_count > watches  # it watched again...
+            assert api.list_count == lists  # ...from where it was, without listing again
+            assert run.source.event_counts["Pod"] == 10  # none missed, none applied twice
+            assert ips(run.state) == {f"shop/p{i}": f"10.244.1.{i + 1}" for i in range(10)}
+            assert run.errors == []  # a cut watch is not an outage
+
+
+@scenario
+async def test_expired_resource_version_relists_to_the_servers_state(tmp_path: Path) -> None:
+    objects = {
+        ("Namespace", "shop"): namespace("shop"),
+        ("Pod", "old"): pod("old", "10.244.1.5"),
+        ("Pod", "keep"): pod("keep", "10.244.1.6"),
+        ("Service", "web"): service("web", "10.96.0.10"),
+    }
+    with server(*objects.values()) as api:
+        async with running(api, tmp_path) as run:
+            lists = api.list_count
+            api.stop()  # cut every watch and keep them away while history is compacted
+            api.delete("Pod", "old", "shop")
+            del objects[("Pod", "old")]
+            objects[("Pod", "new")] = pod("new", "10.244.1.7")
+            objects[("Service", "web")] = service("web", "10.96.0.11")
+            for obj in list(objects.values())[-2:]:
+                api.apply(obj)
+            api.compact()
+            api.start()
+            expected = build_state(objects.values(), "kubernetes", 0)
+            await until(lambda: (run.state.workloads, run.state.services)
+                        == (expected.workloads, expected.services), 5.0, "relisted state")
+            assert api.list_count >= lists + 4  # every kind relisted after its 410
+            await until(lambda: run.source.connected, what="watching again")
+
+
+@scenario
+async def test_server_down_keeps_the_last_state_then_catches_up(tmp_path: Path) -> None:
+    with server(namespace("shop"), pod("web-1", "10.244.1.5")) as api:
+        async with running(api, tmp_path) as run:
+            lists = api.list_count
+            before = run.state
+            api.stop()
+            await until(lambda: not run.source.connected, what="disconnected")
+            api.apply(pod("web-2", "10.244.1.6"))  # a change while the agent cannot see
+            down_since = run.source.synced_at
+            await until(lambda: len(run.errors) == 1 and run.source.last_error, what="reported")
+            await asyncio.sleep(1.0)  # retries go on, backing off
+            assert run.source.state is before  # still serving the last good state
+            assert run.source.synced_at == down_since  # and not claiming it is current
+            assert "cannot reach the Kubernetes API server" in run.errors[0]
+            assert len(run.errors) == 1  # once per outage, not at every retry
+            api.start()
+            await until(lambda: "shop/web-2" in ips(run.state), 3.0, "caught up")
+            await until(lambda: run.source.connected, what="watching again")
+            assert run.source.last_error is None
+            assert api.list_count == lists  # history reached back: resumed, no relist
+            assert time.time() - run.source.synced_at < 1  # type: ignore[operator]
+
+
+@scenario
+async def test_invalid_object_is_skipped_and_reported(tmp_path: Path) -> None:
+    bad = pod("bad", "10.244.1.5")
+    bad["status"]["podIP"] = "10.244.1.500"
+    with server(namespace("shop"), pod("web-1", "10.244.1.6"), bad) as api:
+        async with running(api, tmp_path) as run:
+            assert list(ips(run.state)) == ["shop/web-1"]  # the rest of the cluster serves
+            assert run.errors == [
+                "Pod shop/bad: status.podIP: must be an IPv4 address, got \"10.244.1.500\""
+                " (object skipped)"]
+            assert set(run.source.rejected) == {("Pod", "shop", "bad")}
+            # a second pod claiming a taken address is the one skipped
+            api.apply(pod("twin", "10.244.1.6"))
+            await until(lambda: len(run.errors) == 2, what="conflict reported")
+            assert "Pod shop/twin: status.podIP: 10.244.1.6 is already used by Pod shop/web-1" \
+                in run.errors[1]
+            api.apply(pod("bad", "10.244.1.5"))  # fixed
+            await until(lambda: "shop/bad" in ips(run.state), what="fixed pod")
+            api.delete("Pod", "twin", "shop")
+            await until(lambda: run.source.rejected == {}, what="nothing rejected")
+            assert sorted(ips(run.state)) == ["shop/bad", "shop/web-1"]
+
+
+@scenario
+async def test_finished_pods_are_left_out(tmp_path: Path) -> None:
+    done = pod("job-1", "10.244.1.5")
+    done["status"]["phase"] = "Succeeded"
+    with server(namespace("shop"), done, pod("web-1", "10.244.1.5")) as api:
+        async with running(api, tmp_path) as run:
+            assert list(ips(run.state)) == ["shop/web-1"]
+            assert run.errors == []
