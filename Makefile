@@ -11,8 +11,9 @@ demo: deps
 	$(PYTHON) -m tests.demo --mode $(MODE)
 
 # tcpdump: the e2e tests look at the bytes on the wire between nodes; prometheus: promtool and a
-# real server scraping an agent; tmux: a terminal for `ameshctl top`
-test e2e: PKGS = tcpdump prometheus tmux
+# real server scraping an agent; tmux: a terminal for `ameshctl top`; iperf3, stunnel4, haproxy:
+# tests/e2e/test_bench.py runs the benchmark's quick mode
+test e2e: PKGS = tcpdump prometheus tmux iperf3 stunnel4 haproxy
 
 # kubectl reads the test Kubernetes API server in the tests (Debian's kubernetes-client if absent)
 test: deps
@@ -25,7 +26,11 @@ unit: deps
 e2e: deps
 	$(PYTHON) -m pytest -q -rs tests/e2e
 
-# iperf3 drives the throughput figures. QUICK=1: one short repeat, to check the harness.
-bench: PKGS = iperf3
+# iperf3 drives the throughput figures; stunnel4 and haproxy are the mTLS proxies amesh is compared
+# with (installed as tools: no service starts); matplotlib (the "bench" extra) draws the chart.
+# bench.run (amesh vs direct/stunnel/haproxy), then bench.telemetry_cost.
+# QUICK=1: one short repeat of each, to check the harness.
+bench: PKGS = iperf3 stunnel4 haproxy
 bench: deps
+	$(PYTHON) -m bench.run $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.telemetry_cost $(if $(QUICK),--quick)

@@ -1,12 +1,15 @@
-"""One node's agent: wires the registry, the capture datapath, the ztunnel and the admin API.
+"""One node's agent: wires the registry, identities, the capture datapath, the ztunnel's
+listeners, telemetry and the admin API.
 
 Lifecycle, in the order that keeps pods safe:
 
-  start    load the registry (a bad file stops the start: nothing half-configured), open the
-           outbound listener, load and attach BPF (replacing what a killed agent left), serve.
-  running  every registry change, and every `resync_interval`, makes the datapath capture
-           exactly the enrolled pods on this node.
-  stop     close the listener first (new SYNs of enrolled pods are dropped: fail closed),
+  start    readiness and metrics first (not ready yet); load the registry file (a bad file
+           stops the start: nothing half-configured) or start watching the API server; the CA
+           and this node's workload certificates; the three listeners; BPF loaded and attached
+           (replacing what a killed agent left); serve.
+  running  every registry or registration change, and every `resync_interval`, makes the
+           certificates and the datapath match exactly the enrolled pods on this node.
+  stop     close the listeners first (new SYNs of enrolled pods are dropped: fail closed),
            drain live connections, then remove every filter, rule and route.
 
 The datapath runs on its own thread: pyroute2's synchronous API drives its own event loop,

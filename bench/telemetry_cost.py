@@ -14,20 +14,13 @@ and (unless --quick) writes bench/results/telemetry-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
+from bench.bed import RESULTS, iperf3, new_connections, summary, utc_stamp, write_report
 from tests.bed import Bed
 from tests.mesh import Mesh
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IPERF_PORT = 5201
 ECHO_PORT = 8080
 MESSAGE = b"x" * 64  # bytes exchanged on each new connection
@@ -42,38 +35,13 @@ CONFIGS = {  # name -> agent flags
 
 def throughput_gbps(bed: Bed, client, server_ip: str, seconds: float) -> float:
     """One iperf3 stream client -> server for `seconds`; the receiver's rate in Gbit/s."""
-    out = bed.run(client, ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
-                  timeout=seconds + 30, check=False).stdout
-    result = json.loads(out)
-    if "error" in result:
-        raise RuntimeError(f"iperf3 through the mesh failed: {result['error']}")
-    received = result["end"]["sum_received"]
-    if not received["bytes"]:
-        intervals = [round(i["sum"]["bits_per_second"] / 1e9, 2) for i in result.get("intervals", [])]
-        raise RuntimeError(f"iperf3 through the mesh moved no data (Gbit/s per interval: {intervals})")
-    return received["bits_per_second"] / 1e9
+    return iperf3(bed, client, server_ip, IPERF_PORT, seconds)[0]
 
 
 def connection_rate(bed: Bed, client, server_ip: str, seconds: float) -> tuple[float, float]:
     """New connections plus one 64-byte exchange, back to back for `seconds`: (per second, p50 ms)."""
-    latencies = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        started = time.monotonic()
-        with bed.connect(client, server_ip, ECHO_PORT, timeout=5) as sock:
-            greeting = sock.recv(64)  # the echo server names itself first
-            sock.sendall(MESSAGE)
-            received = b""
-            while len(received) < len(MESSAGE):
-                received += sock.recv(64)
-            if not greeting or received != MESSAGE:
-                raise AssertionError(f"echo through the mesh returned {received!r}")
-        latencies.append(time.monotonic() - started)
+    latencies = new_connections(bed, client, server_ip, ECHO_PORT, seconds, MESSAGE, greeting=True)
     return len(latencies) / seconds, statistics.median(latencies) * 1000
-
-
-def summary(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "repeats": len(values)}
 
 
 def run(repeats: int, seconds: float) -> list[dict]:
@@ -124,16 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats, seconds = (1, 1.0) if args.quick else (args.repeats, args.seconds)
     print(f"telemetry cost: {len(CONFIGS)} configurations x {repeats} repeats, {seconds:g} s per measurement")
     records = run(repeats, seconds)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=RESULTS.parent.parent).stdout.strip()
-    report = {"machine": {"host": socket.gethostname(), "kernel": platform.release(), "cpus": os.cpu_count(),
-                          "python": platform.python_version()},
-              "commit": commit, "quick": args.quick, "records": records}
     print(f"\n{table(records)}")
     if not args.quick:  # quick runs check the harness; their figures are not worth keeping
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"telemetry-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        out = write_report(RESULTS / f"telemetry-{utc_stamp()}.json", records, quick=False)
         print(f"\nwritten to {out}")
     return 0
 

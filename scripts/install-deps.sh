@@ -49,7 +49,7 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 stamp=.venv/.installed
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test,bench]'
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc, pyroute2'

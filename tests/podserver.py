@@ -36,11 +36,8 @@ async def _serve_one(
             pass
 
 
-async def serve(host: str, port: int, name: str) -> None:
-    """Serve until SIGTERM or SIGINT."""
-    server = await asyncio.start_server(
-        lambda r, w: _serve_one(name.encode(), r, w), host, port, reuse_address=True, backlog=1024
-    )
+async def run_until_signalled(server: asyncio.AbstractServer) -> None:
+    """Says "listening" (what the bed waits for), then serves until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,6 +45,14 @@ async def serve(host: str, port: int, name: str) -> None:
     print("listening", flush=True)
     async with server:
         await stop.wait()
+
+
+async def serve(host: str, port: int, name: str) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    server = await asyncio.start_server(
+        lambda r, w: _serve_one(name.encode(), r, w), host, port, reuse_address=True, backlog=1024
+    )
+    await run_until_signalled(server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,11 @@ streams on it, one per proxied TCP connection; each stream is an `HboneStream`, 
 - HTTP/2 itself is h2's sans-I/O `H2Connection`. `_H2Session` only moves bytes between it and one
   TLS connection: a read loop feeds `receive_data` and dispatches the events to streams, and
   `flush()` is the one place that writes `data_to_send()`.
+- DATA frames on open streams skip h2's frame objects both ways (h2 4.4 formats every received
+  DATA payload into a log string, even with logging off, which cost half a receiver's CPU):
+  `HboneStream` writes the 9-byte header in front of the payload and `_H2Session._receive` cuts
+  them out of the received bytes. h2 still sees every other frame and keeps stream state and the
+  flow-control windows, which both paths charge.
 - Flow control is end to end: received data is acknowledged only as the consumer reads it, so a
   slow reader stops its sender through the HTTP/2 windows and at most STREAM_WINDOW bytes wait
   unread per stream; `drain()` waits for the peer's send windows.
@@ -23,6 +28,7 @@ import ipaddress
 import logging
 import secrets
 import ssl
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -42,6 +48,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 
 from ztunnel.errors import ProxyError
 
@@ -57,6 +64,12 @@ CONNECT_TIMEOUT = 5.0  # seconds for TCP + TLS + the peer's SETTINGS, and again 
 READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bounded memory
 REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not accepted
 _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts here (RFC 9113 6.9.2)
+_CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
+_FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, split), type, flags, stream id
+_DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9  # frame types (RFC 9113 6)
+_END_HEADERS = 0x4  # flag: the header block ends with this frame
+# h2 stream states in which the peer may still send DATA
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 
 class HboneError(ProxyError):
@@ -163,8 +176,13 @@ class HboneStream:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        data = bytes(self._inbound[:n])
-        del self._inbound[:n]
+        if n >= len(self._inbound):
+            data = bytes(self._inbound)
+            self._inbound.clear()
+        else:
+            with memoryview(self._inbound) as view:
+                data = bytes(view[:n])
+            del self._inbound[:n]
         self._session.acknowledge(self.stream_id, len(data))  # only now may the peer send more
         return data
 
@@ -174,8 +192,12 @@ class HboneStream:
         if self._eof_written:
             raise RuntimeError(f"{self!r}: write() after write_eof()")
         if self._error is None and data:
-            self._outbound += data
-            self.send_pending()
+            if not self._outbound and len(data) <= self._sendable():
+                self._session.send_data(self.stream_id, bytes(data))  # the common case: no copy
+                self._progress.set()
+            else:
+                self._outbound += data
+                self.send_pending()
 
     async def drain(self) -> None:
         """Waits until everything written is within the peer's HTTP/2 windows and the socket."""
@@ -217,31 +239,33 @@ class HboneStream:
 
     # The session calls the methods below, as its read loop sees frames for this stream.
 
-    def send_pending(self) -> None:
-        """Hands queued data (then END_STREAM) to h2, within the peer's windows and frame size."""
+    def _sendable(self) -> int:
+        """Bytes one DATA frame may carry now: the peer's windows and its frame size limit."""
         h2 = self._session.h2
+        return min(h2.local_flow_control_window(self.stream_id), h2.max_outbound_frame_size)
+
+    def send_pending(self) -> None:
+        """Sends queued data (then END_STREAM), within the peer's windows and frame size."""
         sent = False
         while self._outbound and self._error is None:
-            size = min(
-                len(self._outbound),
-                h2.local_flow_control_window(self.stream_id),
-                h2.max_outbound_frame_size,
-            )
+            size = min(len(self._outbound), self._sendable())
             if size <= 0:
                 break  # a WINDOW_UPDATE or new SETTINGS will call us again
-            h2.send_data(self.stream_id, bytes(self._outbound[:size]))
+            with memoryview(self._outbound) as view:
+                chunk = bytes(view[:size])
             del self._outbound[:size]
+            self._session.send_data(self.stream_id, chunk)
             sent = True
         if self._eof_written and not self._outbound and not self._local_ended and self._error is None:
-            h2.end_stream(self.stream_id)
+            self._session.h2.end_stream(self.stream_id)
             self._local_ended = sent = True
+            self._session.flush()
         if sent:
             self._progress.set()
-            self._session.flush()
             if self.finished:
                 self._session.forget(self)
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         self._inbound += data
         self._readable.set()
 
@@ -303,6 +327,11 @@ class _H2Session:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._on_request, self._on_close = on_request, on_close
         self._streams: dict[int, HboneStream] = {}
+        self._received = bytearray()  # received bytes not yet a whole frame
+        self._data_stream: HboneStream | None = None  # of the DATA frame being received
+        self._data_left = 0  # bytes of its payload still to come
+        self._preface_left = 0 if client_side else _CLIENT_PREFACE  # for h2, before any frame
+        self._in_header_block = False  # a HEADERS frame without END_HEADERS awaits CONTINUATION
         self._settings_received = asyncio.get_running_loop().create_future()
         self._read_task: asyncio.Task[None] | None = None
         self.closed = False
@@ -411,10 +440,22 @@ class _H2Session:
             self.flush()
 
     def flush(self) -> None:
-        """Writes whatever h2 has queued: the only place bytes reach the socket."""
+        """Writes whatever h2 has queued (every frame but DATA on an open stream)."""
         data = self.h2.data_to_send()
         if data and not self._writer.is_closing():
             self._writer.write(data)
+
+    def send_data(self, stream_id: int, payload: bytes) -> None:
+        """One DATA frame without END_STREAM, charged to h2's send windows; the caller checked
+        that they and the peer's frame size allow it, and that the stream may send."""
+        self.flush()  # what h2 queued before (the CONNECT, a WINDOW_UPDATE) goes first
+        size = len(payload)
+        self.h2.outbound_flow_control_window -= size
+        self.h2.streams[stream_id].outbound_flow_control_window -= size
+        if not self._writer.is_closing():
+            # One TLS write of both: no copy of the payload, no separate record for the header.
+            header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id)
+            self._writer.writelines((header, payload))
 
     async def drain(self) -> None:
         """Waits while the socket's send buffer is above its high-water mark."""
@@ -459,9 +500,7 @@ class _H2Session:
         why = None  # why the connection ended, when the peer or the network ended it
         try:
             while not self.closed and (data := await self._reader.read(READ_CHUNK)):
-                events = self.h2.receive_data(data)
-                for event in events:
-                    self._dispatch(event)
+                self._receive(data)
                 self.flush()
             why = "closed by the peer"
         except ProtocolError as e:
@@ -475,6 +514,87 @@ class _H2Session:
                 self.close()
             else:
                 self._terminate(why)
+
+    def _receive(self, data: bytes) -> None:
+        """Takes received bytes: DATA frames for our open streams go straight to them, as they
+        arrive; all else goes to h2 in order and as whole frames (a partial one waits)."""
+        view = memoryview(data)
+        if self._preface_left:
+            preface, view = view[:self._preface_left], view[self._preface_left:]
+            self._preface_left -= len(preface)
+            self._h2_receive(bytes(preface))  # h2 checks it
+        if self._data_left:  # the rest of a DATA frame whose start went to its stream
+            rest, view = view[:self._data_left], view[self._data_left:]
+            self._deliver(rest)
+        buffer = self._received
+        if buffer:
+            buffer += view
+            with memoryview(buffer) as joined:
+                done = self._frames(joined)
+            del buffer[:done]
+        else:
+            done = self._frames(view)
+            buffer += view[done:]
+
+    def _frames(self, view: memoryview) -> int:
+        """Handles the frames in `view` (and the start of a last DATA frame); returns the bytes used."""
+        end = len(view)
+        start = done = 0  # view[start:done] are whole frames h2 has not seen yet
+        while end - done >= 9 and not self.closed:
+            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(view, done)
+            length = high << 8 | low
+            if length > self.h2.max_inbound_frame_size:
+                self._h2_receive(bytes(view[start:]))  # h2 raises FrameTooLargeError
+            if kind == _DATA and not flags and not self._in_header_block:
+                if start < done:
+                    self._h2_receive(bytes(view[start:done]))
+                    start = done
+                if self._claim_data(stream_id & 0x7FFFFFFF, length):
+                    payload_end = min(done + 9 + length, end)
+                    self._deliver(view[done + 9:payload_end])
+                    start = done = payload_end
+                    continue
+            next_frame = done + 9 + length
+            if next_frame > end:
+                break
+            if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+                self._in_header_block = not flags & _END_HEADERS
+            done = next_frame
+        if start < done and not self.closed:
+            self._h2_receive(bytes(view[start:done]))
+        return done
+
+    def _claim_data(self, stream_id: int, size: int) -> bool:
+        """Takes a DATA frame (no flags) of `size` bytes for its stream, charging h2's receive
+        windows; False, leaving it to h2, unless the stream is open for it and the windows allow."""
+        stream = self._streams.get(stream_id)
+        h2_stream = self.h2.streams.get(stream_id)
+        if (stream is None or stream._remote_ended or stream._error is not None
+                or h2_stream is None or h2_stream.state_machine.state not in _RECEIVING):
+            return False
+        connection_window = self.h2._inbound_flow_control_window_manager
+        stream_window = h2_stream._inbound_window_manager
+        if size > connection_window.current_window_size or size > stream_window.current_window_size:
+            return False  # h2 answers the peer's flow-control violation
+        connection_window.window_consumed(size)
+        stream_window.window_consumed(size)
+        self._data_stream, self._data_left = stream, size
+        return True
+
+    def _deliver(self, payload: memoryview) -> None:
+        """Payload of the DATA frame being received, to its stream (or straight back to the peer's
+        windows if the stream broke meanwhile)."""
+        stream = self._data_stream
+        assert stream is not None
+        self._data_left -= len(payload)
+        if stream._error is None:
+            stream.receive(payload)
+        else:
+            self.acknowledge(stream.stream_id, len(payload))
+
+    def _h2_receive(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, RemoteSettingsChanged) and not self._settings_received.done():

@@ -132,16 +132,16 @@ class CapturedListener:
         record.sockets["client"] = client.kernel_socket()
         record.sockets["upstream"] = upstream.kernel_socket()
         log.info("conn.open %s", log_fields(record))
+        # The record is ended before the sockets close, so it keeps their last TCP_INFO.
         try:
-            reason = await splice(client, upstream, record.count_sent, record.count_received)
+            self.end(record, "closed", await splice(client, upstream, record.count_sent, record.count_received))
         except asyncio.CancelledError:
+            self.end(record, "closed", "cancelled: proxy shutting down")
             client.abort()
             upstream.abort()
-            self.end(record, "closed", "cancelled: proxy shutting down")
             raise
         finally:
             upstream.close()
-        self.end(record, "closed", reason)
 
     def end(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:
         self._table.close(record, state, reason, code)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 from ztunnel.errors import ProxyError
 
-COPY_CHUNK = 64 * 1024  # bytes per read; few syscalls for bulk data, bounded memory per connection
+COPY_CHUNK = 256 * 1024  # bytes per read; few syscalls for bulk data, bounded memory per connection
 # SO_LINGER on with a zero timeout: close() sends RST and drops unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 

@@ -134,7 +134,7 @@ def test_connections_show_the_kernels_view_of_both_sockets(mesh: Mesh):
         assert live["connect_duration"] > 0
     [closed] = mesh.wait_for("the connection to close", lambda: [
         c for c in mesh.ctl_json(1, "connections") if c["state"] == "closed"])
-    assert closed["kernel"]["client"]["segs_out"] > 0
+    assert closed["kernel"]["client"]["segs_out"] > 0 and closed["kernel"]["upstream"]["segs_out"] > 0
     # the capture program's counters of the same connection's pod-facing flow
     assert closed["flow"]["packets"] >= 3 and closed["flow"]["bytes"] > 0
     table = mesh.ctl(1, "connections").stdout

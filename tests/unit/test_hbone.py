@@ -514,3 +514,59 @@ def test_slow_reader_backpressures_writer(certs: CertificateManager) -> None:
             assert len(received) == written
 
     run(body())
+
+
+class FakeWriter:
+    """The StreamWriter side an _H2Session writes to, collecting the bytes."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.sent += chunk
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("piece", [1, 7, 9, 1000, 1 << 20], ids=lambda n: f"{n}B-reads")
+def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
+    """DATA frames cut out of the byte stream by the session, and DATA that h2 parses (padded,
+    END_STREAM), arrive in order whatever the read boundaries; both charge the receive window."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from ztunnel.hbone import _H2Session
+
+    async def body() -> None:
+        requests: list[HboneStream] = []
+        session = _H2Session(
+            None, FakeWriter(), client_side=False, peer="test",  # type: ignore[arg-type]
+            on_request=lambda stream, headers: requests.append(stream),
+        )
+        session.h2.initiate_connection()
+        peer = H2Connection(H2Configuration(client_side=True))
+        peer.initiate_connection()
+        peer.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        peer.send_data(1, b"a" * 1000)
+        peer.send_data(1, b"b" * 100, pad_length=10)  # 111 flow-controlled bytes
+        peer.send_data(1, b"")
+        peer.send_data(1, b"c" * 500)
+        peer.send_data(1, b"d" * 10, end_stream=True)
+        wire = peer.data_to_send()
+        for i in range(0, len(wire), piece):
+            session._receive(wire[i:i + piece])
+        stream, = requests
+        assert bytes(stream._inbound) == b"a" * 1000 + b"b" * 100 + b"c" * 500 + b"d" * 10
+        assert stream._remote_ended and not session._received
+        window = session.h2._inbound_flow_control_window_manager.current_window_size
+        assert window == 65_535 - (1000 + 111 + 500 + 10)
+
+    run(body())
