@@ -65,9 +65,7 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="cluster name in metric labels")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(node: str, registry_file: Path | None, kubeconfig: str | None, admin_port: int, drain_grace: float, mtls_mode: str, trust_domain: str,
-          ca_dir: Path, cert_lifetime: int, metrics_port: int, readiness_port: int, access_log: bool, metrics: bool, flow_accounting: bool, cluster: str,
-          log_level: str) -> None:
+def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
     from agent.logs import setup_logging
     from agent.node import NodeAgent
@@ -76,11 +74,8 @@ def agent(node: str, registry_file: Path | None, kubeconfig: str | None, admin_p
     from ztunnel.identity import CAError
 
     setup_logging(log_level)
-    config = AgentConfig(node=node, registry_file=registry_file, kubeconfig=kubeconfig, admin_port=admin_port, drain_grace=drain_grace,
-                         mtls_mode=mtls_mode, trust_domain=trust_domain, ca_dir=ca_dir,
-                         cert_lifetime=timedelta(seconds=cert_lifetime), metrics_port=metrics_port,
-                         readiness_port=readiness_port, access_log=access_log, metrics=metrics, flow_accounting=flow_accounting,
-                         cluster=cluster)
+    # every other option is an AgentConfig field of the same name
+    config = AgentConfig(cert_lifetime=timedelta(seconds=cert_lifetime), **options)
     try:
         asyncio.run(NodeAgent(config).run())
     except (RegistryError, DatapathError, CAError) as exc:
