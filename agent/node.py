@@ -256,7 +256,7 @@ class NodeAgent:
             "registry": {
                 "source": "file" if isinstance(self.registry, FileSource) else "kubernetes",
                 "path": self._registry_name(),
-                "connected": getattr(self.registry, "connected", self.registry.state is not None),
+                "connected": self.registry.connected,
                 "synced_at": iso_utc(self.registry.synced_at) if self.registry.synced_at else None,
                 "generation": state.generation,
                 "workloads": len(state.workloads),

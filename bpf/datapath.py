@@ -66,7 +66,6 @@ class CaptureProgram:
     def __init__(self, hbone_port: int, flow_accounting: bool = True) -> None:
         from bcc import BPF  # imported here: loading libbcc is slow and needs root
 
-        self._bpf_cls = BPF
         try:
             self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[
                 f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",

@@ -493,6 +493,11 @@ class FileSource:
         """The last state parsed without error, or None before the first good parse."""
         return self._state
 
+    @property
+    def connected(self) -> bool:
+        """True while the file's current version is the good state being served."""
+        return self._state is not None and self.last_error is None
+
     def load(self) -> RegistryState:
         """Read and parse the file now; raise RegistryError (naming the path) if that fails."""
         return self._parse(self._stat())

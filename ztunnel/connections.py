@@ -89,7 +89,6 @@ class ConnectionTable:
 
     def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time) -> None:
         self.on_close: list[Callable[[ConnectionRecord], None]] = []  # told of each ended connection
-        self.opened = 0  # connections ever opened
         self._ids = itertools.count(1)
         self._clock = clock
         self._live: dict[int, ConnectionRecord] = {}
@@ -115,7 +114,6 @@ class ConnectionTable:
             direction=direction,
         )
         self._live[record.id] = record
-        self.opened += 1
         return record
 
     def close(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from registry.model import RegistryState, Workload
-from ztunnel.connections import ConnectionRecord
+from ztunnel.connections import ConnectionRecord, iso_utc
 
 UNKNOWN = "unknown"
 DEFAULT_CLUSTER = "Kubernetes"  # Istio's default cluster id
@@ -95,7 +95,7 @@ def istio_labels(record: ConnectionRecord, state: RegistryState, cluster: str = 
 def access_log_entry(record: ConnectionRecord) -> dict[str, Any]:
     """One JSON access-log line for a closed connection, with Istio ztunnel's field names."""
     entry: dict[str, Any] = {
-        "start": record.to_dict()["started"],
+        "start": iso_utc(record.started),
         "message": "connection complete" if record.state == "closed" else "connection failed",
         "direction": record.direction,
         "src.addr": f"{record.source_ip}:{record.source_port}" if record.source_port else record.source_ip,

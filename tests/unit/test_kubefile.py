@@ -399,7 +399,18 @@ def test_load(tmp_path: Path) -> None:
     state = source.load()
     assert state is source.state and state.generation == 1
     assert [w.key for w in state.workloads] == ["shop/web-1"]
-    assert source.last_error is None
+    assert source.last_error is None and source.connected
+
+
+def test_a_rejected_version_keeps_the_state_but_is_not_current(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(GOOD)
+    source = Recorder().source(path)
+    good = source.load()
+    path.write_text(BAD)
+    with pytest.raises(RegistryError):
+        source.load()
+    assert source.state is good and not source.connected
 
 
 def test_load_missing_file_names_the_path(tmp_path: Path) -> None:
