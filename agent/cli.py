@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import uvloop
 
 from agent import views
 from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig
@@ -23,6 +24,7 @@ from ztunnel.telemetry import DEFAULT_CLUSTER
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
                       help="table for people, json for scripts")
+EVENT_LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 LIMIT = click.option("--limit", type=click.IntRange(1), default=None, help="show at most N, largest first")
 
 
@@ -65,6 +67,8 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="cluster name in metric labels")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--event-loop", default="uvloop", show_default=True, type=click.Choice(sorted(EVENT_LOOPS)),
+              help="the asyncio event loop the agent and its ztunnel run on")
 def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
     from agent.logs import setup_logging
@@ -77,7 +81,8 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     # every other option is an AgentConfig field of the same name
     config = AgentConfig(cert_lifetime=timedelta(seconds=cert_lifetime), **options)
     try:
-        asyncio.run(NodeAgent(config).run())
+        with asyncio.Runner(loop_factory=EVENT_LOOPS[config.event_loop]) as runner:
+            runner.run(NodeAgent(config).run())
     except (RegistryError, DatapathError, CAError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:

@@ -253,6 +253,7 @@ class NodeAgent:
             "node": self.config.node,
             "started": iso_utc(self.started),
             "uptime_s": round(time.time() - self.started, 3),
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             "registry": {
                 "source": "file" if isinstance(self.registry, FileSource) else "kubernetes",
                 "path": self._registry_name(),

@@ -18,7 +18,7 @@ def status(data: dict) -> str:
     attached = ", ".join(f"{a['ifname']} ({a['kind']})" for a in datapath.get("attached", [])) or "none"
     lines = [
         ["node", data["node"]],
-        ["up since", f"{data['started']} ({data['uptime_s']:.0f}s)"],
+        ["up since", f"{data['started']} ({data['uptime_s']:.0f}s), {data['event_loop']} event loop"],
         ["registry", f"{registry['source']} {registry['path']} generation {registry['generation']}: "
                      f"{registry['workloads']} workloads, {registry['services']} services, "
                      f"{registry['registrations']} registrations"],

@@ -30,8 +30,7 @@ async def _echo(request: ConnectRequest, responder: Responder) -> None:
 async def serve(ca_dir: Path, identity: Identity) -> None:
     certs = CertificateManager(FileCA.load_or_create(ca_dir, identity.trust_domain), identity.trust_domain)
     certs.set_identities([identity])
-    server = await asyncio.start_server(HboneServer(_echo).serve, "0.0.0.0", HBONE_PORT,
-                                        ssl=certs.server_context(identity), reuse_address=True)
+    server = await HboneServer(_echo).listen("0.0.0.0", HBONE_PORT, certs.server_context(identity))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -27,6 +27,7 @@ import errno
 import ipaddress
 import logging
 import secrets
+import socket
 import ssl
 import struct
 from dataclasses import dataclass, field
@@ -302,51 +303,113 @@ class HboneStream:
         self._inbound.clear()
 
 
-class _H2Session:
-    """One HTTP/2 connection over an established TLS connection, and its streams.
+class _H2Session(asyncio.BufferedProtocol):
+    """One HTTP/2 connection over a TLS transport, and its streams: the transport's protocol.
 
-    Client sessions (client_side=True) open streams with `open_stream`; server sessions hand each
-    incoming request to `on_request`. `on_close` is told once when the connection is gone.
+    Received bytes land in one preallocated buffer (no stream reader, no task per read) and go
+    straight to `_receive`. Nothing is read until `start()`, so the owner can check the peer's
+    certificate first (unless `autostart`). Client sessions (client_side=True) open streams with `open_stream`;
+    server sessions hand each incoming request to `on_request`. `on_close` is told once when the
+    connection is gone.
     """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         *,
         client_side: bool,
-        peer: str,
+        peer: str = "",  # "": the remote address, once connected
         idle_timeout: float | None = None,
         on_request: Callable[[HboneStream, list[tuple[str, str]]], None] | None = None,
         on_close: Callable[[_H2Session], None] | None = None,
+        autostart: bool = False,  # start() as soon as connected, not waiting for the owner
     ) -> None:
-        self._reader, self._writer = reader, writer
         self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
         self.peer = peer
         self._idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
         self._on_request, self._on_close = on_request, on_close
+        self._autostart = autostart
         self._streams: dict[int, HboneStream] = {}
+        self._read_buffer = memoryview(bytearray(READ_CHUNK))
         self._received = bytearray()  # received bytes not yet a whole frame
         self._data_stream: HboneStream | None = None  # of the DATA frame being received
         self._data_left = 0  # bytes of its payload still to come
         self._preface_left = 0 if client_side else _CLIENT_PREFACE  # for h2, before any frame
         self._in_header_block = False  # a HEADERS frame without END_HEADERS awaits CONTINUATION
-        self._settings_received = asyncio.get_running_loop().create_future()
-        self._read_task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._settings_received = loop.create_future()
+        self._lost = loop.create_future()  # the transport is gone
+        self._transport: asyncio.Transport | None = None
+        self._write_paused = False  # the transport's buffer is above its high-water mark
+        self._write_resumed: asyncio.Future[None] | None = None
+        self.handlers: set[asyncio.Task[None]] = set()  # server side: the CONNECT handlers running
         self.closed = False
         self._why_closed = ""
         self.failure: OSError | None = None  # the socket or TLS error that ended the connection
 
     def kernel_socket(self) -> Any:
         """The TCP socket under this session's TLS."""
-        return self._writer.get_extra_info("socket")
+        return self._transport.get_extra_info("socket") if self._transport else None
+
+    def tls_object(self) -> ssl.SSLObject | None:
+        """The TLS connection: the negotiated protocol and the peer's certificate."""
+        return self._transport.get_extra_info("ssl_object") if self._transport else None
 
     def __repr__(self) -> str:
         return f"_H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"
 
+    # asyncio.BufferedProtocol: the transport calls these.
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._transport = transport
+        self.peer = self.peer or hostport(*transport.get_extra_info("peername")[:2])
+        if self._autostart:
+            self.start()
+        else:
+            transport.pause_reading()  # until start()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._receive(self._read_buffer[:nbytes])
+        except ProtocolError as e:
+            self.flush()  # h2 queued a GOAWAY that tells the peer what it did wrong
+            self._terminate(f"broken by an HTTP/2 protocol error from the peer ({e})")
+            return
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self._terminate("closed by the peer")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError):  # includes ssl.SSLError
+            self.failure = exc
+            self._terminate(f"lost ({getattr(exc, 'reason', None) or exc.strerror or exc})")
+        else:
+            self._terminate("closed by the peer")
+        self._resume_writers()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_writers()
+
+    def _resume_writers(self) -> None:
+        if self._write_resumed is not None and not self._write_resumed.done():
+            self._write_resumed.set_result(None)
+
+    # The owner calls these.
+
     def start(self) -> None:
         """Sends the preface and our SETTINGS, raises the connection window, starts reading."""
+        assert self._transport is not None, "not connected"
         self.h2.initiate_connection()
         # Pending until the peer ACKs them; h2 then applies them (window, frame size) itself.
         self.h2.update_settings({
@@ -356,13 +419,13 @@ class _H2Session:
         })
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - _RFC_INITIAL_WINDOW)
         self.flush()
-        self._read_task = asyncio.create_task(self._read_loop(), name=f"hbone-read {self.peer}")
+        if not self.closed:
+            self._transport.resume_reading()
         self._arm_idle_timer()
 
     async def wait_settings(self) -> None:
         """Waits for the peer's first SETTINGS (its stream limit and windows)."""
-        assert self._read_task is not None, "start() first"
-        await asyncio.wait({self._settings_received, self._read_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({self._settings_received, self._lost}, return_when=asyncio.FIRST_COMPLETED)
         if self._settings_received.done():
             return
         if isinstance(self.failure, ssl.SSLError):
@@ -442,8 +505,8 @@ class _H2Session:
     def flush(self) -> None:
         """Writes whatever h2 has queued (every frame but DATA on an open stream)."""
         data = self.h2.data_to_send()
-        if data and not self._writer.is_closing():
-            self._writer.write(data)
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def send_data(self, stream_id: int, payload: bytes) -> None:
         """One DATA frame without END_STREAM, charged to h2's send windows; the caller checked
@@ -452,14 +515,17 @@ class _H2Session:
         size = len(payload)
         self.h2.outbound_flow_control_window -= size
         self.h2.streams[stream_id].outbound_flow_control_window -= size
-        if not self._writer.is_closing():
-            # One TLS write of both: no copy of the payload, no separate record for the header.
+        if self._transport is not None and not self._transport.is_closing():
+            # One TLS write of both: no separate record for the header.
             header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id)
-            self._writer.writelines((header, payload))
+            self._transport.writelines((header, payload))
 
     async def drain(self) -> None:
-        """Waits while the socket's send buffer is above its high-water mark."""
-        await self._writer.drain()
+        """Waits while the transport's send buffer is above its high-water mark."""
+        while self._write_paused and not self.closed:
+            if self._write_resumed is None or self._write_resumed.done():  # one future for all waiters
+                self._write_resumed = asyncio.get_running_loop().create_future()
+            await self._write_resumed
 
     def forget(self, stream: HboneStream) -> None:
         """The stream is finished or broken; a session left without streams may go idle."""
@@ -473,13 +539,16 @@ class _H2Session:
         self.h2.close_connection()
         self.flush()
         self._terminate("closed locally")
-        if self._read_task is not None and self._read_task is not asyncio.current_task():
-            self._read_task.cancel()
+
+    def abort(self) -> None:
+        """Drops the connection at once, without flushing what is queued."""
+        self._terminate("aborted locally")
+        if self._transport is not None:
+            self._transport.abort()
 
     async def wait_closed(self) -> None:
-        """Waits until the read loop has ended (the peer closed, or close() was called)."""
-        if self._read_task is not None:
-            await asyncio.gather(self._read_task, return_exceptions=True)
+        """Waits until the connection is gone (the peer closed, or close() was called)."""
+        await self._lost
 
     def _add(self, stream: HboneStream) -> None:
         self._streams[stream.stream_id] = stream
@@ -496,29 +565,10 @@ class _H2Session:
             log.debug("hbone.idle peer=%s idle_timeout=%ss", self.peer, self._idle_timeout)
             self.close()
 
-    async def _read_loop(self) -> None:
-        why = None  # why the connection ended, when the peer or the network ended it
-        try:
-            while not self.closed and (data := await self._reader.read(READ_CHUNK)):
-                self._receive(data)
-                self.flush()
-            why = "closed by the peer"
-        except ProtocolError as e:
-            self.flush()  # h2 queued a GOAWAY that tells the peer what it did wrong
-            why = f"broken by an HTTP/2 protocol error from the peer ({e})"
-        except OSError as e:  # includes ssl.SSLError
-            self.failure = e
-            why = f"lost ({getattr(e, 'reason', None) or e.strerror or e})"
-        finally:
-            if why is None:  # cancelled: say goodbye properly
-                self.close()
-            else:
-                self._terminate(why)
-
-    def _receive(self, data: bytes) -> None:
-        """Takes received bytes: DATA frames for our open streams go straight to them, as they
-        arrive; all else goes to h2 in order and as whole frames (a partial one waits)."""
-        view = memoryview(data)
+    def _receive(self, view: memoryview) -> None:
+        """Takes received bytes (a view of the read buffer, copied before it is reused): DATA
+        frames for our open streams go straight to them, as they arrive; all else goes to h2 in
+        order and as whole frames (a partial one waits)."""
         if self._preface_left:
             preface, view = view[:self._preface_left], view[self._preface_left:]
             self._preface_left -= len(preface)
@@ -639,7 +689,8 @@ class _H2Session:
         error = _reset_error(f"HBONE connection to {self.peer} {why}")
         for stream in list(self._streams.values()):
             stream.fail(error)
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
         log.debug("hbone.session_closed peer=%s why=%r", self.peer, why)
         if self._on_close is not None:
             self._on_close(self)
@@ -726,7 +777,14 @@ class HboneClientPool:
         for session in sessions:
             session.close()
         await asyncio.gather(*connecting, return_exceptions=True)
-        await asyncio.gather(*(s.wait_closed() for s in sessions))
+        if sessions:
+            # A peer that stopped reading would keep our GOAWAY, and the close, waiting forever.
+            _, stuck = await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in sessions],
+                                          timeout=self.connect_timeout)
+            if stuck:
+                for session in sessions:
+                    session.abort()
+                await asyncio.gather(*stuck)
 
     async def _connect(
         self, key: PoolKey, ssl_context: ssl.SSLContext, verify_peer: PeerVerifier
@@ -734,17 +792,18 @@ class HboneClientPool:
         """TCP, TLS, the peer check and the HTTP/2 preface; the session joins the pool."""
         ip, port = key.address
         peer = hostport(ip, port)
-        writer: asyncio.StreamWriter | None = None
-        session: _H2Session | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 # server_hostname=None: peers are checked by SPIFFE ID (verify_peer), and Python
                 # sends no SNI for an IP address.
-                reader, writer = await asyncio.open_connection(
-                    ip, port, ssl=ssl_context, server_hostname=None
-                )
+                session = _H2Session(client_side=True, peer=peer, idle_timeout=self.idle_timeout,
+                                     on_close=lambda s: self._drop(key, s))
+                # (uvloop returns its TLS protocol, not ours, as the second value)
+                await asyncio.get_running_loop().create_connection(
+                    lambda: session, ip, port, ssl=ssl_context, server_hostname=None)
                 self.handshakes += 1
-                tls = writer.get_extra_info("ssl_object")
+                tls = session.tls_object()
+                assert tls is not None
                 if tls.selected_alpn_protocol() != "h2":
                     raise HboneError(
                         "protocol",
@@ -755,10 +814,6 @@ class HboneClientPool:
                     verify_peer(tls.getpeercert(binary_form=True))
                 except Exception as e:
                     raise HboneError("peer_rejected", f"HBONE peer {peer} rejected: {e}") from None
-                session = _H2Session(
-                    reader, writer, client_side=True, peer=peer,
-                    idle_timeout=self.idle_timeout, on_close=lambda s: self._drop(key, s),
-                )
                 session.start()
                 await session.wait_settings()
                 if session.h2.remote_settings.max_concurrent_streams == 0:
@@ -766,10 +821,7 @@ class HboneClientPool:
                         "protocol", f"{peer} allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
                     )
         except BaseException as e:
-            if session is not None:
-                session.close()
-            elif writer is not None:
-                writer.close()
+            session.abort()
             if isinstance(e, HboneError) or not isinstance(e, Exception):  # e.g. cancelled
                 raise
             raise _connect_error(e, peer, port, self.connect_timeout) from None
@@ -885,14 +937,41 @@ class HboneServer:
     def __init__(self, handler: ConnectHandler) -> None:
         self._handler = handler
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serves one accepted, TLS-established connection until it ends, then cancels its handlers."""
-        ip, port = writer.get_extra_info("peername")[:2]
-        tls = writer.get_extra_info("ssl_object")
-        peer_cert = tls.getpeercert(binary_form=True) if tls is not None else None
-        handlers: set[asyncio.Task[None]] = set()
+    async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> _H2Session:
+        """Server-side TLS on an accepted socket; the session is not served until `serve()`, so
+        the caller can check the client's certificate (`tls_object()`) first. ssl.SSLError,
+        OSError or TimeoutError if the handshake fails; the socket is then closed."""
+        session = self._session()
+        try:
+            # (uvloop returns its TLS protocol, not ours, as the second value)
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: session, conn, ssl=context, ssl_handshake_timeout=handshake_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return session
 
+    async def serve(self, session: _H2Session) -> None:
+        """Serves an accepted session until its connection ends, then cancels its handlers."""
+        session.start()
+        try:
+            await session.wait_closed()
+        finally:
+            session.close()
+            for task in session.handlers:
+                task.cancel()
+            await asyncio.gather(*session.handlers, return_exceptions=True)
+
+    async def listen(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
+        """Serves every TLS connection to host:port, however its certificate (a standalone
+        server, as tests use; the ztunnel accepts and checks connections itself)."""
+        return await asyncio.get_running_loop().create_server(
+            lambda: self._session(autostart=True), host, port, ssl=context, reuse_address=True)
+
+    def _session(self, autostart: bool = False) -> _H2Session:
         def on_request(stream: HboneStream, headers: list[tuple[str, str]]) -> None:
+            tls = session.tls_object()
+            peer_cert = tls.getpeercert(binary_form=True) if tls is not None else None
             try:
                 request = ConnectRequest.parse(headers, stream.stream_id, peer_cert)
             except ValueError as e:
@@ -902,20 +981,15 @@ class HboneServer:
                 session.answer(stream, 400, str(e))
                 return
             task = asyncio.create_task(self._run(request, Responder(session, stream), stream))
-            handlers.add(task)
-            task.add_done_callback(handlers.discard)
+            session.handlers.add(task)
+            task.add_done_callback(session.handlers.discard)
 
-        session = _H2Session(
-            reader, writer, client_side=False, peer=hostport(ip, port), on_request=on_request
-        )
-        session.start()
-        try:
-            await session.wait_closed()
-        finally:
-            session.close()
-            for task in handlers:
+        def on_close(session: _H2Session) -> None:
+            for task in session.handlers:
                 task.cancel()
-            await asyncio.gather(*handlers, return_exceptions=True)
+
+        session = _H2Session(client_side=False, on_request=on_request, on_close=on_close, autostart=autostart)
+        return session
 
     async def _run(self, request: ConnectRequest, responder: Responder, stream: HboneStream) -> None:
         try:

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import socket
 import ssl
 from typing import Callable
 
@@ -23,7 +23,7 @@ from ztunnel.errors import ProxyError
 from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, parse_forwarded_for
 from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
 from ztunnel.policy import admit_plaintext
-from ztunnel.server import CapturedListener
+from ztunnel.server import CapturedListener, accepted_stream
 from ztunnel.streams import TcpStream, connect_tcp
 
 
@@ -48,12 +48,13 @@ class InboundPlaintextProxy(CapturedListener):
         self._node = node
         self._default_mode = default_mode
 
-    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
+    async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
+                               destination: tuple[str, int]) -> None:
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "inbound")
         record.security, record.upstream = "plaintext", hostport(*destination)
-        await self.proxy(record, TcpStream(reader, writer), lambda: self._open_upstream(state, record, *destination))
+        client = await accepted_stream(conn)
+        await self.proxy(record, client, lambda: self._open_upstream(state, record, *destination))
 
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> TcpStream:
@@ -72,35 +73,34 @@ class InboundHboneProxy(CapturedListener):
         self._node = node
         self._certs = certs
 
-    def accepted(self, writer: asyncio.StreamWriter) -> None:
-        # TLS starts only once we know which pod was dialled. Bytes read before start_tls()
-        # would land in the plain StreamReader and the ClientHello would be lost to OpenSSL,
-        # so nothing is read until then.
-        writer.transport.pause_reading()
-
-    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
+    async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
+                               destination: tuple[str, int]) -> None:
         dst_ip, dst_port = destination
         state = self._state_getter()
+
+        async def handle(request: ConnectRequest, responder: Responder) -> None:
+            await self._tunnel(state, served, client, peer, request, responder)
+
+        server = HboneServer(handle)
+        session = None
         try:
             destination = local_destination(state, self._node, dst_ip)
+            # The certificate is the dialled pod's, so TLS starts only now that we know it.
             served = workload_identity(destination, self._certs.trust_domain)
-            await asyncio.wait_for(writer.start_tls(self._certs.server_context(served)), self._connect_timeout)
-            client = peer_identity(writer.get_extra_info("ssl_object").getpeercert(binary_form=True),
-                                   self._certs.trust_domain)
+            session = await server.accept(conn, self._certs.server_context(served), self._connect_timeout)
+            tls = session.tls_object()
+            client = peer_identity(tls.getpeercert(binary_form=True) if tls else None, self._certs.trust_domain)
         except (ProxyError, ssl.SSLError, OSError, TimeoutError) as e:
             # Nothing reached the pod. Recorded as a failed connection so refusals show up.
             record = self.open_record(state, peer, hostport(dst_ip, dst_port), "inbound")
             record.security = "mtls"
             error = e if isinstance(e, ProxyError) else _tls_error(e, hostport(*peer))
-            TcpStream(reader, writer).abort()
+            if session is not None:
+                session.abort()
+            conn.close()  # closed already unless the handshake succeeded or never started
             self.end(record, "failed", str(error), error.reason)
             return
-
-        async def handle(request: ConnectRequest, responder: Responder) -> None:
-            await self._tunnel(state, served, client, peer, request, responder)
-
-        await HboneServer(handle).serve(reader, writer)
+        await server.serve(session)
 
     async def _tunnel(self, state: RegistryState, served: Identity, client: Identity, peer: tuple,
                       request: ConnectRequest, responder: Responder) -> None:

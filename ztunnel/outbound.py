@@ -12,7 +12,7 @@ upstream's enrollment decides how to reach it:
 
 from __future__ import annotations
 
-import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,8 +22,8 @@ from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
 from ztunnel.routing import Router
-from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
-from ztunnel.streams import Stream, TcpStream, connect_tcp
+from ztunnel.server import CapturedListener, OriginalDestination, accepted_stream, sockname_destination
+from ztunnel.streams import Stream, connect_tcp
 
 @dataclass
 class MeshTransport:
@@ -49,11 +49,12 @@ class OutboundProxy(CapturedListener):
         self._transport = transport
         self._router = Router()
 
-    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
+    async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
+                               destination: tuple[str, int]) -> None:
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "outbound")
-        await self.proxy(record, TcpStream(reader, writer), lambda: self._open_upstream(state, record, *destination))
+        client = await accepted_stream(conn)
+        await self.proxy(record, client, lambda: self._open_upstream(state, record, *destination))
 
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> Stream:

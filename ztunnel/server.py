@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from typing import Awaitable, Callable
 
@@ -18,12 +19,15 @@ from ztunnel.streams import Stream, TcpStream, splice
 log = logging.getLogger("amesh.ztunnel")
 
 
-OriginalDestination = Callable[[asyncio.StreamWriter], tuple[str, int]]
+ACCEPT_BATCH = 64  # connections accepted per wakeup at most, so a SYN flood cannot starve the loop
+ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after the process ran out of descriptors
+OriginalDestination = Callable[[socket.socket], tuple[str, int]]
 
 
-def sockname_destination(writer: asyncio.StreamWriter) -> tuple[str, int]:
-    """The dialled address of a connection captured with bpf_sk_assign: its local address."""
-    ip, port = writer.get_extra_info("sockname")[:2]
+def sockname_destination(conn: socket.socket) -> tuple[str, int]:
+    """The dialled address of a connection captured with bpf_sk_assign: its local address (the
+    SYN reached us unchanged)."""
+    ip, port = conn.getsockname()[:2]
     return ip, port
 
 
@@ -41,59 +45,79 @@ class CapturedListener:
         self._table = table
         self._connect_timeout = connect_timeout
         self._original_destination = original_destination
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._closing = False
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on `sock`, an already bound and listening socket; the listener takes ownership."""
-        self._server = await asyncio.start_server(self._handle, sock=sock)
+        sock.setblocking(False)
+        self._sock = sock
+        # Raw accepted sockets, not asyncio.start_server's streams: the HBONE listener picks the
+        # TLS certificate by the dialled address before a byte is read, and a stream would
+        # already be reading the ClientHello into a plain buffer.
+        asyncio.get_running_loop().add_reader(sock, self._accept_ready)
 
     @property
     def address(self) -> tuple[str, int]:
         """The (ip, port) this listener serves."""
-        if self._server is None or not self._server.sockets:
+        if self._sock is None:
             raise RuntimeError(f"{type(self).__name__} is not serving (start() not called, or closed)")
-        ip, port = self._server.sockets[0].getsockname()[:2]
+        ip, port = self._sock.getsockname()[:2]
         return ip, port
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, give live connections `grace` seconds to end, then cancel the rest."""
-        if self._server is None:
+        if self._sock is None:
             return
-        self._closing = True
-        self._server.close()
+        asyncio.get_running_loop().remove_reader(self._sock)
+        self._sock.close()
+        self._sock = None
         handlers = set(self._handlers)
         if handlers:
             _, pending = await asyncio.wait(handlers, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
 
-    def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback, not a coroutine: asyncio would log every task close() cancels as an
-        # error ("Exception in callback"), so each connection runs in a task we own instead.
-        if self._closing:
-            # Accepted just before close() but handed to us after it: nobody would wait for it.
-            TcpStream(reader, writer).abort()
+    def _accept_ready(self) -> None:
+        """Accepts every connection waiting in the backlog, each served in a task we own."""
+        assert self._sock is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # reset while in the backlog
+            except OSError as e:
+                # Out of descriptors or memory: keep serving the connections we have, and stop
+                # trying for a while rather than spin on a backlog we cannot take from.
+                log.warning("listener.accept_failed address=%s error=%r retry_in=%ss",
+                            self.address, str(e), ACCEPT_RETRY_DELAY)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._sock)
+                loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve(conn, peer[:2]))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    def _resume_accepting(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().add_reader(self._sock, self._accept_ready)
+
+    async def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            destination = self._original_destination(conn)
+        except OSError:  # the client reset before we got to look at the connection
+            conn.close()
             return
-        peer = writer.get_extra_info("peername")
-        if peer is None:  # the client reset before we got to look at the connection
-            writer.close()
-            return
-        self.accepted(writer)
-        task = asyncio.create_task(self.serve_connection(reader, writer, peer[:2], self._original_destination(writer)))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        await self.serve_connection(conn, peer, destination)
 
-    def accepted(self, writer: asyncio.StreamWriter) -> None:
-        """Runs synchronously as the connection is accepted, before any of its bytes are read."""
-
-    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               peer: tuple[str, int], destination: tuple[str, int]) -> None:
-        """Serves one accepted connection from `peer` that was dialled to `destination`."""
+    async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
+                               destination: tuple[str, int]) -> None:
+        """Serves one accepted connection from `peer` that was dialled to `destination`; owns `conn`."""
         raise NotImplementedError
 
     def open_record(self, state: RegistryState, source: tuple[str, int], destination: str,
@@ -146,6 +170,22 @@ class CapturedListener:
     def end(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:
         self._table.close(record, state, reason, code)
         log.info("conn.close %s", log_fields(record))
+
+
+async def accepted_stream(conn: socket.socket, context: ssl.SSLContext | None = None,
+                          handshake_timeout: float | None = None) -> TcpStream:
+    """An accepted socket as a `TcpStream`, with server-side TLS first when `context` is given
+    (ssl.SSLError, OSError or TimeoutError if the handshake fails; the socket is then closed)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, conn, ssl=context, ssl_handshake_timeout=handshake_timeout if context else None)
+    except BaseException:
+        conn.close()
+        raise
+    return TcpStream(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
 
 def log_fields(record: ConnectionRecord) -> str:

@@ -248,6 +248,17 @@ def test_connections_to_one_destination_share_one_tls_session(mesh: Mesh):
     assert len(closed(mesh, 2, 100)) == 100
 
 
+def test_agents_on_either_event_loop_carry_mtls_between_each_other(mesh: Mesh):
+    bed = mesh.bed
+    assert status(mesh, 1)["event_loop"] == "uvloop"  # the default
+    mesh.stop_agent(1)
+    mesh.start_agent(1, "--event-loop", "asyncio")
+    assert status(mesh, 1)["event_loop"] == "asyncio"
+    for source, target in (("client", "server-b"), ("server-b", "server-a")):  # asyncio -> uvloop, and back
+        assert exchange(bed, bed.pods[source], bed.pods[target].ip, TARGET_PORT, b"both loops")[1] == b"both loops"
+    assert [c["security"] for c in closed(mesh, 1, 2)] == ["mtls", "mtls"]
+
+
 def test_certificate_renewal_keeps_live_transfers_and_new_connections_use_new_certificates(mesh: Mesh):
     bed = mesh.bed
     server_b = bed.pods["server-b"]

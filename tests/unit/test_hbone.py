@@ -13,9 +13,10 @@ import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Coroutine
+from typing import AsyncIterator, Coroutine, Iterator
 
 import pytest
+import uvloop
 
 from ztunnel.hbone import (
     STREAM_WINDOW,
@@ -50,8 +51,22 @@ TEST_TIMEOUT = 10.0  # seconds per test body: a hang fails the test instead of s
 CHUNK = 64 * 1024  # bytes per client write
 
 
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+loop_factory = LOOPS["asyncio"]
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test on both event loops the agent can run on (`--event-loop`)."""
+    global loop_factory
+    loop_factory = LOOPS[request.param]
+    yield
+    loop_factory = LOOPS["asyncio"]
+
+
 def run(body: Coroutine[None, None, None]) -> None:
-    asyncio.run(asyncio.wait_for(body, TEST_TIMEOUT))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(asyncio.wait_for(body, TEST_TIMEOUT))
 
 
 def accept_any(cert_der: bytes | None) -> None:
@@ -202,22 +217,30 @@ async def mesh(
 
     hbone = HboneServer(record)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # In a task of its own, so a test can cancel it (asyncio logs cancelled server callbacks).
-        task = asyncio.create_task(hbone.serve(reader, writer))
+    async def serve(conn: socket.socket) -> None:
+        session = await hbone.accept(conn, certs.server_context(SERVER), 5.0)
+        await hbone.serve(session)
+
+    def accept_ready() -> None:
+        # Each connection served in a task of its own, so a test can cancel it.
+        conn, _ = listener.accept()
+        task = asyncio.create_task(serve(conn))
         world.connections.add(task)
         task.add_done_callback(world.connections.discard)
-        await asyncio.gather(task, return_exceptions=True)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=certs.server_context(SERVER))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    asyncio.get_running_loop().add_reader(listener, accept_ready)
     pool = HboneClientPool(**pool_options)
-    key = PoolKey(CLIENT.uri, SERVER.uri, server.sockets[0].getsockname()[:2])
+    key = PoolKey(CLIENT.uri, SERVER.uri, listener.getsockname()[:2])
     world = Mesh(certs, pool, key, *upstream_authorities)
     try:
         yield world
     finally:
         await pool.close()
-        for s in (server, *upstreams):
+        asyncio.get_running_loop().remove_reader(listener)
+        listener.close()
+        for s in upstreams:
             s.close()
         for task in list(world.connections):
             task.cancel()
@@ -516,11 +539,17 @@ def test_slow_reader_backpressures_writer(certs: CertificateManager) -> None:
     run(body())
 
 
-class FakeWriter:
-    """The StreamWriter side an _H2Session writes to, collecting the bytes."""
+class FakeTransport:
+    """The transport an _H2Session writes to, collecting the bytes."""
 
     def __init__(self) -> None:
         self.sent = bytearray()
+
+    def get_extra_info(self, name: str) -> object:
+        return ("192.0.2.1", 40000) if name == "peername" else None
+
+    def pause_reading(self) -> None:
+        pass
 
     def write(self, data: bytes) -> None:
         self.sent += data
@@ -547,10 +576,8 @@ def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
 
     async def body() -> None:
         requests: list[HboneStream] = []
-        session = _H2Session(
-            None, FakeWriter(), client_side=False, peer="test",  # type: ignore[arg-type]
-            on_request=lambda stream, headers: requests.append(stream),
-        )
+        session = _H2Session(client_side=False, on_request=lambda stream, headers: requests.append(stream))
+        session.connection_made(FakeTransport())  # type: ignore[arg-type]
         session.h2.initiate_connection()
         peer = H2Connection(H2Configuration(client_side=True))
         peer.initiate_connection()
@@ -561,8 +588,15 @@ def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
         peer.send_data(1, b"c" * 500)
         peer.send_data(1, b"d" * 10, end_stream=True)
         wire = peer.data_to_send()
-        for i in range(0, len(wire), piece):
-            session._receive(wire[i:i + piece])
+        done = 0
+        while done < len(wire):
+            # as a transport reads: into the session's one buffer, overwritten by every read
+            buffer = session.get_buffer(-1)
+            chunk = wire[done:done + min(piece, len(buffer))]
+            buffer[:len(chunk)] = chunk
+            session.buffer_updated(len(chunk))
+            buffer[:len(chunk)] = b"\xff" * len(chunk)
+            done += len(chunk)
         stream, = requests
         assert bytes(stream._inbound) == b"a" * 1000 + b"b" * 100 + b"c" * 500 + b"d" * 10
         assert stream._remote_ended and not session._received

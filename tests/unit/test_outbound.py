@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import struct
 import tempfile
@@ -162,6 +163,43 @@ def test_bytes_are_echoed_and_counted_exactly_both_ways() -> None:
         assert record.original_dst == f"{VIP}:80"
         assert (record.service, record.upstream) == ("shop/web", f"127.0.0.1:{port}")
         assert (record.source_workload, record.upstream_workload) == ("shop/client", "shop/web-0")
+
+    run(test)
+
+
+def test_out_of_descriptors_the_listener_pauses_then_serves_its_backlog(caplog: pytest.LogCaptureFixture) -> None:
+    async def test(bed: Bed) -> None:
+        loop = asyncio.get_running_loop()
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))])
+        clients = [socket.socket() for _ in range(2)]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+        try:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass  # EMFILE: the proxy cannot accept now
+        try:
+            for client in clients:
+                client.setblocking(False)
+                client.connect_ex(address)  # completes in the listener's backlog
+            await asyncio.sleep(0.3)
+            assert bed.table.live() == []
+            failures = [r.getMessage() for r in caplog.records if "listener.accept_failed" in r.getMessage()]
+            assert len(failures) == 1 and "Too many open files" in failures[0], failures  # paused, not spinning
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for client in clients:  # accepted once the retry delay has passed, and served in full
+            with client:
+                await loop.sock_sendall(client, b"hello")
+                client.shutdown(socket.SHUT_WR)
+                reply = b""
+                while data := await asyncio.wait_for(loop.sock_recv(client, 100), 3):
+                    reply += data
+                assert reply == b"hello|bye"
 
     run(test)
 
