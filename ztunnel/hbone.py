@@ -6,8 +6,9 @@ streams on it, one per proxied TCP connection; each stream is an `HboneStream`, 
 `ztunnel.streams.Stream` the ztunnel splices like a TCP socket.
 
 - HTTP/2 itself is h2's sans-I/O `H2Connection`. `_H2Session` only moves bytes between it and one
-  TLS connection: a read loop feeds `receive_data` and dispatches the events to streams, and
-  `flush()` is the one place that writes `data_to_send()`.
+  TLS connection: the transport's reads feed `receive_data` and the events go to streams, and
+  `flush()` is the one place that takes `data_to_send()`; frames are queued and written once
+  per pass of the event loop (or when a writer drains), so a burst of frames is one TLS write.
 - DATA frames on open streams skip h2's frame objects both ways (h2 4.4 formats every received
   DATA payload into a log string, even with logging off, which cost half a receiver's CPU):
   `HboneStream` writes the 9-byte header in front of the payload and `_H2Session._receive` cuts
@@ -63,6 +64,8 @@ MAX_FRAME_SIZE = 1024 * 1024  # bytes per DATA frame we accept: bulk data in few
 IDLE_TIMEOUT = 60.0  # seconds a pooled session may carry no stream before it is closed
 CONNECT_TIMEOUT = 5.0  # seconds for TCP + TLS + the peer's SETTINGS, and again for a CONNECT answer
 READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bounded memory
+# bytes of queued frames joined into one TLS write; above it the payloads are not worth copying
+_JOIN_LIMIT = 16 * 1024
 REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not accepted
 _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts here (RFC 9113 6.9.2)
 _CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
@@ -168,7 +171,7 @@ class HboneStream:
         """The ip:port of the ztunnel at the other end."""
         return self._session.peer
 
-    async def read(self, n: int) -> bytes:
+    async def read(self, n: int) -> bytes | bytearray:
         """Up to n bytes; b"" after the peer's END_STREAM; ConnectionResetError on a reset."""
         while not self._inbound:
             if self._error is not None:
@@ -178,8 +181,8 @@ class HboneStream:
             self._readable.clear()
             await self._readable.wait()
         if n >= len(self._inbound):
-            data = bytes(self._inbound)
-            self._inbound.clear()
+            data = self._inbound  # handed over whole, not copied; we fill a new one
+            self._inbound = bytearray()
         else:
             with memoryview(self._inbound) as view:
                 data = bytes(view[:n])
@@ -340,6 +343,9 @@ class _H2Session(asyncio.BufferedProtocol):
         self._settings_received = loop.create_future()
         self._lost = loop.create_future()  # the transport is gone
         self._transport: asyncio.Transport | None = None
+        self._outgoing: list[bytes] = []  # frames to write at the end of this event-loop pass
+        self._outgoing_size = 0
+        self._write_scheduled = False
         self._write_paused = False  # the transport's buffer is above its high-water mark
         self._write_resumed: asyncio.Future[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()  # server side: the CONNECT handlers running
@@ -503,25 +509,47 @@ class _H2Session(asyncio.BufferedProtocol):
             self.flush()
 
     def flush(self) -> None:
-        """Writes whatever h2 has queued (every frame but DATA on an open stream)."""
-        data = self.h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        """Queues whatever h2 has queued (every frame but DATA on an open stream) for the next
+        write."""
+        if data := self.h2.data_to_send():
+            self._queue(data)
 
     def send_data(self, stream_id: int, payload: bytes) -> None:
-        """One DATA frame without END_STREAM, charged to h2's send windows; the caller checked
-        that they and the peer's frame size allow it, and that the stream may send."""
+        """Queues one DATA frame without END_STREAM, charged to h2's send windows; the caller
+        checked that they and the peer's frame size allow it, and that the stream may send."""
         self.flush()  # what h2 queued before (the CONNECT, a WINDOW_UPDATE) goes first
         size = len(payload)
         self.h2.outbound_flow_control_window -= size
         self.h2.streams[stream_id].outbound_flow_control_window -= size
-        if self._transport is not None and not self._transport.is_closing():
-            # One TLS write of both: no separate record for the header.
-            header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id)
-            self._transport.writelines((header, payload))
+        self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id), payload)
+
+    def _queue(self, *frames: bytes) -> None:
+        # Frames go out together at the end of this pass of the event loop (or at drain()): one
+        # TLS write and one send() for a CONNECT and its first DATA, or an answer and its
+        # WINDOW_UPDATEs, instead of one per frame.
+        self._outgoing += frames
+        self._outgoing_size += sum(map(len, frames))
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._write_scheduled = False
+        frames, size = self._outgoing, self._outgoing_size
+        if not frames:
+            return
+        self._outgoing, self._outgoing_size = [], 0
+        if self._transport is None or self._transport.is_closing():
+            return
+        if size <= _JOIN_LIMIT:
+            self._transport.write(b"".join(frames))  # one TLS record, not one per frame
+        else:
+            self._transport.writelines(frames)  # bulk: no copy of the payloads
 
     async def drain(self) -> None:
-        """Waits while the transport's send buffer is above its high-water mark."""
+        """Writes what is queued, then waits while the transport's send buffer is above its
+        high-water mark."""
+        self._write_out()
         while self._write_paused and not self.closed:
             if self._write_resumed is None or self._write_resumed.done():  # one future for all waiters
                 self._write_resumed = asyncio.get_running_loop().create_future()
@@ -689,6 +717,7 @@ class _H2Session(asyncio.BufferedProtocol):
         error = _reset_error(f"HBONE connection to {self.peer} {why}")
         for stream in list(self._streams.values()):
             stream.fail(error)
+        self._write_out()  # a GOAWAY, resets
         if self._transport is not None:
             self._transport.close()
         log.debug("hbone.session_closed peer=%s why=%r", self.peer, why)

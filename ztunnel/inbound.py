@@ -23,7 +23,7 @@ from ztunnel.errors import ProxyError
 from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, parse_forwarded_for
 from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
 from ztunnel.policy import admit_plaintext
-from ztunnel.server import CapturedListener, accepted_stream
+from ztunnel.server import CapturedListener
 from ztunnel.streams import TcpStream, connect_tcp
 
 
@@ -53,8 +53,7 @@ class InboundPlaintextProxy(CapturedListener):
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "inbound")
         record.security, record.upstream = "plaintext", hostport(*destination)
-        client = await accepted_stream(conn)
-        await self.proxy(record, client, lambda: self._open_upstream(state, record, *destination))
+        await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, *destination))
 
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> TcpStream:

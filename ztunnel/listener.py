@@ -15,10 +15,7 @@ def transparent_listener(port: int, backlog: int = 4096, host: str = "0.0.0.0") 
     (bpf_sk_assign hands it SYNs for Service IPs and remote pods); the accepted socket's
     local address is then the connection's original destination.
     """
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-    # and accepted sockets inherit it. Without it Nagle holds back a small write (an HTTP/2
-    # frame, a short reply) until the peer's delayed ACK, 40 ms later.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)

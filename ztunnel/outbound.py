@@ -22,8 +22,8 @@ from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
 from ztunnel.routing import Router
-from ztunnel.server import CapturedListener, OriginalDestination, accepted_stream, sockname_destination
-from ztunnel.streams import Stream, connect_tcp
+from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
+from ztunnel.streams import Stream, TcpStream, connect_tcp
 
 @dataclass
 class MeshTransport:
@@ -53,8 +53,7 @@ class OutboundProxy(CapturedListener):
                                destination: tuple[str, int]) -> None:
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "outbound")
-        client = await accepted_stream(conn)
-        await self.proxy(record, client, lambda: self._open_upstream(state, record, *destination))
+        await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, *destination))
 
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> Stream:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 import time
 from typing import Awaitable, Callable
 
 from registry.model import RegistryState
 from ztunnel.connections import ConnectionRecord, ConnectionTable, Direction, EndState
 from ztunnel.errors import ProxyError
-from ztunnel.streams import Stream, TcpStream, splice
+from ztunnel.streams import Stream, splice
 
 log = logging.getLogger("amesh.ztunnel")
 
@@ -170,22 +169,6 @@ class CapturedListener:
     def end(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:
         self._table.close(record, state, reason, code)
         log.info("conn.close %s", log_fields(record))
-
-
-async def accepted_stream(conn: socket.socket, context: ssl.SSLContext | None = None,
-                          handshake_timeout: float | None = None) -> TcpStream:
-    """An accepted socket as a `TcpStream`, with server-side TLS first when `context` is given
-    (ssl.SSLError, OSError or TimeoutError if the handshake fails; the socket is then closed)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
-    try:
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, conn, ssl=context, ssl_handshake_timeout=handshake_timeout if context else None)
-    except BaseException:
-        conn.close()
-        raise
-    return TcpStream(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
 
 def log_fields(record: ConnectionRecord) -> str:

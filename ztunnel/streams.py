@@ -3,18 +3,23 @@
 Every path through the ztunnel (outbound plaintext, outbound HBONE, inbound HBONE, inbound
 plaintext) ends in `splice(a, b)`: copy both ways with backpressure, pass half-closes on, and
 reset both sides when either breaks. Stream kinds only implement the small protocol below.
+Between two TCP sockets (same-node and plaintext paths) the copy is splice(2), in the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import socket
 import struct
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from ztunnel.errors import ProxyError
 
 COPY_CHUNK = 256 * 1024  # bytes per read; few syscalls for bulk data, bounded memory per connection
+PIPE_SIZE = 1024 * 1024  # bytes in flight per direction of a kernel splice (fs.pipe-max-size)
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # SO_LINGER on with a zero timeout: close() sends RST and drops unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -43,51 +48,86 @@ class Stream(Protocol):
 
 
 class TcpStream:
-    """A `Stream` over asyncio's StreamReader/StreamWriter pair of one TCP connection."""
+    """A `Stream` over one connected TCP socket.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    It starts as the bare socket: `splice` moves bytes between two TcpStreams inside the kernel
+    (splice(2) through a pipe), so same-node and plaintext connections never copy a byte into
+    Python. Where Python must see the bytes (the plaintext side of an HBONE tunnel), `open()`
+    first turns it into an asyncio stream.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        # Nagle off: a small write (a short reply, an HTTP/2 frame) must not wait for the
+        # peer's delayed ACK, 40 ms per exchange (measured)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        """Hands the socket to an asyncio stream, for read/write/drain; once."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(sock=self.sock)
 
     async def read(self, n: int) -> bytes:
+        await self.open()
+        assert self.reader is not None
         return await self.reader.read(n)
 
     def write(self, data: bytes) -> None:
+        if self.writer is None:
+            raise RuntimeError(f"{self!r}: write() before open()")
         self.writer.write(data)
 
     async def drain(self) -> None:
-        await self.writer.drain()
+        if self.writer is not None:
+            await self.writer.drain()
 
     def write_eof(self) -> None:
-        if self.writer.can_write_eof():
+        if self.writer is None:
+            self.sock.shutdown(socket.SHUT_WR)
+        elif self.writer.can_write_eof():
             self.writer.write_eof()
 
     def abort(self) -> None:
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None and not self.writer.is_closing():
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass  # the socket is already gone; there is nothing left to reset
-        self.writer.transport.abort()
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # the socket is already gone; there is nothing left to reset
+        if self.writer is None:
+            self.sock.close()
+        else:
+            self.writer.transport.abort()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is None:
+            self.sock.close()
+        else:
+            self.writer.close()
 
     def kernel_socket(self) -> Any:
-        return self.writer.get_extra_info("socket")
+        return self.sock
 
 
 async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:
     """A TCP connection to ip:port, with OS errors turned into a ConnectError that says why."""
     address = f"{ip}:{port}"
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
-        return TcpStream(*await asyncio.wait_for(asyncio.open_connection(ip, port), timeout))
-    except ConnectionRefusedError:
-        raise ConnectError("connect_refused", f"upstream {address} refused the connection") from None
-    except TimeoutError:
-        raise ConnectError("connect_timeout", f"connect to {address} timed out after {timeout}s") from None
-    except OSError as e:
-        raise ConnectError("connect_failed", f"connect to {address} failed: {e.strerror or e}") from None
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+    except BaseException as e:
+        sock.close()
+        if isinstance(e, ConnectionRefusedError):
+            raise ConnectError("connect_refused", f"upstream {address} refused the connection") from None
+        if isinstance(e, TimeoutError):
+            raise ConnectError("connect_timeout", f"connect to {address} timed out after {timeout}s") from None
+        if isinstance(e, OSError):
+            raise ConnectError("connect_failed", f"connect to {address} failed: {e.strerror or e}") from None
+        raise
+    return TcpStream(sock)
 
 
 class ConnectError(ProxyError):
@@ -113,9 +153,16 @@ async def splice(
     `count_sent` sees bytes client -> upstream, `count_received` upstream -> client, as they
     are written, so live byte counts are always current.
     """
+    if isinstance(client, TcpStream) and isinstance(upstream, TcpStream):
+        copy: Callable[..., Awaitable[None]] = _kernel_copy  # both are sockets: the kernel moves the bytes
+    else:
+        copy = _copy
+        for stream in (client, upstream):
+            if isinstance(stream, TcpStream):
+                await stream.open()
     directions = {
-        asyncio.create_task(_copy(client, upstream, "client", "upstream", count_sent)),
-        asyncio.create_task(_copy(upstream, client, "upstream", "client", count_received)),
+        asyncio.create_task(copy(client, upstream, "client", "upstream", count_sent)),
+        asyncio.create_task(copy(upstream, client, "upstream", "client", count_received)),
     }
     try:
         done, _ = await asyncio.wait(directions, return_when=asyncio.FIRST_EXCEPTION)
@@ -154,3 +201,74 @@ async def _copy(reader: Stream, writer: Stream, reader_side: str, writer_side: s
         writer.write_eof()
     except OSError as e:
         raise StreamReset.of(writer_side, e) from None
+
+
+async def _kernel_copy(reader: TcpStream, writer: TcpStream, reader_side: str, writer_side: str,
+                       count: Callable[[int], None]) -> None:
+    """`_copy` between two sockets with splice(2): socket -> pipe -> socket, the pages moved
+    rather than copied, and never through Python's memory."""
+    source, sink = reader.sock.fileno(), writer.sock.fileno()
+    # The pipe (two descriptors) is made once bytes arrive: an idle connection holds none.
+    await _ready(source, writable=False)
+    try:
+        pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:  # out of descriptors
+        raise StreamReset(f"no pipe to splice {reader_side} to {writer_side} ({e.strerror})") from None
+    try:
+        try:
+            capacity = fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # above fs.pipe-max-size: the default 64 KiB pipe still works
+            capacity = fcntl.fcntl(pipe_in, fcntl.F_GETPIPE_SZ)
+        buffered, ended = 0, False  # bytes in the pipe; the source sent its FIN
+        while not ended or buffered:
+            if not ended and buffered < capacity:
+                try:
+                    moved = os.splice(source, pipe_in, capacity - buffered, flags=_SPLICE_FLAGS)
+                except BlockingIOError:  # nothing to read, or the pipe's page slots are full
+                    if not buffered:
+                        await _ready(source, writable=False)
+                        continue
+                except OSError as e:
+                    raise StreamReset.of(reader_side, e) from None
+                else:
+                    ended = moved == 0
+                    buffered += moved
+            if buffered:
+                try:
+                    moved = os.splice(pipe_out, sink, buffered, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await _ready(sink, writable=True)  # backpressure: the sink's buffer is full
+                    continue
+                except OSError as e:
+                    raise StreamReset.of(writer_side, e) from None
+                buffered -= moved
+                count(moved)
+    finally:
+        os.close(pipe_in)
+        os.close(pipe_out)
+    try:
+        writer.write_eof()
+    except OSError as e:
+        raise StreamReset.of(writer_side, e) from None
+
+
+async def _ready(fd: int, writable: bool) -> None:
+    """Waits until `fd` is readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)

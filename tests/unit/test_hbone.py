@@ -42,7 +42,7 @@ from ztunnel.identity import (
     expect_identity,
     peer_identity,
 )
-from ztunnel.streams import TcpStream, splice
+from ztunnel.streams import ConnectError, connect_tcp, splice
 
 TRUST_DOMAIN = "cluster.local"
 CLIENT = Identity(TRUST_DOMAIN, "shop", "frontend")
@@ -174,11 +174,10 @@ async def reply_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 async def to_upstream(request: ConnectRequest, responder: Responder) -> None:
     """What an inbound ztunnel does: connect to the requested upstream and splice."""
     try:
-        reader, writer = await asyncio.open_connection(request.host, request.port)
-    except OSError as e:
-        responder.reject(503, f"upstream {request.authority} refused ({e.strerror})")
+        upstream = await connect_tcp(request.host, request.port, 5.0)
+    except ConnectError as e:
+        responder.reject(503, str(e))
         return
-    upstream = TcpStream(reader, writer)
     try:
         await splice(await responder.accept(), upstream, lambda n: None, lambda n: None)
     finally:
