@@ -154,7 +154,8 @@ class CapturedListener:
         record.state = "open"
         record.sockets["client"] = client.kernel_socket()
         record.sockets["upstream"] = upstream.kernel_socket()
-        log.info("conn.open %s", log_fields(record))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn.open %s", log_fields(record))
         # The record is ended before the sockets close, so it keeps their last TCP_INFO.
         try:
             self.end(record, "closed", await splice(client, upstream, record.count_sent, record.count_received))
@@ -168,7 +169,11 @@ class CapturedListener:
 
     def end(self, record: ConnectionRecord, state: EndState, reason: str, code: str | None = None) -> None:
         self._table.close(record, state, reason, code)
-        log.info("conn.close %s", log_fields(record))
+        # Every connection is in the access log and the metrics; the agent's own log says only
+        # what failed, unless asked for more (--log-level debug).
+        level = logging.INFO if state == "failed" else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "conn.close %s", log_fields(record))
 
 
 def log_fields(record: ConnectionRecord) -> str:

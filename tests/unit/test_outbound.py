@@ -7,6 +7,7 @@ listener itself; each test injects the "original destination" a BPF capture woul
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import socket
@@ -232,6 +233,25 @@ def test_refused_upstream_resets_client_promptly_and_fails_the_record() -> None:
         assert record.reason == f"upstream 127.0.0.1:{dead} refused the connection"
 
     run(test)
+
+
+def test_the_agent_log_names_failed_connections_only(caplog: pytest.LogCaptureFixture) -> None:
+    """Each connection is in the access log and metrics; at info level the agent's own log has
+    a line only for a connection that failed, so a busy node's log stays readable."""
+    caplog.set_level(logging.INFO, logger="amesh.ztunnel")
+
+    async def test(bed: Bed) -> None:
+        alive, dead = await bed.serve(tagged_echo(b"|bye")), free_port()
+        address = await bed.start_proxy([alive, dead])  # alternates between the two
+        assert await exchange(address, b"ok") == b"ok|bye"
+        reader, writer = await asyncio.open_connection(*address)
+        await expect_reset(reader)
+        writer.close()
+        await bed.finish()
+
+    run(test)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conn.")]
+    assert len(lines) == 1 and "state=failed" in lines[0] and "refused" in lines[0], lines
 
 
 def test_route_error_resets_client_and_names_the_cause() -> None:
