@@ -208,52 +208,94 @@ async def _kernel_copy(reader: TcpStream, writer: TcpStream, reader_side: str, w
     """`_copy` between two sockets with splice(2): socket -> pipe -> socket, the pages moved
     rather than copied, and never through Python's memory."""
     source, sink = reader.sock.fileno(), writer.sock.fileno()
-    # The pipe (two descriptors) is made once bytes arrive: an idle connection holds none.
-    await _ready(source, writable=False)
+    readable = _Readable(source)
     try:
-        pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:  # out of descriptors
-        raise StreamReset(f"no pipe to splice {reader_side} to {writer_side} ({e.strerror})") from None
-    try:
+        # The pipe (two descriptors) is made once bytes arrive: an idle connection holds none.
+        await readable.wait()
         try:
-            capacity = fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # above fs.pipe-max-size: the default 64 KiB pipe still works
-            capacity = fcntl.fcntl(pipe_in, fcntl.F_GETPIPE_SZ)
-        buffered, ended = 0, False  # bytes in the pipe; the source sent its FIN
-        while not ended or buffered:
-            if not ended and buffered < capacity:
-                try:
-                    moved = os.splice(source, pipe_in, capacity - buffered, flags=_SPLICE_FLAGS)
-                except BlockingIOError:  # nothing to read, or the pipe's page slots are full
-                    if not buffered:
-                        await _ready(source, writable=False)
-                        continue
-                except OSError as e:
-                    raise StreamReset.of(reader_side, e) from None
-                else:
-                    ended = moved == 0
-                    buffered += moved
-            if buffered:
-                try:
-                    moved = os.splice(pipe_out, sink, buffered, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await _ready(sink, writable=True)  # backpressure: the sink's buffer is full
-                    continue
-                except OSError as e:
-                    raise StreamReset.of(writer_side, e) from None
-                buffered -= moved
-                count(moved)
+            pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:  # out of descriptors
+            raise StreamReset(f"no pipe to splice {reader_side} to {writer_side} ({e.strerror})") from None
+        try:
+            await _pump(source, sink, pipe_out, pipe_in, readable, reader_side, writer_side, count)
+        finally:
+            os.close(pipe_in)
+            os.close(pipe_out)
     finally:
-        os.close(pipe_in)
-        os.close(pipe_out)
+        readable.stop()
     try:
         writer.write_eof()
     except OSError as e:
         raise StreamReset.of(writer_side, e) from None
 
 
-async def _ready(fd: int, writable: bool) -> None:
-    """Waits until `fd` is readable (or writable)."""
+async def _pump(source: int, sink: int, pipe_out: int, pipe_in: int, readable: _Readable,
+                reader_side: str, writer_side: str, count: Callable[[int], None]) -> None:
+    """Moves bytes source -> pipe -> sink until the source's EOF has gone through."""
+    try:
+        capacity = fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # above fs.pipe-max-size: the default 64 KiB pipe still works
+        capacity = fcntl.fcntl(pipe_in, fcntl.F_GETPIPE_SZ)
+    buffered, ended = 0, False  # bytes in the pipe; the source sent its FIN
+    while not ended or buffered:
+        if not ended and buffered < capacity:
+            try:
+                moved = os.splice(source, pipe_in, capacity - buffered, flags=_SPLICE_FLAGS)
+            except BlockingIOError:  # nothing to read, or the pipe's page slots are full
+                if not buffered:
+                    await readable.wait()
+                    continue
+            except OSError as e:
+                raise StreamReset.of(reader_side, e) from None
+            else:
+                ended = moved == 0
+                buffered += moved
+        if buffered:
+            try:
+                moved = os.splice(pipe_out, sink, buffered, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                # backpressure: the sink's buffer is full. The source's readiness is not
+                # watched meanwhile, or its pending bytes would wake the loop on every pass.
+                readable.stop()
+                await _writable(sink)
+                continue
+            except OSError as e:
+                raise StreamReset.of(writer_side, e) from None
+            buffered -= moved
+            count(moved)
+
+
+class _Readable:
+    """Waits for a socket to be readable, staying registered with the event loop between waits:
+    registering and unregistering for every message costs two epoll_ctl calls (and in uvloop
+    a poll handle) each time."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._watching = False
+
+    async def wait(self) -> None:
+        if not self._watching:
+            self._loop.add_reader(self._fd, self._wake)
+            self._watching = True
+        self._waiter = self._loop.create_future()
+        await self._waiter
+
+    def stop(self) -> None:
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+async def _writable(fd: int) -> None:
+    """Waits until `fd` is writable (registered only meanwhile: a socket is nearly always
+    writable, and would otherwise wake the loop on every pass)."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
 
@@ -261,14 +303,8 @@ async def _ready(fd: int, writable: bool) -> None:
         if not ready.done():
             ready.set_result(None)
 
-    if writable:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
+    loop.add_writer(fd, wake)
     try:
         await ready
     finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        loop.remove_writer(fd)
