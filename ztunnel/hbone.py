@@ -53,6 +53,7 @@ from h2.settings import SettingCodes
 from h2.stream import StreamState
 
 from ztunnel.errors import ProxyError
+from ztunnel.streams import Receiver
 
 log = logging.getLogger("amesh.ztunnel.hbone")
 
@@ -64,6 +65,7 @@ MAX_FRAME_SIZE = 1024 * 1024  # bytes per DATA frame we accept: bulk data in few
 IDLE_TIMEOUT = 60.0  # seconds a pooled session may carry no stream before it is closed
 CONNECT_TIMEOUT = 5.0  # seconds for TCP + TLS + the peer's SETTINGS, and again for a CONNECT answer
 READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bounded memory
+ACK_BATCH = 16 * 1024  # received bytes a stream consumes before handing them back to the windows
 # bytes of queued frames joined into one TLS write; above it the payloads are not worth copying
 _JOIN_LIMIT = 16 * 1024
 REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not accepted
@@ -145,9 +147,10 @@ def _reset_error(message: str) -> ConnectionResetError:
 class HboneStream:
     """One tunnelled TCP connection: a CONNECT stream of an HTTP/2 session, as a `Stream`.
 
-    The stream is finished once both sides have sent END_STREAM, or either side reset it. Call
-    `drain()` before `close()`: closing a stream that is not finished resets it, and what was not
-    yet sent is lost, as when a socket is closed with unread data.
+    Received bytes are either pushed to a receiver as they arrive (`start()`, as splice does)
+    or read with `read()`. The stream is finished once both sides have sent END_STREAM, or
+    either side reset it. Call `drain()` before `close()`: closing a stream that is not finished
+    resets it, and what was not yet sent is lost, as when a socket is closed with unread data.
     """
 
     def __init__(self, session: _H2Session, stream_id: int) -> None:
@@ -162,6 +165,12 @@ class HboneStream:
         self._readable = asyncio.Event()  # data, END_STREAM or a reset arrived
         self._progress = asyncio.Event()  # some of _outbound went out, or the stream broke
         self._response: asyncio.Future[list[tuple[str, str]]] | None = None  # client side only
+        self._receiver: Receiver | None = None  # pushed to, once started
+        self._paused = False  # the receiver's sink is full: keep what arrives in _inbound
+        self._eof_delivered = False
+        self._on_writable: Callable[[bool], None] | None = None
+        self._writable = True  # as last reported to _on_writable
+        self._unacked = 0  # bytes consumed but not yet handed back to the peer's windows
 
     def __repr__(self) -> str:
         return f"HboneStream(peer={self.peer}, stream_id={self.stream_id})"
@@ -170,6 +179,23 @@ class HboneStream:
     def peer(self) -> str:
         """The ip:port of the ztunnel at the other end."""
         return self._session.peer
+
+    async def open(self) -> None:
+        pass  # open since the CONNECT was answered
+
+    def start(self, receiver: Receiver, writable: Callable[[bool], None]) -> None:
+        """Pushes received bytes to `receiver` from now on, as they arrive; `writable` hears
+        when our send side fills up (the peer's windows or the connection's buffer) or drains."""
+        self._receiver, self._on_writable = receiver, writable
+        self._deliver()
+
+    def pause_reading(self) -> None:
+        """What arrives now waits in the stream, unacknowledged: the peer's windows stop it."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._deliver()
 
     async def read(self, n: int) -> bytes | bytearray:
         """Up to n bytes; b"" after the peer's END_STREAM; ConnectionResetError on a reset."""
@@ -187,7 +213,7 @@ class HboneStream:
             with memoryview(self._inbound) as view:
                 data = bytes(view[:n])
             del self._inbound[:n]
-        self._session.acknowledge(self.stream_id, len(data))  # only now may the peer send more
+        self._consumed(len(data))  # only now may the peer send more
         return data
 
     def write(self, data: bytes) -> None:
@@ -202,6 +228,7 @@ class HboneStream:
             else:
                 self._outbound += data
                 self.send_pending()
+            self.report_writable()
 
     async def drain(self) -> None:
         """Waits until everything written is within the peer's HTTP/2 windows and the socket."""
@@ -266,18 +293,57 @@ class HboneStream:
             self._session.flush()
         if sent:
             self._progress.set()
+            self.report_writable()
             if self.finished:
                 self._session.forget(self)
 
+    def report_writable(self) -> None:
+        """Tells the started owner when writes should stop (data waits for the peer's windows,
+        or the connection's send buffer is full) and when they may go on."""
+        if self._on_writable is not None:
+            writable = not self._outbound and not self._session.write_paused
+            if writable != self._writable:
+                self._writable = writable
+                self._on_writable(writable)
+
     def receive(self, data: bytes | memoryview) -> None:
-        self._inbound += data
-        self._readable.set()
+        """Payload of a DATA frame (a view of the session's read buffer, reused after this)."""
+        if self._receiver is not None and not self._paused and not self._inbound:
+            chunk = bytes(data)
+            self._receiver.data(chunk)
+            self._consumed(len(chunk))
+        else:
+            self._inbound += data
+            self._readable.set()
 
     def remote_end(self) -> None:
         self._remote_ended = True
         self._readable.set()
+        self._deliver()
         if self.finished:
             self._session.forget(self)
+
+    def _deliver(self) -> None:
+        """Pushes what waited (data, then the end of stream) to the receiver, unless paused."""
+        receiver = self._receiver
+        if receiver is None or self._paused or self._error is not None:
+            return
+        if self._inbound:
+            data, self._inbound = self._inbound, bytearray()
+            receiver.data(data)
+            self._consumed(len(data))
+        if self._remote_ended and not self._inbound and not self._eof_delivered and not self._paused:
+            self._eof_delivered = True
+            receiver.eof()
+
+    def _consumed(self, size: int) -> None:
+        # Handed back in batches: an h2 call per small message costs more than the message.
+        # All streams' unreturned bytes stay far below the connection window: ACK_BATCH x h2's
+        # limit of 100 concurrent streams is a tenth of CONNECTION_WINDOW.
+        self._unacked += size
+        if self._unacked >= ACK_BATCH:
+            self._session.acknowledge(self.stream_id, self._unacked)
+            self._unacked = 0
 
     def respond(self, headers: list[tuple[str, str]]) -> None:
         if self._response is not None and not self._response.done():
@@ -295,15 +361,19 @@ class HboneStream:
         if self._response is not None and not self._response.done():
             self._response.set_exception(error)
         self._session.forget(self)
+        if self._receiver is not None:
+            self._receiver.error(error)
 
     def kernel_socket(self) -> Any:
         """The TCP socket of the session carrying this stream (shared with its other streams)."""
         return self._session.kernel_socket()
 
     def _discard_inbound(self) -> None:
-        """Drops unread data, handing its share of the connection window back to the peer."""
-        self._session.acknowledge(self.stream_id, len(self._inbound))
+        """Drops unread data, handing its share (and what was consumed but not yet handed back)
+        of the connection window back to the peer."""
+        self._session.acknowledge(self.stream_id, len(self._inbound) + self._unacked)
         self._inbound.clear()
+        self._unacked = 0
 
 
 class _H2Session(asyncio.BufferedProtocol):
@@ -346,7 +416,7 @@ class _H2Session(asyncio.BufferedProtocol):
         self._outgoing: list[bytes] = []  # frames to write at the end of this event-loop pass
         self._outgoing_size = 0
         self._write_scheduled = False
-        self._write_paused = False  # the transport's buffer is above its high-water mark
+        self.write_paused = False  # the transport's buffer is above its high-water mark
         self._write_resumed: asyncio.Future[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()  # server side: the CONNECT handlers running
         self.closed = False
@@ -401,11 +471,17 @@ class _H2Session(asyncio.BufferedProtocol):
             self._lost.set_result(None)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
+        self._report_writable()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         self._resume_writers()
+        self._report_writable()
+
+    def _report_writable(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.report_writable()
 
     def _resume_writers(self) -> None:
         if self._write_resumed is not None and not self._write_resumed.done():
@@ -524,12 +600,15 @@ class _H2Session(asyncio.BufferedProtocol):
         self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id), payload)
 
     def _queue(self, *frames: bytes) -> None:
-        # Frames go out together at the end of this pass of the event loop (or at drain()): one
-        # TLS write and one send() for a CONNECT and its first DATA, or an answer and its
-        # WINDOW_UPDATEs, instead of one per frame.
+        # Small frames go out together at the end of this pass of the event loop (or at
+        # drain()): one TLS write and one send() for a CONNECT and its first DATA, or an answer
+        # and its WINDOW_UPDATEs, instead of one per frame. Bulk data goes at once, so the
+        # socket is kept busy and the transport's backpressure is felt by the next read.
         self._outgoing += frames
         self._outgoing_size += sum(map(len, frames))
-        if not self._write_scheduled:
+        if self._outgoing_size > _JOIN_LIMIT:
+            self._write_out()
+        elif not self._write_scheduled:
             self._write_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_out)
 
@@ -550,7 +629,7 @@ class _H2Session(asyncio.BufferedProtocol):
         """Writes what is queued, then waits while the transport's send buffer is above its
         high-water mark."""
         self._write_out()
-        while self._write_paused and not self.closed:
+        while self.write_paused and not self.closed:
             if self._write_resumed is None or self._write_resumed.done():  # one future for all waiters
                 self._write_resumed = asyncio.get_running_loop().create_future()
             await self._write_resumed

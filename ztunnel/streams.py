@@ -1,9 +1,14 @@
 """The one seam for bytes: a `Stream` (a TCP connection, or an HBONE tunnel stream) and `splice`.
 
 Every path through the ztunnel (outbound plaintext, outbound HBONE, inbound HBONE, inbound
-plaintext) ends in `splice(a, b)`: copy both ways with backpressure, pass half-closes on, and
+plaintext) ends in `splice(a, b)`: relay both ways with backpressure, pass half-closes on, and
 reset both sides when either breaks. Stream kinds only implement the small protocol below.
-Between two TCP sockets (same-node and plaintext paths) the copy is splice(2), in the kernel.
+
+Bytes are pushed, not pulled: each stream hands what it receives to a `Receiver` the moment it
+arrives (from the event loop's read callback), and the receiver writes it to the other stream
+there and then; a full send buffer on one side pauses reading on the other. No task wakes up per
+message, which is most of a small message's cost in Python. Between two TCP sockets
+(same-node and plaintext paths) the relay is splice(2), in the kernel.
 """
 
 from __future__ import annotations
@@ -13,30 +18,49 @@ import fcntl
 import os
 import socket
 import struct
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from ztunnel.errors import ProxyError
 
-COPY_CHUNK = 256 * 1024  # bytes per read; few syscalls for bulk data, bounded memory per connection
 PIPE_SIZE = 1024 * 1024  # bytes in flight per direction of a kernel splice (fs.pipe-max-size)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # SO_LINGER on with a zero timeout: close() sends RST and drops unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+class Receiver(Protocol):
+    """Where a stream delivers what it receives, as it arrives."""
+
+    def data(self, data: bytes | bytearray) -> None: ...
+
+    def eof(self) -> None:
+        """The peer half-closed: nothing more will arrive."""
+
+    def error(self, error: OSError) -> None:
+        """The stream broke (reset, TLS failure, tunnel gone)."""
+
+
 class Stream(Protocol):
-    """A bidirectional byte stream with half-close, as the ztunnel splices them."""
+    """A bidirectional byte stream with half-close, as `splice` relays them."""
 
-    async def read(self, n: int) -> bytes:
-        """Up to n bytes; b"" at end of stream; OSError (ConnectionError) when it broke."""
+    async def open(self) -> None:
+        """Makes the stream ready to write (and to start), delivering nothing yet."""
 
-    def write(self, data: bytes) -> None: ...
+    def start(self, receiver: Receiver, writable: Callable[[bool], None]) -> None:
+        """Starts delivering received bytes to `receiver`; `writable(False)` is called when this
+        stream's send buffer is full (stop writing to it), `writable(True)` when it has room."""
 
-    async def drain(self) -> None:
-        """Waits until the peer has taken enough of what was written (backpressure)."""
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def write(self, data: bytes | bytearray) -> None: ...
 
     def write_eof(self) -> None:
         """Half-close: no more data will be written."""
+
+    async def drain(self) -> None:
+        """Waits until what was written has left for the peer (for a tunnel: within its windows)."""
 
     def abort(self) -> None:
         """Ends the stream abruptly, so the peer sees a reset rather than a clean end."""
@@ -53,7 +77,7 @@ class TcpStream:
     It starts as the bare socket: `splice` moves bytes between two TcpStreams inside the kernel
     (splice(2) through a pipe), so same-node and plaintext connections never copy a byte into
     Python. Where Python must see the bytes (the plaintext side of an HBONE tunnel), `open()`
-    first turns it into an asyncio stream.
+    hands the socket to an event-loop transport.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -62,52 +86,118 @@ class TcpStream:
         # peer's delayed ACK, 40 ms per exchange (measured)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
+        self._protocol = _TcpProtocol()
+        self._reading = False
+
+    @property
+    def opened(self) -> bool:
+        """Handed to an event-loop transport (bytes pass through Python)."""
+        return self._transport is not None
 
     async def open(self) -> None:
-        """Hands the socket to an asyncio stream, for read/write/drain; once."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(sock=self.sock)
+        if self._transport is None:
+            transport, _ = await asyncio.get_running_loop().create_connection(lambda: self._protocol, sock=self.sock)
+            self._transport = transport  # type: ignore[assignment]
+            transport.pause_reading()
 
-    async def read(self, n: int) -> bytes:
-        await self.open()
-        assert self.reader is not None
-        return await self.reader.read(n)
+    def start(self, receiver: Receiver, writable: Callable[[bool], None]) -> None:
+        self._protocol.start(receiver, writable)
+        self.resume_reading()  # paused since open()
 
-    def write(self, data: bytes) -> None:
-        if self.writer is None:
-            raise RuntimeError(f"{self!r}: write() before open()")
-        self.writer.write(data)
+    def pause_reading(self) -> None:
+        if self._transport is not None and self._reading and not self._transport.is_closing():
+            self._reading = False
+            self._transport.pause_reading()
 
-    async def drain(self) -> None:
-        if self.writer is not None:
-            await self.writer.drain()
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._reading and not self._transport.is_closing():
+            self._reading = True
+            self._transport.resume_reading()
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self._transport is None:
+            raise RuntimeError(f"{self!r}: write() before start()")
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
     def write_eof(self) -> None:
-        if self.writer is None:
+        if self._transport is None:
             self.sock.shutdown(socket.SHUT_WR)
-        elif self.writer.can_write_eof():
-            self.writer.write_eof()
+        elif not self._transport.is_closing():
+            self._transport.write_eof()
+
+    async def drain(self) -> None:
+        pass  # close() sends what is still buffered before the FIN
 
     def abort(self) -> None:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:
             pass  # the socket is already gone; there is nothing left to reset
-        if self.writer is None:
+        if self._transport is None:
             self.sock.close()
         else:
-            self.writer.transport.abort()
+            self._transport.abort()
 
     def close(self) -> None:
-        if self.writer is None:
+        if self._transport is None:
             self.sock.close()
         else:
-            self.writer.close()
+            self._transport.close()
 
     def kernel_socket(self) -> Any:
         return self.sock
+
+
+class _TcpProtocol(asyncio.Protocol):
+    """An opened TcpStream's side of its transport: received bytes straight to the receiver.
+    What arrives before the stream is started (the transport may read once before it is
+    paused) is kept and delivered first."""
+
+    def __init__(self) -> None:
+        self._receiver: Receiver | None = None
+        self._writable: Callable[[bool], None] | None = None
+        self._early: list[Callable[[Receiver], None]] = []  # deliveries waiting for start()
+        self._ended = False
+
+    def start(self, receiver: Receiver, writable: Callable[[bool], None]) -> None:
+        self._receiver, self._writable = receiver, writable
+        for deliver in self._early:
+            deliver(receiver)
+        self._early.clear()
+
+    def _to_receiver(self, deliver: Callable[[Receiver], None]) -> None:
+        if self._receiver is None:
+            self._early.append(deliver)
+        else:
+            deliver(self._receiver)
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiver is not None:
+            self._receiver.data(data)
+        else:
+            self._early.append(lambda receiver: receiver.data(data))
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._to_receiver(lambda receiver: receiver.eof())
+        return True  # keep the socket open for what we still send (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError):
+            self._to_receiver(lambda receiver: receiver.error(exc))
+        elif exc is None and not self._ended:
+            error = ConnectionResetError(0, "closed")
+            self._to_receiver(lambda receiver: receiver.error(error))
+
+    def pause_writing(self) -> None:
+        if self._writable is not None:
+            self._writable(False)
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            self._writable(True)
 
 
 async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:
@@ -148,21 +238,88 @@ async def splice(
     count_sent: Callable[[int], None],
     count_received: Callable[[int], None],
 ) -> str:
-    """Copies both directions until both have ended; returns why the connection ended.
+    """Relays both directions until both have ended; returns why the connection ended.
 
     `count_sent` sees bytes client -> upstream, `count_received` upstream -> client, as they
     are written, so live byte counts are always current.
     """
     if isinstance(client, TcpStream) and isinstance(upstream, TcpStream):
-        copy: Callable[..., Awaitable[None]] = _kernel_copy  # both are sockets: the kernel moves the bytes
-    else:
-        copy = _copy
-        for stream in (client, upstream):
-            if isinstance(stream, TcpStream):
-                await stream.open()
+        return await _kernel_splice(client, upstream, count_sent, count_received)
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    sent = _Direction(client, upstream, "client", "upstream", count_sent, outcome)
+    received = _Direction(upstream, client, "upstream", "client", count_received, outcome)
+    sent.other, received.other = received, sent  # the second to end finishes the splice
+    for stream, direction in ((client, sent), (upstream, received)):
+        try:
+            await stream.open()
+        except OSError as e:
+            direction.error(e)
+    if not outcome.done():
+        # a full send buffer on one stream pauses reading on the other
+        client.start(sent, received.sink_writable)
+        upstream.start(received, sent.sink_writable)
+    reason = await outcome
+    if reason == "closed":
+        # What was written must leave before the streams are closed: a tunnel stream closed
+        # with data still waiting for the peer's windows would be reset.
+        try:
+            await asyncio.gather(client.drain(), upstream.drain())
+            return reason
+        except OSError as e:
+            reason = str(StreamReset(f"reset while sending its last bytes ({e.strerror or e})"))
+    client.abort()
+    upstream.abort()
+    return reason
+
+
+class _Direction:
+    """One direction of a splice: receives from `source` and writes to `sink` as bytes arrive."""
+
+    def __init__(self, source: Stream, sink: Stream, source_side: str, sink_side: str,
+                 count: Callable[[int], None], outcome: asyncio.Future[str]) -> None:
+        self.source, self.sink = source, sink
+        self.source_side, self.sink_side = source_side, sink_side
+        self.count, self.outcome = count, outcome
+        self.other: _Direction | None = None
+        self.ended = False
+
+    def data(self, data: bytes | bytearray) -> None:
+        if not self.outcome.done():
+            self.sink.write(data)
+            self.count(len(data))
+
+    def eof(self) -> None:
+        if self.outcome.done():
+            return
+        try:
+            self.sink.write_eof()
+        except OSError as e:
+            self.finish(str(StreamReset.of(self.sink_side, e)))
+            return
+        self.ended = True
+        if self.other is not None and self.other.ended:
+            self.finish("closed")
+
+    def error(self, error: OSError) -> None:
+        self.finish(str(StreamReset.of(self.source_side, error)))
+
+    def sink_writable(self, writable: bool) -> None:
+        """Backpressure: the sink's send buffer filled up, or has room again."""
+        if writable:
+            self.source.resume_reading()
+        else:
+            self.source.pause_reading()
+
+    def finish(self, reason: str) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(reason)
+
+
+async def _kernel_splice(client: TcpStream, upstream: TcpStream, count_sent: Callable[[int], None],
+                         count_received: Callable[[int], None]) -> str:
     directions = {
-        asyncio.create_task(copy(client, upstream, "client", "upstream", count_sent)),
-        asyncio.create_task(copy(upstream, client, "upstream", "client", count_received)),
+        asyncio.create_task(_kernel_copy(client, upstream, "client", "upstream", count_sent)),
+        asyncio.create_task(_kernel_copy(upstream, client, "upstream", "client", count_received)),
     }
     try:
         done, _ = await asyncio.wait(directions, return_when=asyncio.FIRST_EXCEPTION)
@@ -179,28 +336,6 @@ async def splice(
             upstream.abort()
             return str(error)
     return "closed"
-
-
-async def _copy(reader: Stream, writer: Stream, reader_side: str, writer_side: str,
-                count: Callable[[int], None]) -> None:
-    """Copies one direction until EOF, then passes the EOF on (half-close) and returns."""
-    while True:
-        try:
-            data = await reader.read(COPY_CHUNK)
-        except OSError as e:
-            raise StreamReset.of(reader_side, e) from None
-        if not data:
-            break
-        writer.write(data)
-        count(len(data))
-        try:
-            await writer.drain()  # backpressure: a slow reader on the other side pauses us here
-        except OSError as e:
-            raise StreamReset.of(writer_side, e) from None
-    try:
-        writer.write_eof()
-    except OSError as e:
-        raise StreamReset.of(writer_side, e) from None
 
 
 async def _kernel_copy(reader: TcpStream, writer: TcpStream, reader_side: str, writer_side: str,

@@ -506,6 +506,19 @@ def test_idle_session_expires(certs: CertificateManager) -> None:
     run(body())
 
 
+async def write_until_stalled(stream: HboneStream) -> int:
+    """Writes until drain() stalls for 0.3 s (or 4 windows went out); the bytes written."""
+    written = 0
+    while written < 4 * STREAM_WINDOW:
+        stream.write(b"z" * CHUNK)
+        written += CHUNK
+        try:
+            await asyncio.wait_for(stream.drain(), 0.3)
+        except TimeoutError:
+            break
+    return written
+
+
 def test_slow_reader_backpressures_writer(certs: CertificateManager) -> None:
     release = asyncio.Event()
     received = bytearray()
@@ -519,14 +532,7 @@ def test_slow_reader_backpressures_writer(certs: CertificateManager) -> None:
     async def body() -> None:
         async with mesh(certs, stalled) as world:
             stream = await world.open()
-            written = 0
-            while written < 4 * STREAM_WINDOW:
-                stream.write(b"z" * CHUNK)
-                written += CHUNK
-                try:
-                    await asyncio.wait_for(stream.drain(), 0.3)
-                except TimeoutError:
-                    break
+            written = await write_until_stalled(stream)
             # The peer's stream window is all that may be in flight, plus the write that waits.
             assert STREAM_WINDOW <= written <= STREAM_WINDOW + CHUNK, written
             release.set()
@@ -534,6 +540,36 @@ def test_slow_reader_backpressures_writer(certs: CertificateManager) -> None:
             stream.write_eof()
             assert await stream.read(1) == b""
             assert len(received) == written
+
+    run(body())
+
+
+def test_slow_upstream_backpressures_the_tunnel_through_splice(certs: CertificateManager) -> None:
+    """The server side splices the tunnel to a TCP upstream that does not read: its full socket
+    pauses the tunnel stream, whose unacknowledged bytes close the client's window."""
+    release = asyncio.Event()
+    received = bytearray()
+
+    async def stalled_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        received.extend(await reader.read())
+        writer.close()
+
+    async def body() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited on accept
+        upstream = await asyncio.start_server(stalled_upstream, sock=listener)
+        async with mesh(certs) as world:
+            stream = await world.open(hostport(*listener.getsockname()[:2]))
+            written = await write_until_stalled(stream)
+            # the window, the proxy's socket send buffer (at most 4 MiB) and little else
+            assert STREAM_WINDOW <= written <= 2 * STREAM_WINDOW + 512 * 1024, written
+            release.set()
+            await stream.drain()
+            stream.write_eof()
+            assert await stream.read(1) == b""
+        upstream.close()
+        assert len(received) == written
 
     run(body())
 

@@ -85,7 +85,7 @@ def test_kernel_splice_carries_both_directions_intact_with_half_close(loop: str)
         assert await relay == "closed"
         assert (sum(sent), sum(received)) == (len(up), len(down))
         # the kernel moved the bytes: neither socket was ever handed to an asyncio stream
-        assert client_side.writer is None and upstream.writer is None
+        assert not client_side.opened and not upstream.opened
         for sock in (client, server, client_side.sock, upstream.sock, listener):
             sock.close()
 
