@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 from registry.model import RegistryState
 from ztunnel.connections import ConnectionRecord, ConnectionTable, Direction, EndState
 from ztunnel.errors import ProxyError
-from ztunnel.streams import Stream, splice
+from ztunnel.streams import Stream, no_delay, splice
 
 log = logging.getLogger("amesh.ztunnel")
 
@@ -98,6 +98,7 @@ class CapturedListener:
                 loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
                 return
             conn.setblocking(False)
+            no_delay(conn)
             task = asyncio.create_task(self._serve(conn, peer[:2]))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)

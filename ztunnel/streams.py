@@ -82,9 +82,6 @@ class TcpStream:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        # Nagle off: a small write (a short reply, an HTTP/2 frame) must not wait for the
-        # peer's delayed ACK, 40 ms per exchange (measured)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._transport: asyncio.Transport | None = None
         self._protocol = _TcpProtocol()
@@ -205,6 +202,7 @@ async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:
     address = f"{ip}:{port}"
     sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    no_delay(sock)
     try:
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (ip, port))
@@ -218,6 +216,14 @@ async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:
             raise ConnectError("connect_failed", f"connect to {address} failed: {e.strerror or e}") from None
         raise
     return TcpStream(sock)
+
+
+def no_delay(sock: socket.socket) -> None:
+    """Nagle off: a small write (a short reply, an HTTP/2 frame) must not wait for the peer's
+    delayed ACK, 40 ms per exchange (measured). uvloop sets it on every TCP transport, asyncio
+    only on sockets created with proto IPPROTO_TCP, so the ztunnel sets it on every socket it
+    accepts or connects."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class ConnectError(ProxyError):
