@@ -7,8 +7,8 @@ streams on it, one per proxied TCP connection; each stream is an `HboneStream`, 
 
 - HTTP/2 itself is h2's sans-I/O `H2Connection`. `_H2Session` only moves bytes between it and one
   TLS connection: the transport's reads feed `receive_data` and the events go to streams, and
-  `flush()` is the one place that takes `data_to_send()`; frames are queued and written once
-  per pass of the event loop (or when a writer drains), so a burst of frames is one TLS write.
+  `flush()` is the one place that takes `data_to_send()`; those frames are written once per
+  pass of the event loop, or with the next DATA frame, so a burst of them is one TLS write.
 - DATA frames on open streams skip h2's frame objects both ways (h2 4.4 formats every received
   DATA payload into a log string, even with logging off, which cost half a receiver's CPU):
   `HboneStream` writes the 9-byte header in front of the payload and `_H2Session._receive` cuts
@@ -591,24 +591,24 @@ class _H2Session(asyncio.BufferedProtocol):
             self._queue(data)
 
     def send_data(self, stream_id: int, payload: bytes) -> None:
-        """Queues one DATA frame without END_STREAM, charged to h2's send windows; the caller
+        """Writes one DATA frame without END_STREAM, charged to h2's send windows; the caller
         checked that they and the peer's frame size allow it, and that the stream may send."""
         self.flush()  # what h2 queued before (the CONNECT, a WINDOW_UPDATE) goes first
         size = len(payload)
         self.h2.outbound_flow_control_window -= size
         self.h2.streams[stream_id].outbound_flow_control_window -= size
         self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id), payload)
+        # at once, with the frames queued before it: a message waits for nothing, and the
+        # transport's backpressure is felt by the next read
+        self._write_out()
 
     def _queue(self, *frames: bytes) -> None:
-        # Small frames go out together at the end of this pass of the event loop (or at
-        # drain()): one TLS write and one send() for a CONNECT and its first DATA, or an answer
-        # and its WINDOW_UPDATEs, instead of one per frame. Bulk data goes at once, so the
-        # socket is kept busy and the transport's backpressure is felt by the next read.
+        # Frames other than DATA (HEADERS, WINDOW_UPDATE, SETTINGS ACK, END_STREAM, resets) wait
+        # for the end of this pass of the event loop, the next DATA frame or drain(): a burst of
+        # them is one TLS write and one send(), not one per frame.
         self._outgoing += frames
         self._outgoing_size += sum(map(len, frames))
-        if self._outgoing_size > _JOIN_LIMIT:
-            self._write_out()
-        elif not self._write_scheduled:
+        if not self._write_scheduled:
             self._write_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_out)
 
