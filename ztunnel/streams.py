@@ -114,7 +114,7 @@ class TcpStream:
 
     def write(self, data: bytes | bytearray) -> None:
         if self._transport is None:
-            raise RuntimeError(f"{self!r}: write() before start()")
+            raise RuntimeError(f"{self!r}: write() before open()")
         if not self._transport.is_closing():
             self._transport.write(data)
 
