@@ -228,7 +228,6 @@ class HboneStream:
             else:
                 self._outbound += data
                 self.send_pending()
-            self.report_writable()
 
     async def drain(self) -> None:
         """Waits until everything written is within the peer's HTTP/2 windows and the socket."""
@@ -293,9 +292,9 @@ class HboneStream:
             self._session.flush()
         if sent:
             self._progress.set()
-            self.report_writable()
             if self.finished:
                 self._session.forget(self)
+        self.report_writable()  # data left waiting for the windows, or all of it went
 
     def report_writable(self) -> None:
         """Tells the started owner when writes should stop (data waits for the peer's windows,
@@ -332,7 +331,7 @@ class HboneStream:
             data, self._inbound = self._inbound, bytearray()
             receiver.data(data)
             self._consumed(len(data))
-        if self._remote_ended and not self._inbound and not self._eof_delivered and not self._paused:
+        if self._remote_ended and not self._eof_delivered:
             self._eof_delivered = True
             receiver.eof()
 
@@ -414,7 +413,6 @@ class _H2Session(asyncio.BufferedProtocol):
         self._lost = loop.create_future()  # the transport is gone
         self._transport: asyncio.Transport | None = None
         self._outgoing: list[bytes] = []  # frames to write at the end of this event-loop pass
-        self._outgoing_size = 0
         self._write_scheduled = False
         self.write_paused = False  # the transport's buffer is above its high-water mark
         self._write_resumed: asyncio.Future[None] | None = None
@@ -607,20 +605,19 @@ class _H2Session(asyncio.BufferedProtocol):
         # for the end of this pass of the event loop, the next DATA frame or drain(): a burst of
         # them is one TLS write and one send(), not one per frame.
         self._outgoing += frames
-        self._outgoing_size += sum(map(len, frames))
         if not self._write_scheduled:
             self._write_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_out)
 
     def _write_out(self) -> None:
         self._write_scheduled = False
-        frames, size = self._outgoing, self._outgoing_size
+        frames = self._outgoing
         if not frames:
             return
-        self._outgoing, self._outgoing_size = [], 0
+        self._outgoing = []
         if self._transport is None or self._transport.is_closing():
             return
-        if size <= _JOIN_LIMIT:
+        if sum(map(len, frames)) <= _JOIN_LIMIT:
             self._transport.write(b"".join(frames))  # one TLS record, not one per frame
         else:
             self._transport.writelines(frames)  # bulk: no copy of the payloads

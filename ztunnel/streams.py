@@ -85,7 +85,6 @@ class TcpStream:
         self.sock = sock
         self._transport: asyncio.Transport | None = None
         self._protocol = _TcpProtocol()
-        self._reading = False
 
     @property
     def opened(self) -> bool:
@@ -103,13 +102,11 @@ class TcpStream:
         self.resume_reading()  # paused since open()
 
     def pause_reading(self) -> None:
-        if self._transport is not None and self._reading and not self._transport.is_closing():
-            self._reading = False
-            self._transport.pause_reading()
+        if self._transport is not None:
+            self._transport.pause_reading()  # idempotent, also once closing
 
     def resume_reading(self) -> None:
-        if self._transport is not None and not self._reading and not self._transport.is_closing():
-            self._reading = True
+        if self._transport is not None:
             self._transport.resume_reading()
 
     def write(self, data: bytes | bytearray) -> None:
@@ -346,10 +343,11 @@ async def _kernel_splice(client: TcpStream, upstream: TcpStream, count_sent: Cal
 
 async def _kernel_copy(reader: TcpStream, writer: TcpStream, reader_side: str, writer_side: str,
                        count: Callable[[int], None]) -> None:
-    """`_copy` between two sockets with splice(2): socket -> pipe -> socket, the pages moved
-    rather than copied, and never through Python's memory."""
+    """One direction between two sockets with splice(2), until EOF, which it passes on
+    (half-close): socket -> pipe -> socket, the pages moved rather than copied, never through
+    Python's memory."""
     source, sink = reader.sock.fileno(), writer.sock.fileno()
-    readable = _Readable(source)
+    readable = _Readiness(source, writable=False)
     try:
         # The pipe (two descriptors) is made once bytes arrive: an idle connection holds none.
         await readable.wait()
@@ -370,7 +368,7 @@ async def _kernel_copy(reader: TcpStream, writer: TcpStream, reader_side: str, w
         raise StreamReset.of(writer_side, e) from None
 
 
-async def _pump(source: int, sink: int, pipe_out: int, pipe_in: int, readable: _Readable,
+async def _pump(source: int, sink: int, pipe_out: int, pipe_in: int, readable: _Readiness,
                 reader_side: str, writer_side: str, count: Callable[[int], None]) -> None:
     """Moves bytes source -> pipe -> sink until the source's EOF has gone through."""
     try:
@@ -396,9 +394,14 @@ async def _pump(source: int, sink: int, pipe_out: int, pipe_in: int, readable: _
                 moved = os.splice(pipe_out, sink, buffered, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 # backpressure: the sink's buffer is full. The source's readiness is not
-                # watched meanwhile, or its pending bytes would wake the loop on every pass.
+                # watched meanwhile, or its pending bytes would wake the loop on every pass;
+                # nor is the sink's afterwards: a socket is nearly always writable.
                 readable.stop()
-                await _writable(sink)
+                writable = _Readiness(sink, writable=True)
+                try:
+                    await writable.wait()
+                finally:
+                    writable.stop()
                 continue
             except OSError as e:
                 raise StreamReset.of(writer_side, e) from None
@@ -406,46 +409,30 @@ async def _pump(source: int, sink: int, pipe_out: int, pipe_in: int, readable: _
             count(moved)
 
 
-class _Readable:
-    """Waits for a socket to be readable, staying registered with the event loop between waits:
-    registering and unregistering for every message costs two epoll_ctl calls (and in uvloop
-    a poll handle) each time."""
+class _Readiness:
+    """Waits for a socket to be readable (or writable), staying registered with the event loop
+    between waits until `stop()`: registering and unregistering for every message costs two
+    epoll_ctl calls (and in uvloop a poll handle) each time."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, fd: int, writable: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._fd, self._loop = fd, loop
+        self._add, self._remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
         self._waiter: asyncio.Future[None] | None = None
         self._watching = False
 
     async def wait(self) -> None:
         if not self._watching:
-            self._loop.add_reader(self._fd, self._wake)
+            self._add(self._fd, self._wake)
             self._watching = True
         self._waiter = self._loop.create_future()
         await self._waiter
 
     def stop(self) -> None:
         if self._watching:
-            self._loop.remove_reader(self._fd)
+            self._remove(self._fd)
             self._watching = False
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-
-async def _writable(fd: int) -> None:
-    """Waits until `fd` is writable (registered only meanwhile: a socket is nearly always
-    writable, and would otherwise wake the loop on every pass)."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 
 import pytest
 import uvloop
@@ -100,6 +101,32 @@ def test_kernel_splice_carries_both_directions_intact_with_half_close(loop: str)
         assert (sum(sent), sum(received)) == (len(up), len(down))
         # the kernel moved the bytes: neither socket was ever handed to an asyncio stream
         assert not client_side.opened and not upstream.opened
+        for sock in (client, server, client_side.sock, upstream.sock, listener):
+            sock.close()
+
+    run(loop, body)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_kernel_splice_waits_for_a_full_receiver_without_spinning(loop: str) -> None:
+    """A receiver that stops reading fills the sink socket: the relay waits for it to be writable
+    (not polling, and not watching its source meanwhile), then delivers everything."""
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def body() -> None:
+        client, server, client_side, upstream, listener = await spliced()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        relay = asyncio.create_task(splice(client_side, upstream, lambda n: None, lambda n: None))
+        sending = asyncio.create_task(send_then_eof(client, payload))
+        await asyncio.sleep(0.2)  # the server reads nothing: every buffer on the way fills up
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        assert time.process_time() - cpu < 0.2, "the relay spun while the receiver was full"
+        assert await read_to_eof(server) == payload
+        await sending
+        server.shutdown(socket.SHUT_WR)
+        assert await read_to_eof(client) == b""
+        assert await relay == "closed"
         for sock in (client, server, client_side.sock, upstream.sock, listener):
             sock.close()
 
