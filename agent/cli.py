@@ -18,7 +18,7 @@ import click
 import uvloop
 
 from agent import views
-from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig
+from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig, default
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -45,9 +45,13 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--kubeconfig", default=None, envvar="KUBECONFIG",
               help="kubeconfig for the API server (default: in-cluster service account)")
 @click.option("--admin-port", default=ADMIN_PORT, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--drain-grace", default=2.0, show_default=True, type=click.FloatRange(0),
+@click.option("--drain-grace", default=default("drain_grace"), show_default=True, type=click.FloatRange(0),
               help="seconds live connections get to finish on shutdown")
-@click.option("--mtls-mode", default="PERMISSIVE", show_default=True, type=click.Choice(["PERMISSIVE", "STRICT"]),
+@click.option("--max-handshakes-per-source", default=default("max_handshakes_per_source"), show_default=True,
+              type=click.IntRange(1), help="TLS handshakes on the HBONE port under way at once from one address")
+@click.option("--max-handshakes", default=default("max_handshakes"), show_default=True, type=click.IntRange(1),
+              help="TLS handshakes on the HBONE port under way at once in all; the excess is refused at once")
+@click.option("--mtls-mode", default=default("mtls_mode"), show_default=True, type=click.Choice(["PERMISSIVE", "STRICT"]),
               help="for plaintext reaching enrolled pods whose namespace has no amesh.io/mtls-mode label")
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True,
               help="SPIFFE trust domain of workload identities")

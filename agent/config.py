@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,10 +47,23 @@ class AgentConfig:
     # seconds between full datapath reconciliations, which also pick up pod interfaces that
     # appeared after the pod was registered
     resync_interval: float = 2.0
-    connect_timeout: float = 5.0  # seconds for the ztunnel's upstream TCP connect
+    connect_timeout: float = 5.0  # seconds for the ztunnel's upstream TCP connect (and a TLS handshake)
+    # TLS handshakes on the HBONE port under way at once from one source address, and in all:
+    # the excess is refused at once. A handshake is the most an unauthenticated client can make
+    # the ztunnel do; a peer node's pool makes one per identity pair, so 64 covers its bursts.
+    max_handshakes_per_source: int = 64
+    max_handshakes: int = 512
     # seconds live connections get to finish on shutdown before they are cut; below the
     # usual 3 s between SIGTERM and SIGKILL of process supervisors and our test bed
     drain_grace: float = 2.0
     # "uvloop" (libuv, the default) or "asyncio" (the standard library's selector loop): uvloop
     # carries the same connections with less CPU per byte and per connection (bench/README.md)
     event_loop: str = "uvloop"
+
+
+def default(field_name: str) -> object:
+    """The default of an AgentConfig field, so the CLI states each default once, here."""
+    field = next(f for f in fields(AgentConfig) if f.name == field_name)
+    if field.default is MISSING:
+        raise ValueError(f"AgentConfig.{field_name} has no default")
+    return field.default

@@ -144,6 +144,10 @@ class AgentCollector:
         yield CounterMetricFamily("amesh_hbone_handshakes", "mTLS sessions the HBONE pool opened.",
                                   value=agent.pool.handshakes)
         yield GaugeMetricFamily("amesh_hbone_sessions", "Live pooled HBONE sessions.", value=agent.pool.sessions)
+        inbound = agent.inbound_hbone
+        yield CounterMetricFamily("amesh_hbone_unverified_sources", "Inbound CONNECTs whose claimed source "
+                                  "(forwarded: for=) is not a workload with the identity the peer proved.",
+                                  value=inbound.unverified_sources if inbound else 0)
         ready, _ = agent.readiness()
         yield GaugeMetricFamily("amesh_ready", "1 when the BPF programs, the listeners and the registry are up.",
                                 value=1 if ready else 0)

@@ -40,7 +40,8 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
-from ztunnel.listener import transparent_listener
+from ztunnel.limits import HandshakeLimiter
+from ztunnel.listener import NodeAddresses, transparent_listener
 from ztunnel.outbound import MeshTransport, OutboundProxy
 from ztunnel.server import CapturedListener
 from ztunnel.telemetry import access_log_entry
@@ -97,6 +98,12 @@ class NodeAgent:
             self._merged = (key, self.registrations.healthy_changes_at(),
                             merge(base, self.registrations.all(), now))
         return self._merged[2]
+
+    @property
+    def inbound_hbone(self) -> InboundHboneProxy | None:
+        """The HBONE listener, once serving (its counters are metrics)."""
+        proxy = self._proxies.get(Slot.INBOUND_HBONE)
+        return proxy if isinstance(proxy, InboundHboneProxy) else None
 
     def registrations_changed(self) -> None:
         """Called after the admin API changed a registration: routing and capture follow at once."""
@@ -186,9 +193,13 @@ class NodeAgent:
             raise
         state, timeout = (lambda: self.state), config.connect_timeout
         transport = MeshTransport(config.node, self.certs, self.pool)
+        own_ports = frozenset([*LISTENER_PORTS.values(), config.admin_port, config.metrics_port, config.readiness_port])
+        handshakes = HandshakeLimiter(config.max_handshakes_per_source, config.max_handshakes)
         self._proxies = {
-            Slot.OUTBOUND: OutboundProxy(state, self.table, transport, connect_timeout=timeout),
-            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, config.node, self.certs, connect_timeout=timeout),
+            Slot.OUTBOUND: OutboundProxy(state, self.table, transport, own_ports, NodeAddresses(),
+                                         connect_timeout=timeout),
+            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, config.node, self.certs, handshakes,
+                                                  connect_timeout=timeout),
             Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, config.node, config.mtls_mode,
                                                           connect_timeout=timeout),
         }

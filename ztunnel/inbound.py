@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from typing import Callable
@@ -24,7 +25,8 @@ from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, pars
 from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
 from ztunnel.policy import admit_plaintext
 from ztunnel.server import CapturedListener
-from ztunnel.streams import TcpStream, connect_tcp
+from ztunnel.limits import HandshakeLimiter
+from ztunnel.streams import TcpStream, connect_tcp, reset_socket
 
 
 class NotLocal(ProxyError):
@@ -64,13 +66,23 @@ class InboundPlaintextProxy(CapturedListener):
 
 
 class InboundHboneProxy(CapturedListener):
-    """Terminates HBONE for the enrolled pods of this node."""
+    """Terminates HBONE for the enrolled pods of this node.
+
+    Trust: the pod a tunnel reaches is always the one whose address the TCP connection was made
+    to (and whose certificate was served); a CONNECT may choose only the port (any other IP is
+    answered 400, as Istio's ztunnel does). The source a peer names in `forwarded: for=` is
+    believed only when the workload at that address carries the identity the peer proved;
+    otherwise the connection is recorded with the peer's identity, the peer's own address and
+    no source workload, and counted in `unverified_sources`.
+    """
 
     def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, node: str,
-                 certs: CertificateManager, connect_timeout: float = 5.0) -> None:
+                 certs: CertificateManager, handshakes: HandshakeLimiter, connect_timeout: float = 5.0) -> None:
         super().__init__(state_getter, table, connect_timeout)
         self._node = node
         self._certs = certs
+        self._handshakes = handshakes
+        self.unverified_sources = 0  # CONNECTs whose forwarded source did not match the proved identity
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -82,11 +94,14 @@ class InboundHboneProxy(CapturedListener):
 
         server = HboneServer(handle)
         session = None
+        refused = self._handshakes.admit(peer[0])
         try:
-            destination = local_destination(state, self._node, dst_ip)
+            if refused is not None:
+                raise ProxyError("handshake_limit", f"TLS handshake from {hostport(*peer)} refused at once: {refused}")
+            served = local_destination(state, self._node, dst_ip)
             # The certificate is the dialled pod's, so TLS starts only now that we know it.
-            served = workload_identity(destination, self._certs.trust_domain)
-            session = await server.accept(conn, self._certs.server_context(served), self._connect_timeout)
+            served_id = workload_identity(served, self._certs.trust_domain)
+            session = await server.accept(conn, self._certs.server_context(served_id), self._connect_timeout)
             tls = session.tls_object()
             client = peer_identity(tls.getpeercert(binary_form=True) if tls else None, self._certs.trust_domain)
         except (ProxyError, ssl.SSLError, OSError, TimeoutError) as e:
@@ -96,43 +111,63 @@ class InboundHboneProxy(CapturedListener):
             error = e if isinstance(e, ProxyError) else _tls_error(e, hostport(*peer))
             if session is not None:
                 session.abort()
-            conn.close()  # closed already unless the handshake succeeded or never started
+            reset_socket(conn)  # closed already unless the handshake succeeded or never started
             self.end(record, "failed", str(error), error.reason)
             return
+        finally:
+            if refused is None:
+                self._handshakes.done(peer[0])
         await server.serve(session)
 
-    async def _tunnel(self, state: RegistryState, served: Identity, client: Identity, peer: tuple,
+    async def _tunnel(self, state: RegistryState, served: Workload, client: Identity, peer: tuple,
                       request: ConnectRequest, responder: Responder) -> None:
-        source_ip = parse_forwarded_for(request.headers.get("forwarded", "")) or peer[0]
-        source = state.workload_by_ip(source_ip)
+        """Carries one CONNECT out; its record ends exactly once, however the stream ends."""
+        source = verified_source(state, parse_forwarded_for(request.headers.get("forwarded", "")), client,
+                                 self._certs.trust_domain)
+        if source is None:
+            self.unverified_sources += 1
         # HBONE carries the client's address (forwarded: for=) but not its port: 0 says unknown.
-        record = self._table.open(source_ip, 0, request.authority, source.key if source else None,
-                                  direction="inbound")
-        record.security, record.source_identity, record.upstream = "mtls", client.uri, request.authority
+        record = self._table.open(source.ip if source else peer[0], 0, request.authority,
+                                  source.key if source else None, direction="inbound")
+        record.security, record.source_identity = "mtls", client.uri
+        record.upstream, record.upstream_workload = hostport(served.ip, request.port), served.key
+        record.destination_identity = workload_identity(served, self._certs.trust_domain).uri
         try:
-            target = local_destination(state, self._node, request.host)
-            record.upstream_workload = target.key
-            record.destination_identity = workload_identity(target, self._certs.trust_domain).uri
-            if record.destination_identity != served.uri:
-                raise NotLocal("wrong_authority", f"{request.authority} is {record.destination_identity}, not "
-                                                  f"{served.uri} whose certificate this connection was made to")
-        except NotLocal as e:
-            responder.reject(400, str(e))
-            self.end(record, "failed", str(e), e.reason)
-            return
-        try:
-            upstream = await connect_tcp(request.host, request.port, self._connect_timeout)
+            if request.host != served.ip:
+                raise NotLocal("wrong_authority", f"CONNECT {request.authority} names another address than "
+                                                  f"{served.ip} ({served.key}), whose HBONE port this "
+                                                  "connection was made to: only the port may differ")
+            upstream = await connect_tcp(served.ip, request.port, self._connect_timeout)
         except ProxyError as e:
-            responder.reject(503, str(e))
             self.end(record, "failed", str(e), e.reason)
+            responder.reject(400 if isinstance(e, NotLocal) else 503, str(e))
             return
+        except asyncio.CancelledError:  # the client reset the stream (or the session ended)
+            self.end(record, "failed", "the client reset the CONNECT before the tunnel opened", "client_reset")
+            raise
+        except Exception as e:
+            self.end_unexpected(record, e)
+            raise  # HboneServer answers 503
         try:
             stream = await responder.accept()
-        except ConnectionError as e:
+        except (ConnectionError, asyncio.CancelledError) as e:
             upstream.abort()
-            self.end(record, "failed", f"client left before the tunnel opened ({e})", "client_reset")
+            self.end(record, "failed", f"the client left before the tunnel opened ({e or 'cancelled'})",
+                     "client_reset")
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return
         await self.relay(record, stream, upstream)
+
+
+def verified_source(state: RegistryState, claimed_ip: str | None, proved: Identity,
+                    trust_domain: str) -> Workload | None:
+    """The workload a peer says the connection comes from, if the registry shows it at
+    `claimed_ip` with the identity the peer proved; None for no claim or one not borne out."""
+    workload = state.workload_by_ip(claimed_ip) if claimed_ip else None
+    if workload is None or workload_identity(workload, trust_domain) != proved:
+        return None
+    return workload
 
 
 def _tls_error(error: Exception, peer: str) -> ProxyError:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 from registry.model import RegistryState, Workload
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
-from ztunnel.routing import Router
+from ztunnel.routing import Router, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
 from ztunnel.streams import Stream, TcpStream, connect_tcp
 
@@ -35,19 +35,27 @@ class MeshTransport:
 
 
 class OutboundProxy(CapturedListener):
-    """Accepts captured connections on one listening socket and splices each to its upstream."""
+    """Accepts captured connections on one listening socket and splices each to its upstream.
+
+    `own_ports` are the ports the agent serves on the node's addresses (`node_addresses()`):
+    a captured connection to one of them is refused, as it would loop back into the ztunnel.
+    """
 
     def __init__(
         self,
         state_getter: Callable[[], RegistryState],
         table: ConnectionTable,
         transport: MeshTransport,
+        own_ports: Collection[int],
+        node_addresses: Callable[[], Collection[str]],
         connect_timeout: float = 5.0,
         original_destination: OriginalDestination = sockname_destination,
     ) -> None:
         super().__init__(state_getter, table, connect_timeout, original_destination)
         self._transport = transport
         self._router = Router()
+        self._own_ports = own_ports
+        self._node_addresses = node_addresses
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -57,18 +65,16 @@ class OutboundProxy(CapturedListener):
 
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> Stream:
+        source = captured_source(state, self._transport.node, record.source_ip)
         route = self._router.route(state, dst_ip, dst_port)
         record.service = route.service
         record.upstream = route.address
         record.upstream_workload = route.workload
+        guard_self_loop(route, self._own_ports, self._node_addresses)
         target = state.workload_by_ip(route.ip)
         if target is None or not target.enrolled:
             record.security = "plaintext"
             return await connect_tcp(route.ip, route.port, self._connect_timeout)
-        source = state.workload_by_ip(record.source_ip)
-        if source is None:
-            raise ProxyError("unknown_source", f"source {record.source_ip} is not in the registry, so it has "
-                                               f"no identity to reach enrolled {target.key} with")
         return await self._to_enrolled(record, source, target, route.port)
 
     async def _to_enrolled(self, record: ConnectionRecord, source: Workload, target: Workload, port: int) -> Stream:

@@ -8,9 +8,9 @@ of the proxy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Collection, Literal
 
-from registry.model import Endpoint, RegistryState, Service
+from registry.model import Endpoint, RegistryState, Service, Workload
 from ztunnel.errors import ProxyError
 
 UpstreamKind = Literal["service", "workload", "passthrough"]
@@ -83,3 +83,28 @@ def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:
         return endpoint.workload
     workload = state.workload_by_ip(endpoint.ip)
     return workload.key if workload is not None else None
+
+
+class LoopError(ProxyError):
+    """The connection would come back to the ztunnel itself; refused before any socket opens."""
+
+
+def captured_source(state: RegistryState, node: str, ip: str) -> Workload:
+    """The enrolled workload of `node` at `ip`: the only sources the capture program hands to
+    the outbound listener. Anything else dialled the listener's port directly (a node address
+    on port 15001, from a pod outside the mesh or from the ztunnel itself): serving it would
+    proxy a connection that was never captured, and connecting onwards to ourselves loops."""
+    workload = state.workload_by_ip(ip)
+    if workload is None or not workload.enrolled or workload.node != node:
+        raise LoopError("not_captured", f"connection from {ip} reached the outbound listener without capture: "
+                                        f"only enrolled pods of node {node} are proxied outbound")
+    return workload
+
+
+def guard_self_loop(upstream: Upstream, own_ports: Collection[int],
+                    node_addresses: Callable[[], Collection[str]]) -> None:
+    """LoopError when `upstream` is one of this node's addresses on a port the ztunnel serves.
+    The node's addresses are asked for only for those ports, which traffic almost never uses."""
+    if upstream.port in own_ports and upstream.ip in node_addresses():
+        raise LoopError("self_loop", f"{upstream.address} is this node's own ztunnel port {upstream.port}: "
+                                     "connecting there would loop back into the ztunnel")

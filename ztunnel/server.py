@@ -13,7 +13,8 @@ from typing import Awaitable, Callable
 from registry.model import RegistryState
 from ztunnel.connections import ConnectionRecord, ConnectionTable, Direction, EndState
 from ztunnel.errors import ProxyError
-from ztunnel.streams import Stream, no_delay, splice
+from ztunnel.hbone import hostport
+from ztunnel.streams import Stream, no_delay, reset_socket, splice
 
 log = logging.getLogger("amesh.ztunnel")
 
@@ -108,12 +109,24 @@ class CapturedListener:
             asyncio.get_running_loop().add_reader(self._sock, self._accept_ready)
 
     async def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        """The listener boundary: whatever goes wrong in serving one connection ends that
+        connection with a reset and a counted reason, never the listener or the loop."""
         try:
             destination = self._original_destination(conn)
         except OSError:  # the client reset before we got to look at the connection
             conn.close()
             return
-        await self.serve_connection(conn, peer, destination)
+        try:
+            await self.serve_connection(conn, peer, destination)
+        except asyncio.CancelledError:
+            reset_socket(conn)
+            raise
+        except Exception:
+            # A bug, or a failure no path expected (the paths end their own records): the
+            # client must not wait on a half-served connection.
+            log.exception("conn.unexpected_error src=%s dst=%s", hostport(*peer), hostport(*destination))
+            reset_socket(conn)
+            self._table.failures["internal"] += 1
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -146,6 +159,10 @@ class CapturedListener:
                 client.abort()
                 self.end(record, "failed", "cancelled: proxy shutting down", "shutdown")
                 raise
+            except Exception as e:
+                client.abort()
+                self.end_unexpected(record, e)
+                return
             await self.relay(record, client, upstream)
         finally:
             client.close()
@@ -165,6 +182,10 @@ class CapturedListener:
             client.abort()
             upstream.abort()
             raise
+        except Exception as e:
+            client.abort()
+            upstream.abort()
+            self.end_unexpected(record, e)
         finally:
             upstream.close()
 
@@ -175,6 +196,12 @@ class CapturedListener:
         level = logging.INFO if state == "failed" else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, "conn.close %s", log_fields(record))
+
+
+    def end_unexpected(self, record: ConnectionRecord, error: Exception) -> None:
+        """Ends a connection that an unexpected exception broke, with the traceback in the log."""
+        log.error("conn.unexpected_error conn=%d", record.id, exc_info=error)
+        self.end(record, "failed", f"internal error in the ztunnel: {type(error).__name__}: {error}", "internal")
 
 
 def log_fields(record: ConnectionRecord) -> str:

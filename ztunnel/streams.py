@@ -125,13 +125,10 @@ class TcpStream:
         pass  # close() sends what is still buffered before the FIN
 
     def abort(self) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # the socket is already gone; there is nothing left to reset
         if self._transport is None:
-            self.sock.close()
+            reset_socket(self.sock)
         else:
+            _linger_reset(self.sock)
             self._transport.abort()
 
     def close(self) -> None:
@@ -197,7 +194,10 @@ class _TcpProtocol(asyncio.Protocol):
 async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:
     """A TCP connection to ip:port, with OS errors turned into a ConnectError that says why."""
     address = f"{ip}:{port}"
-    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as e:  # out of descriptors or memory: ours to fix, not the upstream's
+        raise ConnectError("resources", f"no socket for a connection to {address}: {e.strerror or e}") from None
     sock.setblocking(False)
     no_delay(sock)
     try:
@@ -213,6 +213,21 @@ async def connect_tcp(ip: str, port: int, timeout: float) -> TcpStream:
             raise ConnectError("connect_failed", f"connect to {address} failed: {e.strerror or e}") from None
         raise
     return TcpStream(sock)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Closes a socket we still own with a RST, so its peer fails at once instead of reading a
+    clean EOF; a no-op for a socket already closed (or handed to a transport that closed it)."""
+    if sock.fileno() != -1:
+        _linger_reset(sock)
+        sock.close()
+
+
+def _linger_reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # the socket is already gone; there is nothing left to reset
 
 
 def no_delay(sock: socket.socket) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from registry.model import RegistryState, Workload
 from ztunnel.connections import ConnectionRecord, iso_utc
+from ztunnel.errors import failure_reason
 
 UNKNOWN = "unknown"
 DEFAULT_CLUSTER = "Kubernetes"  # Istio's default cluster id
@@ -26,9 +27,6 @@ ISTIO_LABELS = (
     "response_flags", "connection_security_policy",
 )
 
-# Istio's response flags for TCP: NR no route (no endpoint, no such port), UF upstream
-# connection failure, UAEX denied by policy (authorization, STRICT mTLS).
-_FLAGS = {"no_endpoint": "NR", "no_service_port": "NR", "strict_mtls": "UAEX", "not_local": "NR"}
 
 # The suffixes Kubernetes controllers add to a pod's name, found by the labels they set.
 _DEPLOYMENT_POD = re.compile(r"^(?P<name>.+)-(?P<hash>[a-z0-9]+)-[a-z0-9]{5}$")
@@ -86,7 +84,7 @@ def istio_labels(record: ConnectionRecord, state: RegistryState, cluster: str = 
         "destination_service_namespace": service_namespace or UNKNOWN,
         "destination_cluster": cluster,
         "request_protocol": "tcp",
-        "response_flags": _FLAGS.get(record.failure or "", "UF") if record.state == "failed" else "-",
+        "response_flags": failure_reason(record.failure).flag if record.state == "failed" else "-",
         "connection_security_policy": "mutual_tls" if record.security in ("mtls", "same-node") else "unknown",
     }
     return tuple(labels[name] for name in ISTIO_LABELS)

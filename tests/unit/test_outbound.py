@@ -24,9 +24,12 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.hbone import HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA
 from ztunnel.outbound import MeshTransport, OutboundProxy
+from ztunnel.routing import LoopError, Router, Upstream, guard_self_loop
 
 VIP = "10.96.0.10"
-CLIENT = Workload(name="client", namespace="shop", ip="127.0.0.1", node="n1")
+OWN_PORTS = frozenset({15000, 15001})
+NODE_ADDRESSES = frozenset({"127.0.0.1", "192.0.2.1"})
+CLIENT = Workload(name="client", namespace="shop", ip="127.0.0.1", node="n1", enrolled=True)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -83,7 +86,10 @@ class Bed:
         self.servers.append(server)
         return server.sockets[0].getsockname()[1]
 
-    async def start_proxy(self, upstream_ports: list[int], dst_port: int = 80) -> tuple[str, int]:
+    async def start_proxy(self, upstream_ports: list[int], dst_port: int = 80, source: Workload = CLIENT,
+                          destination: tuple[str, int] | None = None) -> tuple[str, int]:
+        """The proxy's address; it sees every connection as captured from `source` (its IP is
+        what the registry says about 127.0.0.1) to `destination` (default: the Service)."""
         service = Service(
             name="web",
             namespace="shop",
@@ -94,11 +100,12 @@ class Bed:
                 for i, p in enumerate(upstream_ports)
             ),
         )
-        state = RegistryState(workloads=(CLIENT,), services=(service,))
+        state = RegistryState(workloads=(source,), services=(service,))
         certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))
         transport = MeshTransport("n1", certs, HboneClientPool())
         self.proxy = OutboundProxy(
-            lambda: state, self.table, transport, connect_timeout=2.0, original_destination=lambda _: (VIP, dst_port)
+            lambda: state, self.table, transport, OWN_PORTS, lambda: NODE_ADDRESSES, connect_timeout=2.0,
+            original_destination=lambda _: destination or (VIP, dst_port)
         )
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
@@ -285,6 +292,78 @@ def test_upstream_reset_resets_client_and_is_recorded() -> None:
         assert record.reason is not None and record.reason.startswith("upstream reset")
 
     run(test)
+
+
+@pytest.mark.parametrize("source", [
+    Workload(name="client", namespace="shop", ip="10.0.0.9", node="n1", enrolled=True),  # not this IP
+    Workload(name="client", namespace="shop", ip="127.0.0.1", node="n1"),  # not enrolled
+    Workload(name="client", namespace="shop", ip="127.0.0.1", node="n2", enrolled=True),  # another node's
+], ids=["unknown source", "not enrolled", "another node"])
+def test_a_connection_that_did_not_come_through_capture_is_refused_before_any_connect(source: Workload) -> None:
+    async def test(bed: Bed) -> None:
+        accepted = []
+        port = await bed.serve(lambda reader, writer: accepted.append(writer) or writer.close())
+        reader, writer = await asyncio.open_connection(*await bed.start_proxy([port], source=source))
+        await expect_reset(reader)
+        writer.close()
+        [record] = await bed.finish()
+        assert (record.state, record.failure) == ("failed", "not_captured")
+        assert "without capture" in str(record.reason) and accepted == []
+
+    run(test)
+
+
+def test_a_captured_connection_to_the_nodes_own_ztunnel_port_is_refused_not_looped() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b""))], destination=("192.0.2.1", 15001))
+        reader, writer = await asyncio.open_connection(*address)
+        await expect_reset(reader)
+        writer.close()
+        # the same port on an address that is not the node's is an ordinary destination
+        assert guard_self_loop_allows(Upstream("192.0.2.7", 15001, "passthrough"))
+        [record] = await bed.finish()
+        assert (record.state, record.failure) == ("failed", "self_loop")
+        assert record.reason == ("192.0.2.1:15001 is this node's own ztunnel port 15001: "
+                                 "connecting there would loop back into the ztunnel")
+
+    run(test)
+
+
+def guard_self_loop_allows(upstream: Upstream) -> bool:
+    try:
+        guard_self_loop(upstream, OWN_PORTS, lambda: NODE_ADDRESSES)
+    except LoopError:
+        return False
+    return True
+
+
+def test_an_unexpected_error_resets_the_client_ends_the_record_and_the_listener_serves_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+    route = Router.route
+
+    def buggy_route(self: Router, *args: object) -> Upstream:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in routing")
+        return route(self, *args)
+
+    monkeypatch.setattr(Router, "route", buggy_route)
+
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))])
+        reader, writer = await asyncio.open_connection(*address)
+        await expect_reset(reader)
+        writer.close()
+        assert await exchange(address, b"next") == b"next|bye"
+        failed, served = await bed.finish()
+        assert (failed.state, failed.failure) == ("failed", "internal")
+        assert failed.reason == "internal error in the ztunnel: RuntimeError: a bug in routing"
+        assert served.state == "closed"
+
+    run(test)
+    assert any("a bug in routing" in (r.exc_text or "") for r in caplog.records), "traceback not logged"
 
 
 def test_connections_alternate_between_two_upstreams() -> None:

@@ -26,3 +26,17 @@ def test_strict_refuses_plaintext_naming_the_workload_and_permissive_admits_it()
         admit_plaintext(workload(), STRICT)
     assert refused.value.reason == "strict_mtls"
     assert "shop/web" in str(refused.value) and "STRICT" in str(refused.value)
+
+
+def test_a_claimed_source_is_believed_only_with_the_identity_the_registry_gives_it():
+    from registry.model import RegistryState
+    from ztunnel.identity import Identity
+    from ztunnel.inbound import verified_source
+
+    client = Workload("client", "shop", "10.244.1.10", "node-1", "client", enrolled=True)
+    state = RegistryState(workloads=(client,))
+    proved = Identity("cluster.local", "shop", "client")
+    assert verified_source(state, "10.244.1.10", proved, "cluster.local") == client
+    assert verified_source(state, "10.244.1.10", Identity("cluster.local", "shop", "web"), "cluster.local") is None
+    assert verified_source(state, "10.244.1.99", proved, "cluster.local") is None  # nobody there
+    assert verified_source(state, None, proved, "cluster.local") is None  # no claim
