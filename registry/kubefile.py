@@ -33,7 +33,16 @@ from registry.model import (
     Service,
     ServicePort,
     Workload,
-    is_ipv4,
+)
+from registry.objects import (
+    KubeObject,
+    ipv4_field,
+    labels_field,
+    list_field,
+    mapping_field,
+    port_field,
+    show,
+    string_field,
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # how an EndpointSlice names its Service
@@ -48,117 +57,12 @@ API_VERSIONS = {
 }
 
 
-class _Object:
-    """One Kubernetes object being read, with its identity and where it came from for errors."""
-
-    def __init__(self, raw: dict[Any, Any], where: str) -> None:
-        self.raw = raw
-        # "document 3", or "document 3 items[1]" inside a List; "" for an object from the API
-        # server, which its kind, namespace and name identify alone
-        self.where = where
-        self.key: tuple[str, str, str] | None = None  # (kind, namespace, name) once read
-        kind = raw.get("kind")
-        self.label = kind if isinstance(kind, str) and kind else "object"  # until the name is known
-        self.kind = _string(self, kind, "kind", required=True)
-        _string(self, raw.get("apiVersion"), "apiVersion", required=True)
-        self.metadata = _mapping(self, raw.get("metadata"), "metadata", required=True)
-        self.name = _string(self, self.metadata.get("name"), "metadata.name", required=True)
-        if self.kind == "Namespace":  # cluster-scoped
-            self.namespace = ""
-            self.label = f"{self.kind} {self.name}"
-        else:
-            namespace = _string(self, self.metadata.get("namespace"), "metadata.namespace")
-            self.namespace = namespace or "default"
-            self.label = f"{self.kind} {self.namespace}/{self.name}"
-        self.key = (self.kind, self.namespace, self.name)
-
-    def fail(self, path: str, problem: str) -> RegistryError:
-        where = f"{self.where} ({self.label})" if self.where else self.label
-        error = RegistryError(f"{where}: {path}: {problem}")
-        # Which object is at fault, for a source that skips that object rather than the state.
-        error.object_key = self.key  # type: ignore[attr-defined]
-        return error
-
-
-# --- field readers: each checks one value and names it by its path when it is wrong ---
-
-
-def _show(value: object) -> str:
-    """A value as the YAML author wrote it, for "got ..." in an error."""
-    if isinstance(value, str):
-        return f'"{value}"'
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return str(value)
-
-
-def _string(obj: _Object, value: object, path: str, *, required: bool = False) -> str:
-    if value is None or value == "":
-        if required:
-            raise obj.fail(path, "required")
-        return ""
-    if not isinstance(value, str):
-        raise obj.fail(path, f"must be a string, got {_show(value)}")
-    return value
-
-
-def _mapping(obj: _Object, value: object, path: str, *, required: bool = False) -> dict[Any, Any]:
-    if value is None:
-        if required:
-            raise obj.fail(path, "required")
-        return {}
-    if not isinstance(value, dict):
-        raise obj.fail(path, f"must be a mapping, got {_show(value)}")
-    return value
-
-
-def _list(obj: _Object, value: object, path: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise obj.fail(path, f"must be a list, got {_show(value)}")
-    return value
-
-
-def _port(obj: _Object, value: object, path: str) -> int:
-    # bool is an int in Python, but `port: true` is a mistake, not port 1.
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise obj.fail(path, f"must be an integer 1-65535, got {_show(value)}")
-    return value
-
-
-def _ipv4(obj: _Object, value: object, path: str) -> str:
-    """An IPv4 address, or "" when the field is absent."""
-    if value is None or value == "":
-        return ""
-    if not isinstance(value, str) or not is_ipv4(value):
-        raise obj.fail(path, f"must be an IPv4 address, got {_show(value)}")
-    return value
-
-
-def _labels(obj: _Object, value: object, path: str) -> dict[str, str]:
-    labels = _mapping(obj, value, path)
-    for key, text in labels.items():
-        if not isinstance(key, str):
-            raise obj.fail(path, f"keys must be strings, got {_show(key)}")
-        if not isinstance(text, str):
-            problem = f"must be a string, got {_show(text)} (quote it in YAML)"
-            raise obj.fail(f'{path}["{key}"]', problem)
-    return labels
-
-
 # --- one reader per supported kind ---
 
 
 @dataclass
 class _Pod:
-    obj: _Object
+    obj: KubeObject
     workload: Workload  # enrolled is filled in once every Namespace has been read
     named_ports: dict[str, int]  # containerPort by name, for named service targetPorts
 
@@ -177,78 +81,78 @@ class _Slice:
     endpoints: list[_SliceEndpoint]
 
 
-def _read_pod(obj: _Object, source: str) -> _Pod | None:
-    spec = _mapping(obj, obj.raw.get("spec"), "spec")
-    status = _mapping(obj, obj.raw.get("status"), "status")
-    ip = _ipv4(obj, status.get("podIP"), "status.podIP")
-    _ipv4(obj, status.get("hostIP"), "status.hostIP")  # unused, but a wrong one hints at a mix-up
-    node = _string(obj, spec.get("nodeName"), "spec.nodeName")
+def _read_pod(obj: KubeObject, source: str) -> _Pod | None:
+    spec = mapping_field(obj, obj.raw.get("spec"), "spec")
+    status = mapping_field(obj, obj.raw.get("status"), "status")
+    ip = ipv4_field(obj, status.get("podIP"), "status.podIP")
+    ipv4_field(obj, status.get("hostIP"), "status.hostIP")  # unused, but a wrong one hints at a mix-up
+    node = string_field(obj, spec.get("nodeName"), "spec.nodeName")
     if not node:
         if not ip:
             return None  # pending and unscheduled: nothing to capture or route to yet
         raise obj.fail("spec.nodeName", "required")
     ready = False
-    for i, condition in enumerate(_list(obj, status.get("conditions"), "status.conditions")):
-        condition = _mapping(obj, condition, f"status.conditions[{i}]", required=True)
+    for i, condition in enumerate(list_field(obj, status.get("conditions"), "status.conditions")):
+        condition = mapping_field(obj, condition, f"status.conditions[{i}]", required=True)
         if condition.get("type") == "Ready":
             ready = condition.get("status") == "True"
     named_ports: dict[str, int] = {}
-    for i, container in enumerate(_list(obj, spec.get("containers"), "spec.containers")):
-        container = _mapping(obj, container, f"spec.containers[{i}]", required=True)
-        for j, port in enumerate(_list(obj, container.get("ports"), f"spec.containers[{i}].ports")):
+    for i, container in enumerate(list_field(obj, spec.get("containers"), "spec.containers")):
+        container = mapping_field(obj, container, f"spec.containers[{i}]", required=True)
+        for j, port in enumerate(list_field(obj, container.get("ports"), f"spec.containers[{i}].ports")):
             path = f"spec.containers[{i}].ports[{j}]"
-            port = _mapping(obj, port, path, required=True)
-            number = _port(obj, port.get("containerPort"), f"{path}.containerPort")
-            name = _string(obj, port.get("name"), f"{path}.name")
+            port = mapping_field(obj, port, path, required=True)
+            number = port_field(obj, port.get("containerPort"), f"{path}.containerPort")
+            name = string_field(obj, port.get("name"), f"{path}.name")
             if name in named_ports:
                 problem = f'"{name}" is used twice; port names must be unique in a pod'
                 raise obj.fail(f"{path}.name", problem)
             if name:
                 named_ports[name] = number
-    account = _string(obj, spec.get("serviceAccountName"), "spec.serviceAccountName")
+    account = string_field(obj, spec.get("serviceAccountName"), "spec.serviceAccountName")
     workload = Workload(
         name=obj.name,
         namespace=obj.namespace,
         ip=ip,
         node=node,
         service_account=account or "default",
-        labels=_labels(obj, obj.metadata.get("labels"), "metadata.labels"),
+        labels=labels_field(obj, obj.metadata.get("labels"), "metadata.labels"),
         ready=ready,
         source=source,
     )
     return _Pod(obj, workload, named_ports)
 
 
-def _read_service_port(obj: _Object, raw: object, path: str) -> ServicePort:
-    raw = _mapping(obj, raw, path, required=True)
-    port = _port(obj, raw.get("port"), f"{path}.port")
+def _read_service_port(obj: KubeObject, raw: object, path: str) -> ServicePort:
+    raw = mapping_field(obj, raw, path, required=True)
+    port = port_field(obj, raw.get("port"), f"{path}.port")
     target = raw.get("targetPort", port)
     if not isinstance(target, str):
-        target = _port(obj, target, f"{path}.targetPort")
+        target = port_field(obj, target, f"{path}.targetPort")
     elif not target:
         raise obj.fail(f"{path}.targetPort", 'must be a port number or a port name, got ""')
     elif target.isdigit():
         problem = f'"{target}" is a name, not a number; write {target} without quotes'
         raise obj.fail(f"{path}.targetPort", problem)
-    protocol = _string(obj, raw.get("protocol"), f"{path}.protocol") or "TCP"
+    protocol = string_field(obj, raw.get("protocol"), f"{path}.protocol") or "TCP"
     if protocol not in PROTOCOLS:
-        problem = f"must be one of {', '.join(PROTOCOLS)}, got {_show(protocol)}"
+        problem = f"must be one of {', '.join(PROTOCOLS)}, got {show(protocol)}"
         raise obj.fail(f"{path}.protocol", problem)
-    name = _string(obj, raw.get("name"), f"{path}.name")
+    name = string_field(obj, raw.get("name"), f"{path}.name")
     return ServicePort(port=port, target_port=target, name=name, protocol=protocol)
 
 
-def _read_service(obj: _Object, source: str) -> Service:
-    spec = _mapping(obj, obj.raw.get("spec"), "spec")
+def _read_service(obj: KubeObject, source: str) -> Service:
+    spec = mapping_field(obj, obj.raw.get("spec"), "spec")
     cluster_ip = spec.get("clusterIP")
     # "None" (or no address at all) makes a headless Service: clients resolve endpoints directly.
-    cluster_ip = "" if cluster_ip == "None" else _ipv4(obj, cluster_ip, "spec.clusterIP")
+    cluster_ip = "" if cluster_ip == "None" else ipv4_field(obj, cluster_ip, "spec.clusterIP")
     ports: list[ServicePort] = []
-    for i, raw in enumerate(_list(obj, spec.get("ports"), "spec.ports")):
+    for i, raw in enumerate(list_field(obj, spec.get("ports"), "spec.ports")):
         port = _read_service_port(obj, raw, f"spec.ports[{i}]")
         # Endpoints map ports by name, so two ports sharing one (or both unnamed) would collide.
         if any(p.name == port.name for p in ports):
-            problem = f"{_show(port.name)} is used twice; each port of a Service needs its own name"
+            problem = f"{show(port.name)} is used twice; each port of a Service needs its own name"
             raise obj.fail(f"spec.ports[{i}].name", problem)
         ports.append(port)
     return Service(
@@ -256,41 +160,41 @@ def _read_service(obj: _Object, source: str) -> Service:
         namespace=obj.namespace,
         cluster_ip=cluster_ip,
         ports=tuple(ports),
-        selector=_labels(obj, spec.get("selector"), "spec.selector"),
+        selector=labels_field(obj, spec.get("selector"), "spec.selector"),
         source=source,
     )
 
 
-def _read_slice(obj: _Object) -> _Slice:
-    labels = _labels(obj, obj.metadata.get("labels"), "metadata.labels")
+def _read_slice(obj: KubeObject) -> _Slice:
+    labels = labels_field(obj, obj.metadata.get("labels"), "metadata.labels")
     service = labels.get(SERVICE_NAME_LABEL)
     if not service:
         problem = "required: it names the Service these endpoints belong to"
         raise obj.fail(f'metadata.labels["{SERVICE_NAME_LABEL}"]', problem)
     ports: dict[str, int] = {}
-    for i, port in enumerate(_list(obj, obj.raw.get("ports"), "ports")):
-        port = _mapping(obj, port, f"ports[{i}]", required=True)
-        name = _string(obj, port.get("name"), f"ports[{i}].name")
-        ports[name] = _port(obj, port.get("port"), f"ports[{i}].port")
+    for i, port in enumerate(list_field(obj, obj.raw.get("ports"), "ports")):
+        port = mapping_field(obj, port, f"ports[{i}]", required=True)
+        name = string_field(obj, port.get("name"), f"ports[{i}].name")
+        ports[name] = port_field(obj, port.get("port"), f"ports[{i}].port")
     endpoints: list[_SliceEndpoint] = []
-    for i, raw in enumerate(_list(obj, obj.raw.get("endpoints"), "endpoints")):
+    for i, raw in enumerate(list_field(obj, obj.raw.get("endpoints"), "endpoints")):
         path = f"endpoints[{i}]"
-        raw = _mapping(obj, raw, path, required=True)
-        addresses = _list(obj, raw.get("addresses"), f"{path}.addresses")
+        raw = mapping_field(obj, raw, path, required=True)
+        addresses = list_field(obj, raw.get("addresses"), f"{path}.addresses")
         if not addresses:
             raise obj.fail(f"{path}.addresses", "required: at least one address")
-        ip = _ipv4(obj, addresses[0], f"{path}.addresses[0]")
-        conditions = _mapping(obj, raw.get("conditions"), f"{path}.conditions")
+        ip = ipv4_field(obj, addresses[0], f"{path}.addresses[0]")
+        conditions = mapping_field(obj, raw.get("conditions"), f"{path}.conditions")
         ready = conditions.get("ready", True)
         if ready is None:  # Kubernetes: unknown readiness is treated as ready
             ready = True
         if not isinstance(ready, bool):
-            raise obj.fail(f"{path}.conditions.ready", f"must be true or false, got {_show(ready)}")
-        target = _mapping(obj, raw.get("targetRef"), f"{path}.targetRef")
+            raise obj.fail(f"{path}.conditions.ready", f"must be true or false, got {show(ready)}")
+        target = mapping_field(obj, raw.get("targetRef"), f"{path}.targetRef")
         workload = None
         if target.get("kind") == "Pod":
-            name = _string(obj, target.get("name"), f"{path}.targetRef.name", required=True)
-            namespace = _string(obj, target.get("namespace"), f"{path}.targetRef.namespace")
+            name = string_field(obj, target.get("name"), f"{path}.targetRef.name", required=True)
+            namespace = string_field(obj, target.get("namespace"), f"{path}.targetRef.namespace")
             workload = f"{namespace or obj.namespace}/{name}"
         endpoints.append(_SliceEndpoint(ip, ready, workload))
     return _Slice(f"{obj.namespace}/{service}", ports, endpoints)
@@ -302,7 +206,7 @@ def _read_slice(obj: _Object) -> _Slice:
 _NOT_AN_OBJECT = "must be a mapping (one Kubernetes object)"
 
 
-def _objects(text: str) -> Iterator[_Object]:
+def _objects(text: str) -> Iterator[KubeObject]:
     """Every object in the YAML text, with null documents skipped and Lists flattened."""
     documents: list[Any] = []
     try:
@@ -321,23 +225,23 @@ def _objects(text: str) -> Iterator[_Object]:
         if document is None:
             continue
         if not isinstance(document, dict):
-            raise RegistryError(f"{where}: {_NOT_AN_OBJECT}, got {_show(document)}")
+            raise RegistryError(f"{where}: {_NOT_AN_OBJECT}, got {show(document)}")
         if document.get("kind") != "List":
-            yield _Object(document, where)
+            yield KubeObject(document, where)
             continue
         items = document.get("items")
         if not isinstance(items, list):
-            problem = f"must be a list of objects, got {_show(items)}"
+            problem = f"must be a list of objects, got {show(items)}"
             raise RegistryError(f"{where} (List): items: {problem}")
         for i, item in enumerate(items):
             if not isinstance(item, dict):
-                raise RegistryError(f"{where} items[{i}]: {_NOT_AN_OBJECT}, got {_show(item)}")
-            yield _Object(item, f"{where} items[{i}]")
+                raise RegistryError(f"{where} items[{i}]: {_NOT_AN_OBJECT}, got {show(item)}")
+            yield KubeObject(item, f"{where} items[{i}]")
 
 
-def _check_unique_ips(owners: Iterable[tuple[_Object, str]], path: str) -> None:
+def _check_unique_ips(owners: Iterable[tuple[KubeObject, str]], path: str) -> None:
     """Raise when two objects claim one address: the ztunnel could not tell them apart."""
-    first: dict[str, _Object] = {}
+    first: dict[str, KubeObject] = {}
     for obj, ip in owners:
         if not ip:
             continue
@@ -346,11 +250,11 @@ def _check_unique_ips(owners: Iterable[tuple[_Object, str]], path: str) -> None:
             raise obj.fail(path, f"{ip} is already used by {other.label} ({other.where})")
 
 
-def _namespace_labels(obj: _Object) -> dict[str, str]:
-    labels = _labels(obj, obj.metadata.get("labels"), "metadata.labels")
+def _namespace_labels(obj: KubeObject) -> dict[str, str]:
+    labels = labels_field(obj, obj.metadata.get("labels"), "metadata.labels")
     mode = labels.get(MTLS_MODE_LABEL)
     if mode is not None and mode not in MTLS_MODES:
-        raise obj.fail(f'metadata.labels["{MTLS_MODE_LABEL}"]', f"must be one of {', '.join(MTLS_MODES)}, got {_show(mode)}")
+        raise obj.fail(f'metadata.labels["{MTLS_MODE_LABEL}"]', f"must be one of {', '.join(MTLS_MODES)}, got {show(mode)}")
     return labels
 
 
@@ -410,19 +314,19 @@ def build_state(
     Kinds other than Namespace, Pod, Service and EndpointSlice are skipped. A RegistryError
     raised for one object carries `object_key` = (kind, namespace, name) of that object.
     """
-    seen: dict[tuple[str, str, str], _Object] = {}
+    seen: dict[tuple[str, str, str], KubeObject] = {}
     namespaces: dict[str, dict[str, str]] = {}
     pods: list[_Pod] = []
-    services: list[tuple[_Object, Service]] = []
+    services: list[tuple[KubeObject, Service]] = []
     slices: dict[str, list[_Slice]] = {}
     for raw in objects:
         # The file reader hands over objects it has already located in their documents.
-        obj = raw if isinstance(raw, _Object) else _Object(raw, "")
+        obj = raw if isinstance(raw, KubeObject) else KubeObject(raw, "")
         expected = API_VERSIONS.get(obj.kind)
         if expected is None:
             continue
         if obj.raw["apiVersion"] != expected:
-            problem = f"must be {expected} for kind {obj.kind}, got {_show(obj.raw['apiVersion'])}"
+            problem = f"must be {expected} for kind {obj.kind}, got {show(obj.raw['apiVersion'])}"
             raise obj.fail("apiVersion", problem)
         other = seen.setdefault((obj.kind, obj.namespace, obj.name), obj)
         if other is not obj:

@@ -18,7 +18,6 @@ from typing import Callable, Collection
 
 from registry.model import RegistryState, Workload
 from ztunnel.connections import ConnectionRecord, ConnectionTable
-from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
 from ztunnel.routing import Router, captured_source, guard_self_loop
