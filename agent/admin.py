@@ -1,17 +1,19 @@
-"""The admin API on 127.0.0.1:15000: JSON views of the agent for `ameshctl`, and POST
-/certs/renew. It is bound to loopback (node-local operators only) and never shows key material.
+"""The admin API on 127.0.0.1:15000: JSON views of the agent for `ameshctl` (including the
+policies in force and `check`, a policy decision without a packet), and POST /certs/renew. It is bound to loopback (node-local operators only) and never shows key material.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from aiohttp import web
 
 from agent.config import ADMIN_HOST
+from registry.policies import AuthorizationPolicy
 from registry.registrations import RegistrationError
+from ztunnel.authz import check_between
 
 if TYPE_CHECKING:
     from agent.node import NodeAgent
@@ -37,6 +39,8 @@ class AdminServer:
         app.router.add_post("/registrations/{namespace}/{name}/heartbeat", self._heartbeat)
         app.router.add_delete("/registrations/{namespace}/{name}", self._deregister)
         app.router.add_get("/lookup/{namespace}/{name}", self._lookup)
+        app.router.add_get("/policies", self._policies)
+        app.router.add_get("/check", self._check)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self, port: int) -> None:
@@ -107,6 +111,32 @@ class AdminServer:
             return web.json_response({"error": f"no service {key}"}, status=404)
         return web.json_response({**_plain(service), "key": key})
 
+    async def _policies(self, request: web.Request) -> web.Response:
+        """The AuthorizationPolicies and PeerAuthentications in force, with their warnings."""
+        state, root = self.agent.state, self.agent.authorizer.root_namespace
+        return web.json_response({
+            "root_namespace": root,
+            "authorization_policies": [policy_view(p, root) for p in sorted(state.authorization_policies,
+                                                                            key=lambda p: p.key)],
+            "peer_authentications": [{**_plain(p), "key": p.key}
+                                     for p in sorted(state.peer_authentications, key=lambda p: p.key)],
+        })
+
+    async def _check(self, request: web.Request) -> web.Response:
+        """?from=NS/POD&to=NS/POD&port=N: the decision the data path would make now."""
+        state, query = self.agent.state, request.query
+        workloads = {}
+        for side in ("from", "to"):
+            key = query.get(side, "")
+            workloads[side] = state.workload_by_key(key)
+            if workloads[side] is None:
+                raise web.HTTPBadRequest(text=f"{side}: no workload {key!r} in the registry (give it as namespace/pod)")
+        port = query.get("port", "")
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise web.HTTPBadRequest(text=f"port: must be 1-65535, not {port!r}")
+        return web.json_response(check_between(self.agent.authorizer, state, workloads["from"], workloads["to"],
+                                               int(port), self.agent.certs.trust_domain))
+
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.connections())
 
@@ -125,6 +155,18 @@ async def _registration_errors(request: web.Request, handler: Callable) -> web.S
         return await handler(request)
     except RegistrationError as e:
         return web.json_response({"error": str(e)}, status=e.status)
+
+
+def policy_view(policy: AuthorizationPolicy, root_namespace: str) -> dict[str, Any]:
+    """An AuthorizationPolicy for people: its scope in words and each rule in short."""
+    if policy.selector:
+        scope = "workloads with " + ",".join(f"{k}={v}" for k, v in sorted(policy.selector.items()))
+        scope += " in every namespace" if policy.namespace == root_namespace else ""
+    else:
+        scope = "mesh" if policy.namespace == root_namespace else "namespace"
+    return {"namespace": policy.namespace, "name": policy.name, "key": policy.key, "action": policy.action,
+            "scope": scope, "rules": list(policy.summary), "enforced_rules": len(policy.rules),
+            "warnings": list(policy.warnings)}
 
 
 def _plain(obj: object) -> dict:

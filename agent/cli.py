@@ -55,6 +55,8 @@ def main(ctx: click.Context, admin: str) -> None:
               help="for plaintext reaching enrolled pods whose namespace has no amesh.io/mtls-mode label")
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True,
               help="SPIFFE trust domain of workload identities")
+@click.option("--root-namespace", default=default("root_namespace"), show_default=True,
+              help="namespace whose AuthorizationPolicies and PeerAuthentications apply mesh-wide")
 @click.option("--ca-dir", default=DEFAULT_CA_DIR, show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="directory of the root CA (ca.key, ca.crt); created there when absent")
 @click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
@@ -137,6 +139,14 @@ VIEWS = {  # command -> (admin API path, table renderer, help)
     "certs": ("/certs", views.certs,
               "Workload certificates this node holds (one per service account of its enrolled pods)."),
     # a fourth element: options passed to the admin API as query parameters
+    "policies": ("/policies", views.policies,
+                 "AuthorizationPolicies and PeerAuthentications in force: action, scope, rules, warnings."),
+    "check": ("/check", views.check, "What policy decides now for a connection from one workload to another "
+              "on a port, without sending a packet: the policy and rule that decide, or why each ALLOW did "
+              "not match.", [click.option("--from", "from", required=True, help="source workload NAMESPACE/POD"),
+                             click.option("--to", required=True, help="destination workload NAMESPACE/POD"),
+                             click.option("--port", required=True, type=click.IntRange(1, 65535),
+                                          help="destination (target) port")]),
     "flows": ("/flows", views.flows, "Per-flow packet and byte counters of the capture program (each direction "
               "its own flow, captured or not).", [LIMIT]),
 }

@@ -6,6 +6,7 @@ from dataclasses import MISSING, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
+from ztunnel.authz import DEFAULT_ROOT_NAMESPACE
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -31,6 +32,8 @@ class AgentConfig:
     # how enrolled pods whose namespace has no amesh.io/mtls-mode label treat plaintext that
     # reaches them directly: PERMISSIVE delivers it, STRICT refuses it
     mtls_mode: str = "PERMISSIVE"
+    # where mesh-wide AuthorizationPolicies and PeerAuthentications live (Istio's root namespace)
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     # the root CA's ca.key and ca.crt (created there, mode 0600, when both are absent); every
     # agent of a cluster must use the same root

@@ -37,6 +37,7 @@ from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
 from registry.registrations import RegistrationStore, merge
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
+from ztunnel.authz import Authorizer
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
@@ -84,6 +85,8 @@ class NodeAgent:
             self.table.on_close.append(_write_access_log)
         self._admin: AdminServer | None = None
         self.registrations = RegistrationStore()
+        self.authorizer = Authorizer(config.mtls_mode, config.root_namespace)
+        self._policies_in_force: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
         self._merged: tuple[tuple[int, int], float | None, RegistryState] | None = None
 
     @property
@@ -128,9 +131,26 @@ class NodeAgent:
         return await asyncio.get_running_loop().run_in_executor(self._datapath_thread, fn, *args)
 
     def _on_registry_state(self, state: RegistryState) -> None:
-        log.info("event=registry_updated generation=%d workloads=%d services=%d", state.generation,
-                 len(state.workloads), len(state.services))
+        log.info("event=registry_updated generation=%d workloads=%d services=%d policies=%d", state.generation,
+                 len(state.workloads), len(state.services), len(state.authorization_policies))
+        self._enforce_policy_change(state)
         self._reconcile_now.set()
+
+    def _enforce_policy_change(self, state: RegistryState) -> None:
+        """When the policies change, decides again for every live connection that policy admitted
+        and cuts those no longer allowed (as Istio's ztunnel does)."""
+        policies = (state.authorization_policies, state.peer_authentications)
+        if policies == self._policies_in_force:
+            return
+        self._policies_in_force = policies
+        current = self.state
+        for record in self.table.live():
+            if record.admitted is None:
+                continue
+            decision = self.authorizer.recheck(current, record.admitted)
+            if not decision.allowed:
+                log.info("event=policy_revoked conn=%d reason=%r", record.id, decision.reason)
+                record.cut("policy_changed", f"closed: policy changed ({decision.reason})")
 
     def _on_registry_error(self, error: RegistryError | str) -> None:
         self.registry_errors += 1
@@ -195,12 +215,13 @@ class NodeAgent:
         transport = MeshTransport(config.node, self.certs, self.pool)
         own_ports = frozenset([*LISTENER_PORTS.values(), config.admin_port, config.metrics_port, config.readiness_port])
         handshakes = HandshakeLimiter(config.max_handshakes_per_source, config.max_handshakes)
+        authorizer = self.authorizer
         self._proxies = {
-            Slot.OUTBOUND: OutboundProxy(state, self.table, transport, own_ports, NodeAddresses(),
+            Slot.OUTBOUND: OutboundProxy(state, self.table, authorizer, transport, own_ports, NodeAddresses(),
                                          connect_timeout=timeout),
-            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, config.node, self.certs, handshakes,
+            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, authorizer, config.node, self.certs, handshakes,
                                                   connect_timeout=timeout),
-            Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, config.node, config.mtls_mode,
+            Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, authorizer, config.node,
                                                           connect_timeout=timeout),
         }
         for slot, proxy in self._proxies.items():

@@ -105,3 +105,29 @@ def flows(data: list[dict]) -> str:
              f["first_seen"], f["last_seen"], f["flags"] or "-", _yes(f["captured"])] for f in data]
     return _table(["SOURCE", "DESTINATION", "PACKETS", "BYTES", "FIRST SEEN", "LAST SEEN", "FLAGS", "CAPTURED"],
                   rows, "no flows")
+
+
+def policies(data: dict) -> str:
+    rows = [[p["namespace"], p["name"], p["action"], p["scope"], "\n".join(p["rules"]) or "(no rules: matches nothing)",
+             "\n".join(p["warnings"]) or "-"] for p in data["authorization_policies"]]
+    table = _table(["NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES", "WARNINGS"], rows, "no AuthorizationPolicy")
+    modes = [[p["namespace"], p["name"], "workloads with " + ",".join(f"{k}={v}" for k, v in p["selector"].items())
+              if p["selector"] else "namespace", p["mode"],
+              ", ".join(f"{port}: {mode}" for port, mode in p["port_modes"].items()) or "-"]
+             for p in data["peer_authentications"]]
+    return (table + "\n\n" + _table(["NAMESPACE", "NAME", "SCOPE", "MTLS", "PORTS"], modes, "no PeerAuthentication")
+            + f"\n\nroot namespace (mesh-wide): {data['root_namespace']}")
+
+
+def check(data: dict) -> str:
+    verdict = "ALLOWED" if data["allowed"] else "DENIED"
+    lines = [f"{verdict}: {data['reason']}"]
+    if data.get("rule"):
+        lines.append(f"  decided by {data['policy']} {data['rule']}")
+    lines += [f"  {tried}" for tried in data.get("tried", [])]
+    lines.append(f"  arrives as {data['arrival']}" + (f" from {data['source_identity']}"
+                                                      if data.get("source_identity") else ""))
+    if data.get("mtls_mode"):
+        lines.append(f"  plaintext to this port: {data['mtls_mode']}")
+    lines.append("  policies that apply: " + (", ".join(data["applicable"]) or "none"))
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Registry source: a file of Kubernetes objects (Namespaces, Pods, Services, EndpointSlices).
+"""Registry source: a file of Kubernetes objects (Namespaces, Pods, Services, EndpointSlices,
+and Istio's AuthorizationPolicies and PeerAuthentications).
 
 `parse_objects` turns multi-document YAML, as `kubectl get -o yaml` prints it or as a person
 writes it, into one `RegistryState`, or raises `RegistryError` naming the document, object and
@@ -44,16 +45,20 @@ from registry.objects import (
     show,
     string_field,
 )
+from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
+from registry.policies import AuthorizationPolicy, PeerAuthentication, read_authorization_policy, read_peer_authentication
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # how an EndpointSlice names its Service
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
-# The apiVersion each supported kind must carry; any other kind is skipped.
-API_VERSIONS = {
-    "Namespace": "v1",
-    "Pod": "v1",
-    "Service": "v1",
-    "EndpointSlice": "discovery.k8s.io/v1",
+# The apiVersions each supported kind may carry; any other kind is skipped.
+API_VERSIONS: dict[str, tuple[str, ...]] = {
+    "Namespace": ("v1",),
+    "Pod": ("v1",),
+    "Service": ("v1",),
+    "EndpointSlice": ("discovery.k8s.io/v1",),
+    "AuthorizationPolicy": POLICY_API_VERSIONS,
+    "PeerAuthentication": POLICY_API_VERSIONS,
 }
 
 
@@ -311,7 +316,8 @@ def build_state(
 ) -> RegistryState:
     """Build a RegistryState from Kubernetes objects (dicts); raise RegistryError if invalid.
 
-    Kinds other than Namespace, Pod, Service and EndpointSlice are skipped. A RegistryError
+    Kinds other than Namespace, Pod, Service, EndpointSlice, AuthorizationPolicy and
+    PeerAuthentication are skipped. A RegistryError
     raised for one object carries `object_key` = (kind, namespace, name) of that object.
     """
     seen: dict[tuple[str, str, str], KubeObject] = {}
@@ -319,14 +325,16 @@ def build_state(
     pods: list[_Pod] = []
     services: list[tuple[KubeObject, Service]] = []
     slices: dict[str, list[_Slice]] = {}
+    authorization_policies: list[AuthorizationPolicy] = []
+    peer_authentications: list[PeerAuthentication] = []
     for raw in objects:
         # The file reader hands over objects it has already located in their documents.
         obj = raw if isinstance(raw, KubeObject) else KubeObject(raw, "")
         expected = API_VERSIONS.get(obj.kind)
         if expected is None:
             continue
-        if obj.raw["apiVersion"] != expected:
-            problem = f"must be {expected} for kind {obj.kind}, got {show(obj.raw['apiVersion'])}"
+        if obj.raw["apiVersion"] not in expected:
+            problem = f"must be {' or '.join(expected)} for kind {obj.kind}, got {show(obj.raw['apiVersion'])}"
             raise obj.fail("apiVersion", problem)
         other = seen.setdefault((obj.kind, obj.namespace, obj.name), obj)
         if other is not obj:
@@ -340,6 +348,11 @@ def build_state(
                 pods.append(pod)
         elif obj.kind == "Service":
             services.append((obj, _read_service(obj, source)))
+        elif obj.kind == "AuthorizationPolicy":
+            if (policy := read_authorization_policy(obj)) is not None:
+                authorization_policies.append(policy)
+        elif obj.kind == "PeerAuthentication":
+            peer_authentications.append(read_peer_authentication(obj))
         else:
             endpoint_slice = _read_slice(obj)
             slices.setdefault(endpoint_slice.service_key, []).append(endpoint_slice)
@@ -359,7 +372,9 @@ def build_state(
         else replace(s, endpoints=_selected_endpoints(s, pods))
         for _, s in services
     )
-    return RegistryState(workloads=workloads, services=built, generation=generation)
+    return RegistryState(workloads=workloads, services=built, generation=generation,
+                         authorization_policies=tuple(authorization_policies),
+                         peer_authentications=tuple(peer_authentications))
 
 
 # --- watching the file ---

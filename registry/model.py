@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:  # registry.policies reads objects through registry.objects, which imports this module
+    from registry.policies import AuthorizationPolicy, PeerAuthentication
 
 ENROLL_LABEL = "amesh.io/dataplane-mode"
 ENROLL_AMBIENT = "ambient"
@@ -93,12 +96,22 @@ class RegistryState:
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
     generation: int = 0
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
 
     def __post_init__(self) -> None:
         # A pod that has no address yet must not claim "" as its address.
         object.__setattr__(self, "_by_ip", {w.ip: w for w in self.workloads if w.ip})
         object.__setattr__(self, "_by_vip", {s.cluster_ip: s for s in self.services if s.cluster_ip})
         object.__setattr__(self, "_by_key", {w.key: w for w in self.workloads})
+        by_namespace: dict[str, list[AuthorizationPolicy]] = {}
+        for policy in self.authorization_policies:
+            by_namespace.setdefault(policy.namespace, []).append(policy)
+        object.__setattr__(self, "_policies_by_namespace", {ns: tuple(ps) for ns, ps in by_namespace.items()})
+
+    def authorization_policies_in(self, namespace: str) -> tuple[AuthorizationPolicy, ...]:
+        """The AuthorizationPolicies of one namespace."""
+        return self._policies_by_namespace.get(namespace, ())  # type: ignore[attr-defined]
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self._by_ip.get(ip)  # type: ignore[attr-defined]

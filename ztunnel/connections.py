@@ -51,6 +51,19 @@ class ConnectionRecord:
     # open, kept as last read when it closes.
     kernel: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     sockets: dict[str, Any] = field(default_factory=dict, repr=False)  # side -> socket, while open
+    # what admission decided on (a ztunnel.authz.Connection), so a policy change can re-decide
+    admitted: Any = field(default=None, repr=False)
+    # while relaying: aborts both sides, so `cut()` can end the connection from outside
+    abort: Callable[[], None] | None = field(default=None, repr=False)
+    cut_reason: tuple[str, str] | None = field(default=None, repr=False)  # (code, sentence) once cut
+
+    def cut(self, code: str, reason: str) -> None:
+        """Ends a connection from outside (a policy no longer allows it): both sides are reset,
+        now or as soon as it starts relaying, and the record ends failed with `code` and `reason`."""
+        if self.cut_reason is None:
+            self.cut_reason = (code, reason)
+            if self.abort is not None:
+                self.abort()
 
     def count_sent(self, n: int) -> None:
         self.bytes_sent += n
@@ -72,7 +85,7 @@ class ConnectionRecord:
         """A JSON-ready view: ISO 8601 UTC times, duration in seconds rounded to milliseconds."""
         if self.ended is None:
             self.read_kernel()
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sockets"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         data["started"] = iso_utc(self.started)
         data["ended"] = iso_utc(self.ended) if self.ended is not None else None
         data["duration"] = round(self.duration(now), 3)
@@ -127,6 +140,7 @@ class ConnectionTable:
             raise ValueError(f"connection {record.id} is not live in this table (closed twice?)")
         record.read_kernel()
         record.sockets.clear()
+        record.abort = None
         record.state = state
         record.reason = reason
         record.ended = self._clock()

@@ -28,7 +28,7 @@ class FailureReason:
     # True when the failure happened before any byte of the client's reached an upstream, so
     # another endpoint may be tried with the client none the wiser
     retriable: bool
-    flag: str  # Istio/Envoy response flag: UF upstream failure, NR no route, UAEX denied, ...
+    flag: str  # Istio/Envoy response flag: UF upstream failure, NR no route, DENY by policy, ...
     summary: str
 
 
@@ -58,7 +58,10 @@ REASONS: dict[str, FailureReason] = _table(
     FailureReason("not_captured", "client", False, "NR",
                   "the connection reached the outbound port without capture (not from an enrolled pod of this node)"),
     FailureReason("self_loop", "client", False, "NR", "the destination is one of this node's own ztunnel ports"),
-    FailureReason("strict_mtls", "policy", False, "UAEX", "STRICT mTLS refused plaintext"),
+    FailureReason("strict_mtls", "policy", False, "DENY", "STRICT mTLS refused plaintext"),
+    FailureReason("policy_denied", "policy", False, "DENY", "an AuthorizationPolicy denied the connection"),
+    FailureReason("policy_changed", "policy", False, "DENY",
+                  "a policy change no longer allows the open connection, so it was closed"),
     FailureReason("handshake_limit", "local", False, "UO", "too many TLS handshakes were under way"),
     FailureReason("client_reset", "client", False, "DC", "the client left before the tunnel opened"),
     FailureReason("shutdown", "local", False, "LR", "the ztunnel was shutting down"),

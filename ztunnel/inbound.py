@@ -3,12 +3,16 @@
 - HBONE (15008): another node's ztunnel tunnelling to a local pod. TLS 1.3 with the certificate
   of the pod whose address was dialled, the client's certificate required (our root, our trust
   domain), then each CONNECT: 400 for a bad request or an :authority that is not that local
-  workload, 503 when the pod cannot be reached, 200 once it is connected. The peer's SPIFFE
+  workload, 401 when policy denies it, 503 when the pod cannot be reached, 200 once it is
+  connected. The peer's SPIFFE
   identity is recorded on the connection.
 - plaintext (15006): TCP that reached an enrolled pod without the mesh (from a pod that is
   not enrolled, or from outside). PERMISSIVE delivers it, recorded as plaintext; STRICT
   refuses it. Traffic the node itself sends (kubelet probes) is never captured, so never
   refused.
+
+Both ask `ztunnel.authz` whether the connection is admitted (a denied CONNECT is answered 401,
+denied plaintext is reset) before anything reaches the pod.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import ssl
 from typing import Callable
 
 from registry.model import RegistryState, Workload
+from ztunnel.authz import Authorizer, Connection, Denied
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, parse_forwarded_for
 from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
-from ztunnel.policy import admit_plaintext
 from ztunnel.server import CapturedListener
 from ztunnel.limits import HandshakeLimiter
 from ztunnel.streams import TcpStream, connect_tcp, reset_socket
@@ -42,13 +46,13 @@ def local_destination(state: RegistryState, node: str, ip: str) -> Workload:
 
 
 class InboundPlaintextProxy(CapturedListener):
-    """Delivers (PERMISSIVE) or refuses (STRICT) plaintext captured on its way to a local pod."""
+    """Delivers plaintext captured on its way to a local pod, unless policy refuses it (STRICT
+    mTLS, or an AuthorizationPolicy: plaintext has no identity, only its source address)."""
 
-    def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, node: str,
-                 default_mode: str, connect_timeout: float = 5.0) -> None:
-        super().__init__(state_getter, table, connect_timeout)
+    def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, authorizer: Authorizer,
+                 node: str, connect_timeout: float = 5.0) -> None:
+        super().__init__(state_getter, table, authorizer, connect_timeout)
         self._node = node
-        self._default_mode = default_mode
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -61,7 +65,8 @@ class InboundPlaintextProxy(CapturedListener):
                              dst_port: int) -> TcpStream:
         destination = local_destination(state, self._node, dst_ip)
         record.upstream_workload = destination.key
-        admit_plaintext(destination, self._default_mode)
+        self.admit(state, record, Connection(record.source_ip, None, destination, dst_port, "plaintext",
+                                             record.source_workload))
         return await connect_tcp(dst_ip, dst_port, self._connect_timeout)
 
 
@@ -72,17 +77,19 @@ class InboundHboneProxy(CapturedListener):
     to (and whose certificate was served); a CONNECT may choose only the port (any other IP is
     answered 400, as Istio's ztunnel does). The source a peer names in `forwarded: for=` is
     believed only when the workload at that address carries the identity the peer proved;
-    otherwise the connection is recorded with the peer's identity, the peer's own address and
-    no source workload, and counted in `unverified_sources`.
+    otherwise it is counted in `unverified_sources` and the connection is recorded with the
+    peer's identity and its own address (attributed to the workload there only if that one
+    carries the proved identity, as when an Istio ztunnel dials from the client pod's address).
     """
 
-    def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, node: str,
-                 certs: CertificateManager, handshakes: HandshakeLimiter, connect_timeout: float = 5.0) -> None:
-        super().__init__(state_getter, table, connect_timeout)
+    def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, authorizer: Authorizer,
+                 node: str, certs: CertificateManager, handshakes: HandshakeLimiter,
+                 connect_timeout: float = 5.0) -> None:
+        super().__init__(state_getter, table, authorizer, connect_timeout)
         self._node = node
         self._certs = certs
         self._handshakes = handshakes
-        self.unverified_sources = 0  # CONNECTs whose forwarded source did not match the proved identity
+        self.unverified_sources = 0  # CONNECTs whose forwarded source was not believed
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -122,9 +129,11 @@ class InboundHboneProxy(CapturedListener):
     async def _tunnel(self, state: RegistryState, served: Workload, client: Identity, peer: tuple,
                       request: ConnectRequest, responder: Responder) -> None:
         """Carries one CONNECT out; its record ends exactly once, however the stream ends."""
-        source = verified_source(state, parse_forwarded_for(request.headers.get("forwarded", "")), client,
-                                 self._certs.trust_domain)
-        if source is None:
+        claimed = parse_forwarded_for(request.headers.get("forwarded", ""))
+        # an Istio ztunnel peer dials from the client pod's own address and sends no forwarded
+        source = (verified_source(state, claimed, client, self._certs.trust_domain)
+                  or verified_source(state, peer[0], client, self._certs.trust_domain))
+        if claimed is not None and (source is None or source.ip != claimed):
             self.unverified_sources += 1
         # HBONE carries the client's address (forwarded: for=) but not its port: 0 says unknown.
         record = self._table.open(source.ip if source else peer[0], 0, request.authority,
@@ -137,10 +146,12 @@ class InboundHboneProxy(CapturedListener):
                 raise NotLocal("wrong_authority", f"CONNECT {request.authority} names another address than "
                                                   f"{served.ip} ({served.key}), whose HBONE port this "
                                                   "connection was made to: only the port may differ")
+            self.admit(state, record, Connection(source.ip if source else None, client, served, request.port,
+                                                 "hbone", record.source_workload))
             upstream = await connect_tcp(served.ip, request.port, self._connect_timeout)
         except ProxyError as e:
             self.end(record, "failed", str(e), e.reason)
-            responder.reject(400 if isinstance(e, NotLocal) else 503, str(e))
+            responder.reject(_status(e), str(e))
             return
         except asyncio.CancelledError:  # the client reset the stream (or the session ended)
             self.end(record, "failed", "the client reset the CONNECT before the tunnel opened", "client_reset")
@@ -158,6 +169,14 @@ class InboundHboneProxy(CapturedListener):
                 raise
             return
         await self.relay(record, stream, upstream)
+
+
+def _status(error: ProxyError) -> int:
+    """The HTTP answer to a CONNECT that cannot be served: 400 for a CONNECT to something we do
+    not serve, 401 for a policy denial (as ztunnel answers), 503 when the pod cannot be reached."""
+    if isinstance(error, NotLocal):
+        return 400
+    return 401 if isinstance(error, Denied) else 503
 
 
 def verified_source(state: RegistryState, claimed_ip: str | None, proved: Identity,

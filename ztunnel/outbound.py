@@ -6,7 +6,8 @@ upstream's enrollment decides how to reach it:
 
   enrolled, on another node   HBONE: an mTLS HTTP/2 CONNECT to its node's ztunnel (port 15008),
                               as the source workload's identity, checking the destination's
-  enrolled, on this node      same-node: connected directly, both identities recorded
+  enrolled, on this node      same-node: admitted by the destination's policies as an inbound
+                              connection would be, then connected directly, both identities recorded
   not enrolled                plaintext TCP
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection
 
 from registry.model import RegistryState, Workload
+from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
@@ -44,13 +46,14 @@ class OutboundProxy(CapturedListener):
         self,
         state_getter: Callable[[], RegistryState],
         table: ConnectionTable,
+        authorizer: Authorizer,
         transport: MeshTransport,
         own_ports: Collection[int],
         node_addresses: Callable[[], Collection[str]],
         connect_timeout: float = 5.0,
         original_destination: OriginalDestination = sockname_destination,
     ) -> None:
-        super().__init__(state_getter, table, connect_timeout, original_destination)
+        super().__init__(state_getter, table, authorizer, connect_timeout, original_destination)
         self._transport = transport
         self._router = Router()
         self._own_ports = own_ports
@@ -74,15 +77,18 @@ class OutboundProxy(CapturedListener):
         if target is None or not target.enrolled:
             record.security = "plaintext"
             return await connect_tcp(route.ip, route.port, self._connect_timeout)
-        return await self._to_enrolled(record, source, target, route.port)
+        return await self._to_enrolled(state, record, source, target, route.port)
 
-    async def _to_enrolled(self, record: ConnectionRecord, source: Workload, target: Workload, port: int) -> Stream:
+    async def _to_enrolled(self, state: RegistryState, record: ConnectionRecord, source: Workload,
+                           target: Workload, port: int) -> Stream:
         transport = self._transport
         trust_domain = transport.certs.trust_domain
         source_id, target_id = workload_identity(source, trust_domain), workload_identity(target, trust_domain)
         record.source_identity, record.destination_identity = source_id.uri, target_id.uri
         if target.node == transport.node:
+            # never crosses an inbound listener, so the destination's policies are decided here
             record.security = "same-node"
+            self.admit(state, record, Connection(source.ip, source_id, target, port, "same-node", source.key))
             return await connect_tcp(target.ip, port, self._connect_timeout)
         record.security = "mtls"
 

@@ -11,6 +11,7 @@ import time
 from typing import Awaitable, Callable
 
 from registry.model import RegistryState
+from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable, Direction, EndState
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import hostport
@@ -38,11 +39,13 @@ class CapturedListener:
         self,
         state_getter: Callable[[], RegistryState],
         table: ConnectionTable,
+        authorizer: Authorizer,
         connect_timeout: float = 5.0,
         original_destination: OriginalDestination = sockname_destination,
     ) -> None:
         self._state_getter = state_getter
         self._table = table
+        self._authorizer = authorizer
         self._connect_timeout = connect_timeout
         self._original_destination = original_destination
         self._sock: socket.socket | None = None
@@ -139,6 +142,12 @@ class CapturedListener:
         workload = state.workload_by_ip(source[0])
         return self._table.open(source[0], source[1], destination, workload.key if workload else None, direction)
 
+    def admit(self, state: RegistryState, record: ConnectionRecord, connection: Connection) -> None:
+        """Raises Denied unless the policies admit `connection`; the record keeps what was
+        decided on, so a policy change can decide again for the live connection."""
+        record.admitted = connection
+        self._authorizer.check(state, connection)
+
     async def proxy(self, record: ConnectionRecord, client: Stream,
                     open_upstream: Callable[[], Awaitable[Stream]]) -> None:
         """Opens the upstream and relays to it; when that fails the client is reset.
@@ -172,11 +181,19 @@ class CapturedListener:
         record.state = "open"
         record.sockets["client"] = client.kernel_socket()
         record.sockets["upstream"] = upstream.kernel_socket()
+        record.abort = lambda: (client.abort(), upstream.abort())
+        if record.cut_reason is not None:  # cut while it was still connecting
+            record.abort()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn.open %s", log_fields(record))
         # The record is ended before the sockets close, so it keeps their last TCP_INFO.
         try:
-            self.end(record, "closed", await splice(client, upstream, record.count_sent, record.count_received))
+            ended = await splice(client, upstream, record.count_sent, record.count_received)
+            if record.cut_reason is None:
+                self.end(record, "closed", ended)
+            else:
+                code, reason = record.cut_reason
+                self.end(record, "failed", reason, code)
         except asyncio.CancelledError:
             self.end(record, "closed", "cancelled: proxy shutting down")
             client.abort()
@@ -196,7 +213,6 @@ class CapturedListener:
         level = logging.INFO if state == "failed" else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, "conn.close %s", log_fields(record))
-
 
     def end_unexpected(self, record: ConnectionRecord, error: Exception) -> None:
         """Ends a connection that an unexpected exception broke, with the traceback in the log."""

@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
+from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.hbone import HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA
@@ -104,7 +105,7 @@ class Bed:
         certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))
         transport = MeshTransport("n1", certs, HboneClientPool())
         self.proxy = OutboundProxy(
-            lambda: state, self.table, transport, OWN_PORTS, lambda: NODE_ADDRESSES, connect_timeout=2.0,
+            lambda: state, self.table, Authorizer(), transport, OWN_PORTS, lambda: NODE_ADDRESSES, connect_timeout=2.0,
             original_destination=lambda _: destination or (VIP, dst_port)
         )
         listener = socket.socket()

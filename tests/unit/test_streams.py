@@ -12,6 +12,7 @@ import pytest
 import uvloop
 
 from registry.model import RegistryState
+from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionTable
 from ztunnel.server import CapturedListener
 from ztunnel.streams import TcpStream, connect_tcp, splice
@@ -70,7 +71,7 @@ def test_accepted_and_connected_sockets_send_small_writes_at_once(loop: str) -> 
                 conn.close()
 
         listener = socket.create_server(("127.0.0.1", 0))
-        probe = Probe(RegistryState, ConnectionTable())
+        probe = Probe(RegistryState, ConnectionTable(), Authorizer())
         await probe.start(listener)
         upstream = await connect_tcp(*listener.getsockname()[:2], 5.0)
         assert upstream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

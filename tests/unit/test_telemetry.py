@@ -52,7 +52,7 @@ def test_failures_carry_istio_response_flags():
     table = ConnectionTable()
     flags = {code: dict(zip(ISTIO_LABELS, istio_labels(record(table, 1, "failed", code), STATE)))["response_flags"]
              for code in ("connect_refused", "no_endpoint", "strict_mtls")}
-    assert flags == {"connect_refused": "UF", "no_endpoint": "NR", "strict_mtls": "UAEX"}
+    assert flags == {"connect_refused": "UF", "no_endpoint": "NR", "strict_mtls": "DENY"}
 
 
 def test_access_log_lines_use_ztunnels_field_names_and_say_why_a_connection_failed():
