@@ -50,6 +50,7 @@ class Mesh:
     container_port: int = 8080  # every pod's "http" container port, for named target ports
     agents: dict[str, subprocess.Popen] = field(default_factory=dict)
     kubeconfig: Path | None = None  # set: agents watch this API server instead of the registry file
+    policies: list[dict] = field(default_factory=list)  # AuthorizationPolicies, PeerAuthentications
 
     @property
     def registry_path(self) -> Path:
@@ -73,7 +74,7 @@ class Mesh:
                          "ports": [{"name": svc.port_name, "port": svc.port, "targetPort": svc.target_port,
                                     "protocol": "TCP"}]},
             })
-        return docs
+        return docs + self.policies
 
     def write_registry(self, text: str | None = None) -> None:
         """Replaces the registry file at once (write and rename), as kubectl-driven tooling does."""
@@ -119,8 +120,8 @@ class Mesh:
         """Runs `ameshctl ARGS` in a node's namespace."""
         return self.bed.run(self.bed.node(node), [AMESHCTL, *args], check=check)
 
-    def ctl_json(self, node: Node | str | int, view: str) -> object:
-        return json.loads(self.ctl(node, view, "-o", "json").stdout)
+    def ctl_json(self, node: Node | str | int, view: str, *args: str) -> object:
+        return json.loads(self.ctl(node, view, *args, "-o", "json").stdout)
 
     def http(self, node: Node | str | int, port: int, path: str, method: str = "GET",
              body: object = None) -> tuple[int, str]:

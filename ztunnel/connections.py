@@ -53,8 +53,8 @@ class ConnectionRecord:
     sockets: dict[str, Any] = field(default_factory=dict, repr=False)  # side -> socket, while open
     # what admission decided on (a ztunnel.authz.Connection), so a policy change can re-decide
     admitted: Any = field(default=None, repr=False)
-    # while relaying: aborts both sides, so `cut()` can end the connection from outside
-    abort: Callable[[], None] | None = field(default=None, repr=False)
+    # while relaying: stops the relay, so `cut()` can end the connection from outside
+    abort: Callable[[], object] | None = field(default=None, repr=False)
     cut_reason: tuple[str, str] | None = field(default=None, repr=False)  # (code, sentence) once cut
 
     def cut(self, code: str, reason: str) -> None:

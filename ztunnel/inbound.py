@@ -97,7 +97,8 @@ class InboundHboneProxy(CapturedListener):
         state = self._state_getter()
 
         async def handle(request: ConnectRequest, responder: Responder) -> None:
-            await self._tunnel(state, served, client, peer, request, responder)
+            # the registry (and its policies) as of this CONNECT: a pooled session outlives many
+            await self._tunnel(self._state_getter(), served, client, peer, request, responder)
 
         server = HboneServer(handle)
         session = None

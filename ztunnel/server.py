@@ -181,24 +181,26 @@ class CapturedListener:
         record.state = "open"
         record.sockets["client"] = client.kernel_socket()
         record.sockets["upstream"] = upstream.kernel_socket()
-        record.abort = lambda: (client.abort(), upstream.abort())
-        if record.cut_reason is not None:  # cut while it was still connecting
-            record.abort()
+        # cut() cancels this task: the splice stops wherever it waits (in the kernel or not)
+        relaying = asyncio.current_task()
+        assert relaying is not None
+        record.abort = relaying.cancel
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn.open %s", log_fields(record))
         # The record is ended before the sockets close, so it keeps their last TCP_INFO.
         try:
-            ended = await splice(client, upstream, record.count_sent, record.count_received)
-            if record.cut_reason is None:
-                self.end(record, "closed", ended)
-            else:
-                code, reason = record.cut_reason
-                self.end(record, "failed", reason, code)
+            if record.cut_reason is not None:  # cut while it was still connecting
+                raise asyncio.CancelledError
+            self.end(record, "closed", await splice(client, upstream, record.count_sent, record.count_received))
         except asyncio.CancelledError:
-            self.end(record, "closed", "cancelled: proxy shutting down")
             client.abort()
             upstream.abort()
-            raise
+            if record.cut_reason is None:
+                self.end(record, "closed", "cancelled: proxy shutting down")
+                raise
+            code, reason = record.cut_reason
+            self.end(record, "failed", reason, code)
+            relaying.uncancel()  # our own cut, not the task's owner cancelling: it ends normally
         except Exception as e:
             client.abort()
             upstream.abort()
