@@ -79,6 +79,27 @@ def run(mode: str, requests: int) -> None:
         show(mesh, 1, "workloads")
         show(mesh, 1, "services")
 
+        say("an AuthorizationPolicy (Istio's, as users write them): shop's web pods take connections only "
+            "from the service account frontend, so client is no longer allowed")
+        mesh.policies = [{
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web-from-frontend", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
+                     "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}],
+                                "to": [{"operation": {"ports": ["8080"]}}]}]},
+        }]
+        mesh.write_registry()
+        mesh.wait_for("the policy to reach node-2", lambda: mesh.ctl_json(2, "policies")["authorization_policies"])
+        server_b = bed.pods["server-b"]
+        try:
+            exchange(bed, client, server_b.ip, 8080, b"hello", timeout=2.0)
+            print("    connected (unexpected: the policy should deny it)")
+        except OSError as exc:
+            print(f"    client -> server-b {server_b.ip}:8080 refused at once: {exc.strerror or exc}")
+        show(mesh, 2, "policies")
+        say("why? `ameshctl check` asks the same decision without sending a packet")
+        show(mesh, 2, "check", "--from", "shop/client", "--to", "shop/server-b", "--port", "8080")
+
         say("stopping the agents (SIGTERM: each removes its filters, rule and route) and the bed")
         for node in bed.nodes:
             mesh.stop_agent(node)
