@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, Mapping
 
 from registry.objects import KubeObject, labels_field, list_field, mapping_field, show, string_field
@@ -69,8 +70,9 @@ class Match:
     destination_ports: tuple[int, ...] = ()
     not_destination_ports: tuple[int, ...] = ()
 
-    @property
+    @cached_property
     def empty(self) -> bool:
+        """Lists no field: such a match (an item of only HTTP attributes) matches nothing."""
         return not any(getattr(self, name) for name in self.__dataclass_fields__)
 
 

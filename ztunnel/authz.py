@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Mapping
+from functools import cached_property
+from typing import Any, Callable, Literal, Mapping
 
 from registry.model import MTLS_MODES, RegistryState, Workload
 from registry.policies import (
@@ -58,7 +59,15 @@ class Connection:
     arrival: Arrival
     source_workload: str | None = None  # "namespace/name", for explanations only
 
-    @property
+    @cached_property
+    def source_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        return ipaddress.ip_address(self.source_ip) if self.source_ip else None
+
+    @cached_property
+    def destination_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.destination.ip)
+
+    @cached_property
     def principal(self) -> str:
         """The principal as Istio writes it ("cluster.local/ns/shop/sa/web"); "" without identity."""
         identity = self.source_identity
@@ -240,33 +249,54 @@ def _match_holds(match: Match, connection: Connection) -> bool:
 
 
 def _failed_field(match: Match, connection: Connection) -> str | None:
-    """The first field of `match` that `connection` fails, as a phrase; None if all hold."""
+    """The first field of `match` that `connection` fails, as a phrase; None if all hold. Each
+    field is looked at only when the match lists it: most list one or two."""
     identity = connection.source_identity
-    namespace = identity.namespace if identity else ""
-    account = (identity.namespace, identity.service_account) if identity else None
-    source_ip = ipaddress.ip_address(connection.source_ip) if connection.source_ip else None
-    destination_ip = ipaddress.ip_address(connection.destination.ip)
-    port = connection.destination_port
-    checks = (
-        ("namespace", namespace or "(none: plaintext)", match.namespaces, match.not_namespaces,
-         lambda p: p.matches(namespace)),
-        ("service account", "/".join(account) if account else "(none: plaintext)", match.service_accounts,
-         match.not_service_accounts, lambda sa: sa == account),
-        ("principal", connection.principal or "(none: plaintext)", match.principals, match.not_principals,
-         lambda p: p.matches(connection.principal)),
-        ("source ip", connection.source_ip or "(unverified)", match.source_ips, match.not_source_ips,
-         lambda n: source_ip in n),
-        ("destination ip", connection.destination.ip, match.destination_ips, match.not_destination_ips,
-         lambda n: destination_ip in n),
-        ("port", str(port), match.destination_ports, match.not_destination_ports, lambda p: p == port),
-    )
-    if source_ip is None and (match.source_ips or match.not_source_ips):
-        return "source ip is unverified: no address condition holds for it"
-    for what, value, positive, negative, holds in checks:
-        if positive and not any(holds(v) for v in positive):
-            return f"{what} {value} is not one of {_show(positive)}"
-        if negative and any(holds(v) for v in negative):
-            return f"{what} {value} is excluded by {_show(negative)}"
+    if match.namespaces or match.not_namespaces:
+        namespace = identity.namespace if identity else ""
+        failed = _field("namespace", namespace or "(none: plaintext)", match.namespaces, match.not_namespaces,
+                        lambda p: p.matches(namespace))
+        if failed:
+            return failed
+    if match.service_accounts or match.not_service_accounts:
+        account = (identity.namespace, identity.service_account) if identity else None
+        failed = _field("service account", "/".join(account) if account else "(none: plaintext)",
+                        match.service_accounts, match.not_service_accounts, lambda sa: sa == account)
+        if failed:
+            return failed
+    if match.principals or match.not_principals:
+        principal = connection.principal
+        failed = _field("principal", principal or "(none: plaintext)", match.principals, match.not_principals,
+                        lambda p: p.matches(principal))
+        if failed:
+            return failed
+    if match.source_ips or match.not_source_ips:
+        source_ip = connection.source_address
+        if source_ip is None:
+            return "source ip is unverified: no address condition holds for it"
+        failed = _field("source ip", connection.source_ip, match.source_ips, match.not_source_ips,
+                        lambda n: source_ip in n)
+        if failed:
+            return failed
+    if match.destination_ips or match.not_destination_ips:
+        destination_ip = connection.destination_address
+        failed = _field("destination ip", connection.destination.ip, match.destination_ips,
+                        match.not_destination_ips, lambda n: destination_ip in n)
+        if failed:
+            return failed
+    if match.destination_ports or match.not_destination_ports:
+        port = connection.destination_port
+        return _field("port", str(port), match.destination_ports, match.not_destination_ports, lambda p: p == port)
+    return None
+
+
+def _field(what: str, value: str, positive: tuple[Any, ...], negative: tuple[Any, ...],
+           holds: Callable[[Any], bool]) -> str | None:
+    """Why `value` fails "one of `positive` (if listed) and none of `negative`", or None."""
+    if positive and not any(holds(v) for v in positive):
+        return f"{what} {value} is not one of {_show(positive)}"
+    if negative and any(holds(v) for v in negative):
+        return f"{what} {value} is excluded by {_show(negative)}"
     return None
 
 
