@@ -49,6 +49,8 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+#define AF_INET 2  /* linux/socket.h, which is not a uapi header */
+
 /* Defined by the loader (bpf/datapath.py), which also installs the rule: CAPTURE_MARK,
  * HBONE_PORT, FLOW_ACCOUNTING (1 or 0), and the sockmap slots OUTBOUND_SLOT,
  * INBOUND_HBONE_SLOT, INBOUND_PLAINTEXT_SLOT. */
@@ -80,13 +82,44 @@ struct flow_stats {
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows, 65536);
 
-/* Hands a SYN to the listener in `slot`; no listener means no ztunnel: drop (fail closed). */
-static __always_inline int assign(struct __sk_buff *skb, u32 slot)
+/* The listener slot of a TCP packet from `saddr` to `daddr`:`dport` (network order), or -1 when
+ * neither end is an enrolled local pod. One decision for both programs below. */
+static __always_inline int listener_slot(u32 saddr, u32 daddr, u16 dport)
+{
+    if (enrolled_pods.lookup(&saddr))
+        return OUTBOUND_SLOT;
+    if (!enrolled_pods.lookup(&daddr))
+        return -1;
+    return dport == htons(HBONE_PORT) ? INBOUND_HBONE_SLOT : INBOUND_PLAINTEXT_SLOT;
+}
+
+/* Whether a socket that is not a listener owns the 4-tuple: established (or closing), a
+ * request socket (SYN_RECV) or TIME_WAIT. bpf_skc_lookup_tcp also returns listeners (ours,
+ * through capture_listener_lookup, or any bound to the destination's port): those own nothing. */
+static __always_inline int connection_exists(struct __sk_buff *skb, u32 saddr, u32 daddr, u16 sport, u16 dport)
+{
+    struct bpf_sock_tuple tuple = {};
+    tuple.ipv4.saddr = saddr;
+    tuple.ipv4.daddr = daddr;
+    tuple.ipv4.sport = sport;
+    tuple.ipv4.dport = dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    int listening = sk->state == BPF_TCP_LISTEN;
+    bpf_sk_release(sk);
+    return !listening;
+}
+
+/* Hands a SYN to the ztunnel: assigned to the listener in `slot`, or, when a socket already
+ * owns its 4-tuple, only marked so the kernel's own lookup takes it to that socket (see
+ * steer()). No listener in `slot` means no ztunnel: drop (fail closed), in both cases. */
+static __always_inline int capture_syn(struct __sk_buff *skb, u32 slot, int owned)
 {
     struct bpf_sock *listener = (struct bpf_sock *)listeners.lookup(&slot);
     if (!listener)
         return TC_ACT_SHOT;
-    long err = bpf_sk_assign(skb, listener, 0);
+    long err = owned ? 0 : bpf_sk_assign(skb, listener, 0);
     bpf_sk_release(listener);
     if (err)
         return TC_ACT_SHOT;
@@ -120,30 +153,33 @@ static __always_inline void count(struct flow_key *key, u64 len, u64 flags, u32 
 }
 
 /* The capture decision for a TCP packet whose header is readable; sets *captured when the
- * packet is handed to a listener or marked. */
+ * packet is handed to a listener or marked.
+ *
+ * A SYN whose 4-tuple a socket already owns goes to that socket through the kernel's lookup,
+ * not to the listener: a client that reconnects from the port it just used meets the
+ * ztunnel's TIME_WAIT socket when the ztunnel closed first. Assigned to the listener, such a
+ * SYN is dropped (since 6.10 the listener will not queue a request socket whose 4-tuple is
+ * already in the established hash), every retry, until the TIME_WAIT ends (60 s). Through the
+ * lookup, tcp_timewait_state_process decides as for any TIME_WAIT socket: a SYN it may accept
+ * (newer sequence number or timestamp) ends the TIME_WAIT and goes to the listener the
+ * kernel looks up for its destination, which capture_listener_lookup makes the ztunnel's one,
+ * so the new connection is captured like the first (without it the kernel would pick a node
+ * socket bound to that port, or none, and the client would wait); one it may not accept is
+ * answered with an ACK, the client resets the TIME_WAIT and retries at once (in ~10 ms).
+ * A SYN for an established or SYN_RECV socket gets the kernel's challenge ACK or SYN-ACK. */
 static __always_inline int steer(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp, u32 *captured)
 {
-    u32 saddr = ip->saddr, daddr = ip->daddr;
-    int outbound = enrolled_pods.lookup(&saddr) != 0;
-    if (!outbound && !enrolled_pods.lookup(&daddr))
+    int slot = listener_slot(ip->saddr, ip->daddr, tcp->dest);
+    if (slot < 0)
         return TC_ACT_OK;
+    int owned = connection_exists(skb, ip->saddr, ip->daddr, tcp->source, tcp->dest);
 
     if (tcp->syn && !tcp->ack) {
-        int verdict = assign(skb, outbound ? OUTBOUND_SLOT
-                                           : tcp->dest == htons(HBONE_PORT) ? INBOUND_HBONE_SLOT
-                                                                            : INBOUND_PLAINTEXT_SLOT);
+        int verdict = capture_syn(skb, slot, owned);
         *captured = verdict == TC_ACT_OK;
         return verdict;
     }
-
-    struct bpf_sock_tuple tuple = {};
-    tuple.ipv4.saddr = saddr;
-    tuple.ipv4.daddr = daddr;
-    tuple.ipv4.sport = tcp->source;
-    tuple.ipv4.dport = tcp->dest;
-    struct bpf_sock *owner = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-    if (owner) {
-        bpf_sk_release(owner);
+    if (owned) {
         skb->mark = CAPTURE_MARK;
         *captured = 1;
     }
@@ -204,4 +240,26 @@ int capture(struct __sk_buff *skb)
     int verdict = steer(skb, ip, tcp, &captured);
     count(&key, len, flags, captured);
     return verdict;
+}
+
+/* sk_lookup, attached to the node's network namespace: runs where the kernel looks up a
+ * listener for a packet delivered locally, and picks the ztunnel's for a connection of an
+ * enrolled pod (the same listener_slot() as capture). Packets reach such a lookup only when
+ * capture() let a SYN through to a TIME_WAIT socket (see steer()), or from bpf_skc_lookup_tcp
+ * in capture() itself; everything else the node receives is left to the kernel (SK_PASS with
+ * no socket). No listener in the slot: refused (SK_DROP), never handed to another socket. */
+int capture_listener_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    int slot = listener_slot(ctx->remote_ip4, ctx->local_ip4, htons(ctx->local_port));
+    if (slot < 0)
+        return SK_PASS;
+    u32 key = slot;
+    struct bpf_sock *listener = (struct bpf_sock *)listeners.lookup(&key);
+    if (!listener)
+        return SK_DROP;
+    long err = bpf_sk_assign(ctx, listener, 0);
+    bpf_sk_release(listener);
+    return err ? SK_DROP : SK_PASS;
 }
