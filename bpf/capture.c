@@ -15,6 +15,11 @@
  * -> a table whose only route is "local 0.0.0.0/0") then delivers it locally, so the listener
  * accepts a socket whose local address is the original destination. Later packets of a
  * captured connection are only marked: the kernel's own lookup finds the ztunnel's socket.
+ * So is a SYN whose 4-tuple a socket already owns (a client reconnecting from the port it just
+ * used meets the ztunnel's TIME_WAIT): the kernel handles it as for any socket, and when it
+ * lets the SYN reuse a TIME_WAIT it looks a listener up, which the second program,
+ * capture_listener_lookup (sk_lookup, in the node's namespace), makes the same ztunnel
+ * listener (steer() says why both are needed).
  * Packets of connections the ztunnel does not own (opened before enrollment) pass untouched,
  * so enrolling a pod cuts nothing. The ztunnel's own connections leave the node by egress and
  * are never captured; neither is traffic the node itself sends (kubelet probes).
@@ -31,15 +36,21 @@
  * lock is rarely taken, and one shared pool keeps all 65536 entries usable whichever CPU a
  * flow's packets arrive on; when it is full the least recently used flow is evicted.
  *
- * Fail closed: a SYN for a slot with no listener is dropped, so a restarting agent never lets
- * traffic bypass the mesh; TCP retries the SYN.
+ * Fail closed: a SYN for a slot with no listener is dropped, whether or not a socket owns its
+ * 4-tuple, so a restarting agent never lets traffic bypass the mesh (not even through a TIME_WAIT
+ * the killed ztunnel left, which the kernel would hand to a node socket on the destination's
+ * port); TCP retries the SYN.
  *
  * Cost: per IPv4 TCP packet, one or two hash lookups for capture plus one LRU lookup, two
  * atomic adds and a clock read for the counters (a flow's first packet inserts instead, and
- * a new TCP flag takes one atomic OR); per non-SYN packet of an enrolled pod one socket
- * lookup. Per UDP packet only the counters. Everything else returns at the first checks.
- * Needs: tc clsact, sockmap, bpf_sk_assign (5.7+), bpf_skc_lookup_tcp (5.2+), LRU hash (4.10+),
- * BPF atomic OR (5.12+).
+ * a new TCP flag takes one atomic OR); per packet of an enrolled pod one socket lookup
+ * (bpf_skc_lookup_tcp: the established hash, then, if nothing owns the 4-tuple, the listener
+ * lookup, which runs capture_listener_lookup: one or two hash lookups and a sockmap lookup),
+ * and per SYN a sockmap lookup and bpf_sk_assign. Per UDP packet only the counters. Everything
+ * else returns at the first checks. capture_listener_lookup costs the node's other listener
+ * lookups (connections to the node itself) one or two hash lookups.
+ * Needs: tc clsact, sockmap, bpf_sk_assign (5.7+), bpf_skc_lookup_tcp (5.2+), sk_lookup (5.9+),
+ * LRU hash (4.10+), BPF atomic OR (5.12+).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -158,15 +169,17 @@ static __always_inline void count(struct flow_key *key, u64 len, u64 flags, u32 
  * A SYN whose 4-tuple a socket already owns goes to that socket through the kernel's lookup,
  * not to the listener: a client that reconnects from the port it just used meets the
  * ztunnel's TIME_WAIT socket when the ztunnel closed first. Assigned to the listener, such a
- * SYN is dropped (since 6.10 the listener will not queue a request socket whose 4-tuple is
- * already in the established hash), every retry, until the TIME_WAIT ends (60 s). Through the
- * lookup, tcp_timewait_state_process decides as for any TIME_WAIT socket: a SYN it may accept
- * (newer sequence number or timestamp) ends the TIME_WAIT and goes to the listener the
- * kernel looks up for its destination, which capture_listener_lookup makes the ztunnel's one,
- * so the new connection is captured like the first (without it the kernel would pick a node
- * socket bound to that port, or none, and the client would wait); one it may not accept is
- * answered with an ACK, the client resets the TIME_WAIT and retries at once (in ~10 ms).
- * A SYN for an established or SYN_RECV socket gets the kernel's challenge ACK or SYN-ACK. */
+ * SYN is dropped, every retry, until the TIME_WAIT ends (60 s; measured on 6.18: the listener
+ * does not queue a request socket whose 4-tuple the established hash already holds). Through
+ * the lookup, tcp_timewait_state_process decides as for any TIME_WAIT socket. A SYN it may
+ * accept (newer sequence number or timestamp) ends the TIME_WAIT and goes to the listener the
+ * kernel looks up by destination address and port, which capture_listener_lookup makes the
+ * ztunnel's, so the new connection is captured like the first. Without that program the
+ * kernel takes a node socket bound to the port (measured: a transparent one took the
+ * reconnect out of the mesh, a plain one held it 1 s), or, with none, answers from the
+ * TIME_WAIT with an ACK, which the client resets before retrying in ~10 ms. A SYN it may not
+ * accept gets that ACK too. A SYN for an established or SYN_RECV socket gets the kernel's
+ * challenge ACK or SYN-ACK, as without the mesh. */
 static __always_inline int steer(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp, u32 *captured)
 {
     int slot = listener_slot(ip->saddr, ip->daddr, tcp->dest);
@@ -244,10 +257,12 @@ int capture(struct __sk_buff *skb)
 
 /* sk_lookup, attached to the node's network namespace: runs where the kernel looks up a
  * listener for a packet delivered locally, and picks the ztunnel's for a connection of an
- * enrolled pod (the same listener_slot() as capture). Packets reach such a lookup only when
- * capture() let a SYN through to a TIME_WAIT socket (see steer()), or from bpf_skc_lookup_tcp
- * in capture() itself; everything else the node receives is left to the kernel (SK_PASS with
- * no socket). No listener in the slot: refused (SK_DROP), never handed to another socket. */
+ * enrolled pod (the same listener_slot() as capture). An enrolled pod's packet reaches such a
+ * lookup when capture() let its SYN through to a TIME_WAIT socket (see steer()), when no socket
+ * at all owns it and it is addressed to the node itself (a listener answers that with a reset,
+ * ours as the node's would), and from bpf_skc_lookup_tcp in capture() itself; every other
+ * lookup is left to the kernel (SK_PASS with no socket). No listener in the slot: refused
+ * (SK_DROP), never handed to another socket. */
 int capture_listener_lookup(struct bpf_sk_lookup *ctx)
 {
     if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
