@@ -1,13 +1,14 @@
 """Reconnects from the source port a client just used: through the mesh they succeed at once and
 are still captured, whichever side closed first (so whichever side holds the TIME_WAIT).
 
-Bed: two p2p nodes. Namespace "shop" is enrolled: client on node-1, server on node-2 behind
-Services 10.96.0.10 and .11. Namespace "legacy" is not: pod "plain" on node-1. The server
-answers on two ports: on one it closes first (the TIME_WAIT is the ztunnel's socket that
-accepted the connection), on the other after the client (the TIME_WAIT is in the client pod,
-which is set to reuse it, as Linux does by default only on loopback). Both nodes also run a
-transparent listener of their own on those ports: the kernel's TIME_WAIT path looks a listener
-up by destination port, and a SYN it took there would bypass the mesh; it must get nothing.
+Bed: two nodes, point-to-point or bridged. Namespace "shop" is enrolled: client on node-1,
+server on node-2 behind Services 10.96.0.10 and .11. Namespace "legacy" is not: pod "plain" on
+node-1. The server answers on two ports: on one it closes first (the TIME_WAIT is the
+ztunnel's socket that accepted the connection), on the other after the client (the TIME_WAIT
+is in the client pod, which is set to reuse it, as Linux does by default only on loopback).
+Both nodes also run a transparent listener of their own on those ports: the kernel's
+TIME_WAIT path looks a listener up by destination port, and a SYN it took there would bypass
+the mesh; it must get nothing.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ SERVICE_IPS = {SERVER_CLOSES_PORT: "10.96.0.10", CLIENT_CLOSES_PORT: "10.96.0.11
 CLIENT_PORT = 40100  # the fixed source port every connection of a test is made from
 RECONNECTS = 3
 REUSE_DEADLINE = 0.1  # seconds a reconnect's connect() may take (the issue's figure)
-CONNECT_TIMEOUT = 1.0  # seconds: a dropped SYN fails the test after its first retry, not 60 s later
+CONNECT_TIMEOUT = 1.0  # seconds: a dropped SYN fails the test in a second, not 60 s later
 IO_TIMEOUT = 5.0  # seconds for the exchange once connected
-IP_TRANSPARENT = 19
+IP_TRANSPARENT = 19  # linux/in.h; Python's socket module has no name for it
 REQUEST = b"hello from a reused port"
 
 
@@ -85,13 +86,15 @@ def listen(netns: str, port: int, name: str, closes_first: bool, transparent: bo
 
 @dataclass
 class Reconnects:
+    """The bed's mesh and every listener the test started."""
+
     mesh: Mesh
-    servers: dict[str, Server]  # by where it runs: "server", "node-1", "node-2"
+    servers: dict[str, Server]  # by "<where>:<port>", where is "server", "node-1" or "node-2"
 
 
-@pytest.fixture
-def bed_mesh(make_bed) -> Iterator[Reconnects]:
-    bed = make_bed("p2p", nodes=2)
+@pytest.fixture(params=["p2p", "bridge"])
+def bed_mesh(request, make_bed) -> Iterator[Reconnects]:
+    bed = make_bed(request.param, nodes=2)
     mesh = Mesh(bed, namespaces={"shop": True, "legacy": False})
     for name, node, namespace in (("client", 1, "shop"), ("plain", 1, "legacy"), ("server", 2, "shop")):
         bed.add_pod(name, node, namespace=namespace, service_account=name, labels={"app": name})
