@@ -2,7 +2,8 @@
 
 `NodeDatapath` is the one place that changes kernel state for amesh: it compiles
 bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces packets enter
-the node by, keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
+the node by, and its sk_lookup program to the node's network namespace (a link that goes away
+with the agent), keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
 listeners, and installs the policy rule and local route that deliver marked packets to them. Everything it adds carries a
 fixed priority or table number, so a later agent finds and replaces what a killed one left.
 It also reads the program's per-flow counters back (`flows()`), through pure conversion helpers.
@@ -304,7 +305,7 @@ class NodeDatapath:
         return flow_records(entries.values(), monotonic_offset_ns(), limit)
 
     def close(self) -> None:
-        """Removes every filter, qdisc, rule and route this datapath added."""
+        """Removes every filter, qdisc, rule and route this datapath added, and the sk_lookup link."""
         for attachment in self._attached.values():
             self._detach(attachment)
         self._attached.clear()
