@@ -15,6 +15,11 @@
  * -> a table whose only route is "local 0.0.0.0/0") then delivers it locally, so the listener
  * accepts a socket whose local address is the original destination. Later packets of a
  * captured connection are only marked: the kernel's own lookup finds the ztunnel's socket.
+ * So is a SYN whose 4-tuple a socket already owns (a client reconnecting from the port it just
+ * used meets the ztunnel's TIME_WAIT): the kernel handles it as for any socket, and when it
+ * lets the SYN reuse a TIME_WAIT it looks a listener up, which the second program,
+ * capture_listener_lookup (sk_lookup, in the node's namespace), makes the same ztunnel
+ * listener (steer() says why both are needed).
  * Packets of connections the ztunnel does not own (opened before enrollment) pass untouched,
  * so enrolling a pod cuts nothing. The ztunnel's own connections leave the node by egress and
  * are never captured; neither is traffic the node itself sends (kubelet probes).
@@ -31,15 +36,21 @@
  * lock is rarely taken, and one shared pool keeps all 65536 entries usable whichever CPU a
  * flow's packets arrive on; when it is full the least recently used flow is evicted.
  *
- * Fail closed: a SYN for a slot with no listener is dropped, so a restarting agent never lets
- * traffic bypass the mesh; TCP retries the SYN.
+ * Fail closed: a SYN for a slot with no listener is dropped, whether or not a socket owns its
+ * 4-tuple, so a restarting agent never lets traffic bypass the mesh (not even through a TIME_WAIT
+ * the killed ztunnel left, which the kernel would hand to a node socket on the destination's
+ * port); TCP retries the SYN.
  *
  * Cost: per IPv4 TCP packet, one or two hash lookups for capture plus one LRU lookup, two
  * atomic adds and a clock read for the counters (a flow's first packet inserts instead, and
- * a new TCP flag takes one atomic OR); per non-SYN packet of an enrolled pod one socket
- * lookup. Per UDP packet only the counters. Everything else returns at the first checks.
- * Needs: tc clsact, sockmap, bpf_sk_assign (5.7+), bpf_skc_lookup_tcp (5.2+), LRU hash (4.10+),
- * BPF atomic OR (5.12+).
+ * a new TCP flag takes one atomic OR); per packet of an enrolled pod one socket lookup
+ * (bpf_skc_lookup_tcp: the established hash, then, if nothing owns the 4-tuple, the listener
+ * lookup, which runs capture_listener_lookup: one or two hash lookups and a sockmap lookup),
+ * and per SYN a sockmap lookup and bpf_sk_assign. Per UDP packet only the counters. Everything
+ * else returns at the first checks. capture_listener_lookup costs the node's other listener
+ * lookups (connections to the node itself) one or two hash lookups.
+ * Needs: tc clsact, sockmap, bpf_sk_assign (5.7+), bpf_skc_lookup_tcp (5.2+), sk_lookup (5.9+),
+ * LRU hash (4.10+), BPF atomic OR (5.12+).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -48,6 +59,8 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
+
+#define AF_INET 2  /* linux/socket.h, which is not a uapi header */
 
 /* Defined by the loader (bpf/datapath.py), which also installs the rule: CAPTURE_MARK,
  * HBONE_PORT, FLOW_ACCOUNTING (1 or 0), and the sockmap slots OUTBOUND_SLOT,
@@ -80,13 +93,44 @@ struct flow_stats {
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows, 65536);
 
-/* Hands a SYN to the listener in `slot`; no listener means no ztunnel: drop (fail closed). */
-static __always_inline int assign(struct __sk_buff *skb, u32 slot)
+/* The listener slot of a TCP packet from `saddr` to `daddr`:`dport` (network order), or -1 when
+ * neither end is an enrolled local pod. One decision for both programs below. */
+static __always_inline int listener_slot(u32 saddr, u32 daddr, u16 dport)
+{
+    if (enrolled_pods.lookup(&saddr))
+        return OUTBOUND_SLOT;
+    if (!enrolled_pods.lookup(&daddr))
+        return -1;
+    return dport == htons(HBONE_PORT) ? INBOUND_HBONE_SLOT : INBOUND_PLAINTEXT_SLOT;
+}
+
+/* Whether a socket that is not a listener owns the 4-tuple: established (or closing), a
+ * request socket (SYN_RECV) or TIME_WAIT. bpf_skc_lookup_tcp also returns listeners (ours,
+ * through capture_listener_lookup, or any bound to the destination's port): those own nothing. */
+static __always_inline int connection_exists(struct __sk_buff *skb, u32 saddr, u32 daddr, u16 sport, u16 dport)
+{
+    struct bpf_sock_tuple tuple = {};
+    tuple.ipv4.saddr = saddr;
+    tuple.ipv4.daddr = daddr;
+    tuple.ipv4.sport = sport;
+    tuple.ipv4.dport = dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    int listening = sk->state == BPF_TCP_LISTEN;
+    bpf_sk_release(sk);
+    return !listening;
+}
+
+/* Hands a SYN to the ztunnel: assigned to the listener in `slot`, or, when a socket already
+ * owns its 4-tuple, only marked so the kernel's own lookup takes it to that socket (see
+ * steer()). No listener in `slot` means no ztunnel: drop (fail closed), in both cases. */
+static __always_inline int capture_syn(struct __sk_buff *skb, u32 slot, int owned)
 {
     struct bpf_sock *listener = (struct bpf_sock *)listeners.lookup(&slot);
     if (!listener)
         return TC_ACT_SHOT;
-    long err = bpf_sk_assign(skb, listener, 0);
+    long err = owned ? 0 : bpf_sk_assign(skb, listener, 0);
     bpf_sk_release(listener);
     if (err)
         return TC_ACT_SHOT;
@@ -120,30 +164,35 @@ static __always_inline void count(struct flow_key *key, u64 len, u64 flags, u32 
 }
 
 /* The capture decision for a TCP packet whose header is readable; sets *captured when the
- * packet is handed to a listener or marked. */
+ * packet is handed to a listener or marked.
+ *
+ * A SYN whose 4-tuple a socket already owns goes to that socket through the kernel's lookup,
+ * not to the listener: a client that reconnects from the port it just used meets the
+ * ztunnel's TIME_WAIT socket when the ztunnel closed first. Assigned to the listener, such a
+ * SYN is dropped, every retry, until the TIME_WAIT ends (60 s; measured on 6.18: the listener
+ * does not queue a request socket whose 4-tuple the established hash already holds). Through
+ * the lookup, tcp_timewait_state_process decides as for any TIME_WAIT socket. A SYN it may
+ * accept (newer sequence number or timestamp) ends the TIME_WAIT and goes to the listener the
+ * kernel looks up by destination address and port, which capture_listener_lookup makes the
+ * ztunnel's, so the new connection is captured like the first. Without that program the
+ * kernel takes a node socket bound to the port (measured: a transparent one took the
+ * reconnect out of the mesh, a plain one held it 1 s), or, with none, answers from the
+ * TIME_WAIT with an ACK, which the client resets before retrying in ~10 ms. A SYN it may not
+ * accept gets that ACK too. A SYN for an established or SYN_RECV socket gets the kernel's
+ * challenge ACK or SYN-ACK, as without the mesh. */
 static __always_inline int steer(struct __sk_buff *skb, struct iphdr *ip, struct tcphdr *tcp, u32 *captured)
 {
-    u32 saddr = ip->saddr, daddr = ip->daddr;
-    int outbound = enrolled_pods.lookup(&saddr) != 0;
-    if (!outbound && !enrolled_pods.lookup(&daddr))
+    int slot = listener_slot(ip->saddr, ip->daddr, tcp->dest);
+    if (slot < 0)
         return TC_ACT_OK;
+    int owned = connection_exists(skb, ip->saddr, ip->daddr, tcp->source, tcp->dest);
 
     if (tcp->syn && !tcp->ack) {
-        int verdict = assign(skb, outbound ? OUTBOUND_SLOT
-                                           : tcp->dest == htons(HBONE_PORT) ? INBOUND_HBONE_SLOT
-                                                                            : INBOUND_PLAINTEXT_SLOT);
+        int verdict = capture_syn(skb, slot, owned);
         *captured = verdict == TC_ACT_OK;
         return verdict;
     }
-
-    struct bpf_sock_tuple tuple = {};
-    tuple.ipv4.saddr = saddr;
-    tuple.ipv4.daddr = daddr;
-    tuple.ipv4.sport = tcp->source;
-    tuple.ipv4.dport = tcp->dest;
-    struct bpf_sock *owner = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-    if (owner) {
-        bpf_sk_release(owner);
+    if (owned) {
         skb->mark = CAPTURE_MARK;
         *captured = 1;
     }
@@ -204,4 +253,28 @@ int capture(struct __sk_buff *skb)
     int verdict = steer(skb, ip, tcp, &captured);
     count(&key, len, flags, captured);
     return verdict;
+}
+
+/* sk_lookup, attached to the node's network namespace: runs where the kernel looks up a
+ * listener for a packet delivered locally, and picks the ztunnel's for a connection of an
+ * enrolled pod (the same listener_slot() as capture). An enrolled pod's packet reaches such a
+ * lookup when capture() let its SYN through to a TIME_WAIT socket (see steer()), when no socket
+ * at all owns it and it is addressed to the node itself (a listener answers that with a reset,
+ * ours as the node's would), and from bpf_skc_lookup_tcp in capture() itself; every other
+ * lookup is left to the kernel (SK_PASS with no socket). No listener in the slot: refused
+ * (SK_DROP), never handed to another socket. */
+int capture_listener_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    int slot = listener_slot(ctx->remote_ip4, ctx->local_ip4, htons(ctx->local_port));
+    if (slot < 0)
+        return SK_PASS;
+    u32 key = slot;
+    struct bpf_sock *listener = (struct bpf_sock *)listeners.lookup(&key);
+    if (!listener)
+        return SK_DROP;
+    long err = bpf_sk_assign(ctx, listener, 0);
+    bpf_sk_release(listener);
+    return err ? SK_DROP : SK_PASS;
 }

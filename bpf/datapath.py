@@ -2,7 +2,8 @@
 
 `NodeDatapath` is the one place that changes kernel state for amesh: it compiles
 bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces packets enter
-the node by, keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
+the node by, and its sk_lookup program to the node's network namespace (a link that goes away
+with the agent), keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
 listeners, and installs the policy rule and local route that deliver marked packets to them. Everything it adds carries a
 fixed priority or table number, so a later agent finds and replaces what a killed one left.
 It also reads the program's per-flow counters back (`flows()`), through pure conversion helpers.
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -37,6 +40,9 @@ ROUTE_TABLE = 15001
 RULE_PRIORITY = 15001
 FILTER_PRIORITY = 15001
 TC_INGRESS = "ffff:fff2"
+# uapi enum values BCC 0.26 has no names for: the sk_lookup program type and its attach type.
+BPF_PROG_TYPE_SK_LOOKUP = 30
+BPF_SK_LOOKUP = 36
 
 
 class Slot(IntEnum):
@@ -72,6 +78,8 @@ class CaptureProgram:
                 f"-DFLOW_ACCOUNTING={int(flow_accounting)}",
                 *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot)])
             self.fn = self.bpf.load_func(b"capture", BPF.SCHED_CLS)
+            self.listener_lookup = self.bpf.load_func(b"capture_listener_lookup", BPF_PROG_TYPE_SK_LOOKUP,
+                                                      attach_type=BPF_SK_LOOKUP)
         except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
             raise DatapathError(f"loading {SOURCE.name} failed: {exc}") from exc
         self._enrolled = self.bpf[b"enrolled_pods"]
@@ -88,6 +96,21 @@ class CaptureProgram:
             err = ctypes.get_errno()
             raise DatapathError(f"putting the {slot.name.lower()} listener in the sockmap failed: "
                                 f"{errno.errorcode.get(err, err)}")
+
+    def attach_listener_lookup(self, above_fd: int) -> int:
+        """Attaches capture_listener_lookup to the calling thread's network namespace; returns
+        the link's fd (closing it detaches), numbered above `above_fd`."""
+        from bcc import lib
+
+        with open("/proc/thread-self/ns/net", "rb") as netns:
+            fd = lib.bpf_link_create(self.listener_lookup.fd, netns.fileno(), BPF_SK_LOOKUP, None)
+        if fd < 0:
+            raise DatapathError(f"attaching the sk_lookup program to the node's network namespace failed: "
+                                f"{os.strerror(-fd)}")
+        try:
+            return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above_fd + 1)
+        finally:
+            os.close(fd)
 
     def set_enrolled(self, ips: Iterable[str]) -> None:
         """Makes the enrolled-pods map hold exactly `ips`."""
@@ -171,6 +194,7 @@ class NodeDatapath:
         self._attached: dict[int, Attachment] = {}
         self._enrolled: tuple[str, ...] = ()
         self._not_routed_here: tuple[str, ...] = ()
+        self._listener_lookup_link: int | None = None
         try:
             removed = remove_leftovers(self._ipr)
             if removed:
@@ -178,6 +202,12 @@ class NodeDatapath:
             self.program = CaptureProgram(hbone_port, flow_accounting)
             for slot, sock in listeners.items():
                 self.program.set_listener(slot, sock)
+            # The link dies with the process; numbered above the listeners, it is closed after
+            # them when the agent is killed (a process's files close in fd order), so there is
+            # no moment with the listeners still in the sockmap and the lookup gone, which would
+            # let capture() pass a SYN to a TIME_WAIT socket with no one to pick the listener.
+            self._listener_lookup_link = self.program.attach_listener_lookup(
+                max((sock.fileno() for sock in listeners.values()), default=2))
             self._install_routing()
         except BaseException:
             self.close()
@@ -275,10 +305,13 @@ class NodeDatapath:
         return flow_records(entries.values(), monotonic_offset_ns(), limit)
 
     def close(self) -> None:
-        """Removes every filter, qdisc, rule and route this datapath added."""
+        """Removes every filter, qdisc, rule and route this datapath added, and the sk_lookup link."""
         for attachment in self._attached.values():
             self._detach(attachment)
         self._attached.clear()
+        if self._listener_lookup_link is not None:
+            os.close(self._listener_lookup_link)
+            self._listener_lookup_link = None
         remove_leftovers(self._ipr)
         self._ipr.close()
 
