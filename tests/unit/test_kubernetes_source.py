@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import yaml
 
 from registry.kubefile import build_state
 from registry.kubernetes import KINDS, Backoff, KubernetesSource, _TokenFile, load_configuration
 from registry.model import RegistryState
-from tests.kubeapi import KubeAPIServer
+from tests.kubeapi import BY_KIND, KubeAPIServer
 from ztunnel.authz import Authorizer, Connection
 from ztunnel.identity import Identity
 
@@ -188,6 +189,16 @@ def test_kubeconfig_wins_over_in_cluster(tmp_path: Path) -> None:
         api.write_kubeconfig(tmp_path / "kubeconfig")
         conf = asyncio.run(load_configuration(None, environ=environ, sa_dir=str(sa)))
         assert conf.host == api.url
+
+
+def test_the_daemonsets_cluster_role_reads_every_kind_the_source_follows() -> None:
+    manifest = Path(__file__).resolve().parents[2] / "daemonset" / "amesh.yaml"
+    [role] = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ClusterRole"]
+    granted = {(group, resource) for rule in role["rules"] if {"get", "list", "watch"} <= set(rule["verbs"])
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    for kind in KINDS:
+        resource = BY_KIND[kind.kind]
+        assert (resource.group, resource.plural) in granted, f"the ClusterRole does not let the agent read {kind.kind}"
 
 
 def test_token_file_hook_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
