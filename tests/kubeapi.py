@@ -106,9 +106,7 @@ RESOURCES = (
       for plural, singular, kind in (("authorizationpolicies", "authorizationpolicy", "AuthorizationPolicy"),
                                      ("peerauthentications", "peerauthentication", "PeerAuthentication"))),
 )
-BY_KIND: dict[str, Resource] = {}  # the preferred version of each kind
-for _r in RESOURCES:
-    BY_KIND.setdefault(_r.kind, _r)
+BY_KIND = {r.kind: r for r in reversed(RESOURCES)}  # each kind at its preferred (first listed) version
 API_VERSIONS_OF_KIND = {kind: tuple(r.api_version for r in RESOURCES if r.kind == kind) for kind in BY_KIND}
 
 
