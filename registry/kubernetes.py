@@ -1,12 +1,21 @@
 """Registry source: the Kubernetes API server, through list and watch.
 
-`KubernetesSource` lists Namespaces, Pods, Services and discovery.k8s.io/v1 EndpointSlices,
-then watches each from the list's resourceVersion (with bookmarks), keeps a local cache of the
-objects, and publishes a `RegistryState` built by `registry.kubefile.build_state` (the same
-rules as the registry file) after the initial sync and after each burst of changes. A cut watch
-resumes from the last resourceVersion seen; 410 Gone relists that kind; connection errors retry
-with capped exponential backoff and jitter, while the last good state keeps serving. An object
-the rules reject is skipped and reported, never the whole state.
+`KubernetesSource` lists Namespaces, Pods, Services, discovery.k8s.io/v1 EndpointSlices and
+Istio's security.istio.io AuthorizationPolicies and PeerAuthentications, then watches each from
+the list's resourceVersion (with bookmarks), keeps a local cache of the objects, and publishes a
+`RegistryState` built by `registry.kubefile.build_state` (the same rules as the registry file)
+after the initial sync and after each burst of changes. A cut watch resumes from the last
+resourceVersion seen; 410 Gone relists that kind; connection errors retry with capped
+exponential backoff and jitter, while the last good state keeps serving. An object the rules
+reject is skipped and reported, never the whole state.
+
+Istio's kinds are custom resources: they are read at v1, or at v1beta1 from a server that does
+not serve v1 (an older Istio). Where neither is served (Istio's CRDs are not installed) the
+cluster has no policies: the source says so and looks again every `discovery_interval`, and the
+rest of the registry is synced and served as usual. A policy whose new version the rules reject
+would, if skipped, widen access (a DENY that vanishes, an ALLOW that no longer restricts, STRICT
+no longer required), so its last good version stays in force until the object is deleted; a
+policy never seen good is skipped.
 
 Client library. We compared the three maintained asynchronous Kubernetes clients on PyPI.
 kr8s is the friendliest (objects with methods, kubectl-like), but its watch offers no
@@ -29,6 +38,7 @@ file whenever it changes (kubelet rotates it by swapping a symlink), checked bef
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -45,6 +55,7 @@ from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from registry.kubefile import build_state
 from registry.model import RegistryError, RegistryState
+from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
 
 log = logging.getLogger("amesh.registry")
 
@@ -58,17 +69,23 @@ ObjectKey = tuple[str, str, str]
 @dataclass(frozen=True)
 class _Kind:
     kind: str
-    api_version: str
-    api: str  # "core" or "discovery"
-    method: str  # the kubernetes_asyncio list method across all namespaces
+    api_versions: tuple[str, ...]  # preferred first; a later one is read when the server serves no earlier
+    api: str  # "core", "discovery", or "custom" (CustomObjectsApi: a custom resource)
+    method: str  # the kubernetes_asyncio list method across all namespaces; for "custom", the plural
+    # Istio's security policy: its CRD may be absent (then none of it, and looked for again), and a
+    # rejected version leaves the last good one in force (dropping it could widen access)
+    policy: bool = False
 
 
 KINDS = (
-    _Kind("Namespace", "v1", "core", "list_namespace"),
-    _Kind("Pod", "v1", "core", "list_pod_for_all_namespaces"),
-    _Kind("Service", "v1", "core", "list_service_for_all_namespaces"),
-    _Kind("EndpointSlice", "discovery.k8s.io/v1", "discovery", "list_endpoint_slice_for_all_namespaces"),
+    _Kind("Namespace", ("v1",), "core", "list_namespace"),
+    _Kind("Pod", ("v1",), "core", "list_pod_for_all_namespaces"),
+    _Kind("Service", ("v1",), "core", "list_service_for_all_namespaces"),
+    _Kind("EndpointSlice", ("discovery.k8s.io/v1",), "discovery", "list_endpoint_slice_for_all_namespaces"),
+    _Kind("AuthorizationPolicy", POLICY_API_VERSIONS, "custom", "authorizationpolicies", policy=True),
+    _Kind("PeerAuthentication", POLICY_API_VERSIONS, "custom", "peerauthentications", policy=True),
 )
+_POLICY_KINDS = frozenset(k.kind for k in KINDS if k.policy)
 
 # Pods that have finished keep their status.podIP, which the cluster may already have given to a
 # new pod: they have nothing to capture or route to, and would only collide with the new one.
@@ -81,6 +98,14 @@ class _Gone(Exception):
 
 class _ApiStatusError(Exception):
     """The API server answered with an error status other than 410."""
+
+
+class _NotFound(_ApiStatusError):
+    """404: the server does not serve the kind at that apiVersion (or the resource is gone)."""
+
+
+class _NotServed(Exception):
+    """A policy kind served at none of its apiVersions: Istio's CRDs are not installed."""
 
 
 @dataclass
@@ -180,6 +205,7 @@ class KubernetesSource:
         connect_timeout: float = 10.0,  # seconds
         list_timeout: float = 60.0,  # seconds for one page of a list
         list_page: int = 500,  # objects per page of a list
+        discovery_interval: float = 30.0,  # seconds between looks for policy kinds not served
     ) -> None:
         self.kubeconfig = kubeconfig
         self.context = context
@@ -191,8 +217,9 @@ class KubernetesSource:
         self.connect_timeout = connect_timeout
         self.list_timeout = list_timeout
         self.list_page = list_page
+        self.discovery_interval = discovery_interval
         # the last connection or API problem; None while every watch is healthy
-        self.last_error: str | None = None
+        self._outage: str | None = None
         self._on_state = on_state
         self._on_error = on_error
         self._configuration = configuration
@@ -202,9 +229,13 @@ class KubernetesSource:
         self._rv: dict[str, str | None] = {k.kind: None for k in KINDS}
         self._watching: dict[str, bool] = {k.kind: False for k in KINDS}
         self._listed: set[str] = set()
+        self._api_version: dict[str, str] = {k.kind: k.api_versions[0] for k in KINDS}  # the one read
+        self._not_served: set[str] = set()  # policy kinds the server serves at none of their versions
         self._healthy_at: float | None = None  # wall clock when last seen all-healthy
         self._changed = asyncio.Event()
-        self._rejected: dict[ObjectKey, str] = {}
+        self._rejected: dict[ObjectKey, str] = {}  # the message reported for each
+        # each policy object as it was last built into the state: its last good version
+        self._in_force: dict[ObjectKey, dict[str, Any]] = {}
         # ADDED/MODIFIED/DELETED events applied, by kind (not bookmarks, not list items)
         self.event_counts: dict[str, int] = {k.kind: 0 for k in KINDS}
         self._outage_reported = False
@@ -218,8 +249,29 @@ class KubernetesSource:
 
     @property
     def connected(self) -> bool:
-        """True when the initial sync is done and every kind's watch is open."""
-        return len(self._listed) == len(KINDS) and all(self._watching.values())
+        """True when the initial sync is done and every kind's watch is open (a policy kind the
+        server does not serve has nothing to watch)."""
+        return len(self._listed) == len(KINDS) and all(
+            watching or kind in self._not_served for kind, watching in self._watching.items())
+
+    @property
+    def last_error(self) -> str | None:
+        """What `ameshctl status` shows: the API server problem, if any; else the objects rejected
+        and the policy kinds not served; None when there is nothing to say."""
+        if self._outage is not None:
+            return self._outage
+        notes = []
+        if self._not_served:
+            kinds = [k for k in KINDS if k.kind in self._not_served]
+            versions = ", ".join(dict.fromkeys(v for k in kinds for v in k.api_versions))
+            notes.append(f"{' and '.join(k.kind for k in kinds)} not served by the Kubernetes API server "
+                         f"{self._host()} at {versions} (Istio's CRDs not installed?): no Istio policies "
+                         f"from the cluster; looking again every {self.discovery_interval:g} s")
+        if self._rejected:
+            first = next(iter(self._rejected.values()))
+            more = f" (and {len(self._rejected) - 1} more; see the agent's log)" if len(self._rejected) > 1 else ""
+            notes.append(f"rejected {first}{more}")
+        return "; ".join(notes) or None
 
     @property
     def synced_at(self) -> float | None:
@@ -230,7 +282,8 @@ class KubernetesSource:
 
     @property
     def rejected(self) -> dict[ObjectKey, str]:
-        """Objects skipped because the rules reject them, with the reason."""
+        """Objects whose current version the rules reject, with the reason and what was done
+        (skipped, or the policy's last good version kept in force)."""
         return dict(self._rejected)
 
     # --- running ---
@@ -241,13 +294,10 @@ class KubernetesSource:
             self._configuration = await load_configuration(self.kubeconfig, self.context)
         configuration = self._configuration
         async with k8s.ApiClient(configuration) as api_client:
-            apis = {"core": k8s.CoreV1Api(api_client), "discovery": k8s.DiscoveryV1Api(api_client)}
+            apis = {"core": k8s.CoreV1Api(api_client), "discovery": k8s.DiscoveryV1Api(api_client),
+                    "custom": k8s.CustomObjectsApi(api_client)}
             tasks = [asyncio.create_task(self._publisher(), name="k8s-publish")]
-            tasks += [
-                asyncio.create_task(self._follow(kind, getattr(apis[kind.api], kind.method)),
-                                    name=f"k8s-{kind.kind}")
-                for kind in KINDS
-            ]
+            tasks += [asyncio.create_task(self._follow(kind, apis), name=f"k8s-{kind.kind}") for kind in KINDS]
             try:
                 await asyncio.gather(*tasks)
             finally:
@@ -257,16 +307,16 @@ class KubernetesSource:
                 for kind in KINDS:
                     self._set_watching(kind.kind, False)
 
-    async def _follow(self, kind: _Kind, method: Callable[..., Any]) -> None:
+    async def _follow(self, kind: _Kind, apis: dict[str, Any]) -> None:
         """List then watch one kind forever, resuming, relisting and backing off as needed."""
         backoff = Backoff(self.backoff_initial, self.backoff_cap)
         gone_in_a_row = 0
         while True:
             try:
                 if self._rv[kind.kind] is None:
-                    await self._list(kind, method)
+                    await self._list_served(kind, apis)
                     backoff.reset()
-                progressed = await self._watch(kind, method)
+                progressed = await self._watch(kind, _lister(apis, kind, self._api_version[kind.kind]))
                 self._set_watching(kind.kind, False)
                 gone_in_a_row = 0
                 if progressed:
@@ -274,6 +324,9 @@ class KubernetesSource:
                     continue  # a watch the server ended: resume at once from where it stopped
                 # ended without a single event or bookmark: do not spin on a server doing that
                 await asyncio.sleep(backoff.delay())
+            except _NotServed:
+                self._set_not_served(kind)
+                await asyncio.sleep(self.discovery_interval)
             except _Gone as e:
                 self._set_watching(kind.kind, False)
                 log.info("event=k8s_relist kind=%s rv=%s reason=%r", kind.kind, self._rv[kind.kind], str(e))
@@ -293,7 +346,32 @@ class KubernetesSource:
                 self._report_outage(kind.kind, f"internal error following {kind.kind}: {e!r}", delay)
                 await asyncio.sleep(delay)
 
-    async def _list(self, kind: _Kind, method: Callable[..., Any]) -> None:
+    async def _list_served(self, kind: _Kind, apis: dict[str, Any]) -> None:
+        """List the kind at the first of its apiVersions the server serves; for a policy kind
+        served at none, _NotServed (for the others, a 404 is an API server problem)."""
+        for api_version in kind.api_versions:
+            try:
+                await self._list(kind, api_version, _lister(apis, kind, api_version))
+                return
+            except _NotFound:
+                if not kind.policy:
+                    raise
+                log.debug("event=k8s_version_not_served kind=%s api_version=%s", kind.kind, api_version)
+        raise _NotServed(kind.kind)
+
+    def _set_not_served(self, kind: _Kind) -> None:
+        """A policy kind the server does not serve: none of its objects (the API server deletes
+        them with their CRD); the initial sync does not wait for it."""
+        if kind.kind in self._not_served:
+            return  # still not served: nothing changed
+        log.warning("event=k8s_kind_not_served kind=%s api_versions=%s retry_in_s=%g", kind.kind,
+                    ",".join(kind.api_versions), self.discovery_interval)
+        self._objects[kind.kind] = {}
+        self._listed.add(kind.kind)
+        self._set_served(kind.kind, False)
+        self._changed.set()
+
+    async def _list(self, kind: _Kind, api_version: str, method: Callable[..., Any]) -> None:
         """List every object of one kind (page by page) and replace its cache at once."""
         objects: dict[tuple[str, str], dict[str, Any]] = {}
         token: str | None = None
@@ -304,7 +382,7 @@ class KubernetesSource:
                 params["_continue"] = token
             body = await self._get_json(method, params)
             for item in body.get("items") or ():
-                item = _with_kind(item, kind)
+                item = _with_kind(item, kind.kind, api_version)
                 objects[_ns_name(item)] = item
             meta = body.get("metadata") or {}
             rv = meta.get("resourceVersion") or rv
@@ -313,8 +391,11 @@ class KubernetesSource:
                 break
         self._objects[kind.kind] = objects
         self._rv[kind.kind] = rv
+        self._api_version[kind.kind] = api_version
         self._listed.add(kind.kind)
-        log.info("event=k8s_listed kind=%s objects=%d rv=%s", kind.kind, len(objects), rv)
+        self._set_served(kind.kind, True)
+        log.info("event=k8s_listed kind=%s api_version=%s objects=%d rv=%s", kind.kind, api_version,
+                 len(objects), rv)
         self._changed.set()
 
     async def _get_json(self, method: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -324,10 +405,7 @@ class KubernetesSource:
             data = await response.read()
         finally:
             response.release()
-        if response.status == 410:
-            raise _Gone(_status_message(data, response.status))
-        if response.status != 200:
-            raise _ApiStatusError(f"HTTP {response.status}: {_status_message(data, response.status)}")
+        _raise_for_status(response.status, data)
         body = json.loads(data)
         if not isinstance(body, dict):
             raise ValueError("list response is not a JSON object")
@@ -349,9 +427,11 @@ class KubernetesSource:
         try:
             if response.status != 200:
                 data = await response.read()
-                if response.status == 410:
-                    raise _Gone(_status_message(data, 410))
-                raise _ApiStatusError(f"HTTP {response.status}: {_status_message(data, response.status)}")
+                if response.status == 404 and kind.policy:
+                    # no longer served at this version (its CRD removed or changed): list again,
+                    # which finds out what is served
+                    raise _Gone(f"{kind.kind} no longer served at {self._api_version[kind.kind]}")
+                _raise_for_status(response.status, data)
             self._set_watching(kind.kind, True)
             log.info("event=k8s_watching kind=%s rv=%s", kind.kind, rv)
             while True:
@@ -389,7 +469,7 @@ class KubernetesSource:
             if rv:
                 self._rv[kind.kind] = rv
             return
-        obj = _with_kind(obj, kind)
+        obj = _with_kind(obj, kind.kind, self._api_version[kind.kind])
         key = _ns_name(obj)
         cache = self._objects[kind.kind]
         if kind_of_event in ("ADDED", "MODIFIED"):
@@ -408,18 +488,31 @@ class KubernetesSource:
     def _set_watching(self, kind: str, watching: bool) -> None:
         was = self.connected
         self._watching[kind] = watching
+        self._connected_changed(was)
+
+    def _set_served(self, kind: str, served: bool) -> None:
+        was = self.connected
+        if served:
+            if kind in self._not_served:
+                log.info("event=k8s_kind_served kind=%s api_version=%s", kind, self._api_version[kind])
+            self._not_served.discard(kind)
+        else:
+            self._not_served.add(kind)
+        self._connected_changed(was)
+
+    def _connected_changed(self, was: bool) -> None:
         now = self.connected
         if was and not now:
             self._healthy_at = time.time()
         if now and not was:
             self._healthy_at = time.time()
-            if self.last_error is not None:
+            if self._outage is not None:
                 log.info("event=k8s_reconnected server=%s", self._host())
-            self.last_error = None
+            self._outage = None
             self._outage_reported = False
 
     def _report_outage(self, kind: str, message: str, delay: float) -> None:
-        self.last_error = message
+        self._outage = message
         log.warning("event=k8s_error kind=%s error=%r retry_in_s=%.2f", kind, message, delay)
         if not self._outage_reported:  # once per outage, not at every retry
             self._outage_reported = True
@@ -448,18 +541,21 @@ class KubernetesSource:
             self._on_error(f"Kubernetes objects rejected, keeping the last good state: {e}")
             return
         last = self._state
-        if last is not None and (last.workloads, last.services) == (state.workloads, state.services):
+        if last is not None and _content(last) == _content(state):
             return
         self._generation = state.generation
         self._state = state
         if self._healthy_at is None:
             self._healthy_at = time.time()
-        log.info("event=k8s_state generation=%d workloads=%d services=%d rejected=%d",
-                 state.generation, len(state.workloads), len(state.services), len(self._rejected))
+        log.info("event=k8s_state generation=%d workloads=%d services=%d authorization_policies=%d "
+                 "peer_authentications=%d rejected=%d", state.generation, len(state.workloads),
+                 len(state.services), len(state.authorization_policies), len(state.peer_authentications),
+                 len(self._rejected))
         self._on_state(state)
 
     def _build(self) -> RegistryState:
-        """The state of every cached object the rules accept; each rejected one is reported."""
+        """The state of every cached object the rules accept; each rejected one is reported, and
+        for a rejected policy its last good version stands in."""
         objects: dict[ObjectKey, dict[str, Any]] = {}
         for kind in KINDS:
             for (namespace, name), obj in self._objects[kind.kind].items():
@@ -475,23 +571,44 @@ class KubernetesSource:
                 key = getattr(e, "object_key", None)
                 if key not in objects:  # cannot tell which object: keep the last good state
                     raise
-                # one bad object must not take the cluster's other objects down with it
-                del objects[key]
-                rejected[key] = str(e)
-        for key, problem in rejected.items():
-            if self._rejected.get(key) != problem:  # report each problem once
+                last_good = self._in_force.get(key)
+                if last_good is not None and last_good is not objects[key]:
+                    # dropping a policy could widen access: the version before stays in force
+                    objects[key] = last_good
+                    rejected[key] = f"{e} (the version before it stays in force)"
+                else:
+                    # one bad object must not take the cluster's other objects down with it
+                    del objects[key]
+                    rejected[key] = f"{e} (object skipped)"
+        for key, message in rejected.items():
+            if self._rejected.get(key) != message:  # report each problem once
                 log.warning("event=k8s_object_rejected kind=%s namespace=%s name=%s error=%r",
-                            key[0], key[1], key[2], problem)
-                self._on_error(f"{problem} (object skipped)")
+                            key[0], key[1], key[2], message)
+                self._on_error(message)
         self._rejected = rejected
+        # a deleted policy is no longer in the cache, so it leaves nothing in force behind it
+        self._in_force = {key: obj for key, obj in objects.items() if key[0] in _POLICY_KINDS}
         return state
 
 
-def _with_kind(obj: dict[str, Any], kind: _Kind) -> dict[str, Any]:
+def _lister(apis: dict[str, Any], kind: _Kind, api_version: str) -> Callable[..., Any]:
+    """The kubernetes_asyncio call that lists (and watches) `kind` at `api_version` cluster-wide."""
+    if kind.api == "custom":
+        group, version = api_version.split("/")
+        return functools.partial(apis["custom"].list_cluster_custom_object, group, version, kind.method)
+    return getattr(apis[kind.api], kind.method)
+
+
+def _content(state: RegistryState) -> tuple[Any, ...]:
+    """What the mesh reads of a state: equal contents need not be published again."""
+    return state.workloads, state.services, state.authorization_policies, state.peer_authentications
+
+
+def _with_kind(obj: dict[str, Any], kind: str, api_version: str) -> dict[str, Any]:
     """The object with its kind and apiVersion, which list responses leave off their items."""
-    if obj.get("kind") == kind.kind and obj.get("apiVersion") == kind.api_version:
+    if obj.get("kind") == kind and obj.get("apiVersion") == api_version:
         return obj
-    return {**obj, "kind": kind.kind, "apiVersion": kind.api_version}
+    return {**obj, "kind": kind, "apiVersion": api_version}
 
 
 def _ns_name(obj: dict[str, Any]) -> tuple[str, str]:
@@ -499,6 +616,16 @@ def _ns_name(obj: dict[str, Any]) -> tuple[str, str]:
     if obj.get("kind") == "Namespace":
         return "", str(meta.get("name") or "")
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+
+
+def _raise_for_status(status: int, data: bytes) -> None:
+    """_Gone for 410, _NotFound for 404, _ApiStatusError for any other status but 200."""
+    if status == 200:
+        return
+    message = _status_message(data, status)
+    if status == 410:
+        raise _Gone(message)
+    raise (_NotFound if status == 404 else _ApiStatusError)(f"HTTP {status}: {message}")
 
 
 def _status_message(data: bytes, status: int) -> str:

@@ -1,4 +1,5 @@
-"""A test Kubernetes API server: list/watch of namespaces, pods, services and endpointslices.
+"""A test Kubernetes API server: list/watch of namespaces, pods, services, endpointslices and
+Istio's authorizationpolicies and peerauthentications.
 
 Faithful enough that the real kubectl and real Kubernetes client libraries work against it, so
 registry/kubernetes.py can be tested against reconnects, expired resourceVersions (410 Gone),
@@ -8,13 +9,19 @@ bookmarks and API server restarts without a cluster. Plain HTTP, no auth.
         api.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {...}, ...})
         api.write_kubeconfig(tmp_path / "kubeconfig")
         api.cut_watches(); api.compact(); api.stop(); api.start()
+        KubeAPIServer(security_versions=())  # Istio's CRDs not installed; serve_security_versions("v1") later
 
     python -m tests.kubeapi --host 127.0.0.1 --port 6443 --objects cluster.yaml
 
 What it serves, as the real API does:
-- discovery: /version, /api, /api/v1, /apis, /apis/discovery.k8s.io[/v1] (legacy discovery:
-  a request for aggregated discovery gets plain JSON, and kubectl falls back); /openapi/* is 404.
+- discovery: /version, /api, /api/v1, /apis, /apis/discovery.k8s.io[/v1],
+  /apis/security.istio.io[/v1, /v1beta1] (legacy discovery: a request for aggregated discovery
+  gets plain JSON, and kubectl falls back); /openapi/v3 describes only security.istio.io, as
+  much as `kubectl apply` needs of a custom resource; the rest of /openapi is 404.
 - collections /api/v1/{namespaces,pods,services}, /apis/discovery.k8s.io/v1/endpointslices,
+  /apis/security.istio.io/{v1,v1beta1}/{authorizationpolicies,peerauthentications} (one object
+  served at either version, as a CRD with conversion None; only the versions in
+  security_versions, none of them when it is empty: 404, as without Istio's CRDs),
   namespaced as /.../namespaces/{ns}/{plural}[/{name}]: GET (list, with labelSelector,
   fieldSelector on metadata.name/metadata.namespace, limit/continue, resourceVersion and
   resourceVersionMatch=Exact answered from history), POST (409 AlreadyExists), PUT (404 if
@@ -86,22 +93,29 @@ class Resource:
         return self.kind + "List"
 
 
+SECURITY_GROUP = "security.istio.io"  # Istio's CRDs: served only in the versions a test asks for
+SECURITY_VERSIONS = ("v1", "v1beta1")  # preferred first, as Istio's CRDs serve them
+
 RESOURCES = (
     Resource("namespaces", "namespace", "Namespace", "", "v1", False, ("ns",)),
     Resource("pods", "pod", "Pod", "", "v1", True, ("po",)),
     Resource("services", "service", "Service", "", "v1", True, ("svc",)),
     Resource("endpointslices", "endpointslice", "EndpointSlice", "discovery.k8s.io", "v1", True),
+    *(Resource(plural, singular, kind, SECURITY_GROUP, version, True)
+      for version in SECURITY_VERSIONS
+      for plural, singular, kind in (("authorizationpolicies", "authorizationpolicy", "AuthorizationPolicy"),
+                                     ("peerauthentications", "peerauthentication", "PeerAuthentication"))),
 )
-BY_PATH = {(r.api_version, r.plural): r for r in RESOURCES}
-BY_KIND = {r.kind: r for r in RESOURCES}
+BY_KIND = {r.kind: r for r in reversed(RESOURCES)}  # each kind at its preferred (first listed) version
+API_VERSIONS_OF_KIND = {kind: tuple(r.api_version for r in RESOURCES if r.kind == kind) for kind in BY_KIND}
 
 
 def resource_for(kind: str) -> Resource:
     """The resource for a kind ("Pod") or plural ("pods"), case-insensitive; APIError if none."""
-    for r in RESOURCES:
+    for r in BY_KIND.values():
         if kind.lower() in (r.kind.lower(), r.plural, r.singular):
             return r
-    served = ", ".join(r.kind for r in RESOURCES)
+    served = ", ".join(BY_KIND)
     raise APIError(400, "BadRequest", f"unknown kind {kind!r}; served: {served}")
 
 
@@ -344,6 +358,11 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _served_as(res: Resource, obj: JSON) -> JSON:
+    """The object as served at res's version (Istio's versions have the same fields: conversion None)."""
+    return obj if obj.get("apiVersion") == res.api_version else {**obj, "apiVersion": res.api_version}
+
+
 def _bare(obj: JSON) -> JSON:
     """An object as a list item: without kind and apiVersion, as the real server lists them."""
     return {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
@@ -425,6 +444,9 @@ TABLE_COLUMNS: dict[str, tuple[list[JSON], Callable[[JSON], list[Any]]]] = {
     "Service": ([_col("Type"), _col("Cluster-IP"), _col("External-IP"), _col("Port(s)"),
                  _col("Selector", priority=1)], _service_cells),
     "EndpointSlice": ([_col("AddressType"), _col("Ports"), _col("Endpoints")], _slice_cells),
+    # as Istio's CRDs print them (additionalPrinterColumns)
+    "AuthorizationPolicy": ([_col("Action")], lambda o: [(o.get("spec") or {}).get("action", "")]),
+    "PeerAuthentication": ([_col("Mode")], lambda o: [((o.get("spec") or {}).get("mtls") or {}).get("mode", "")]),
 }
 
 
@@ -467,7 +489,7 @@ def _wants_table(request: web.Request) -> bool:
 
 # --- discovery ---------------------------------------------------------------------------------
 
-def _resource_list(group_version: str) -> JSON:
+def _resource_list(group_version: str, served: Iterable[Resource]) -> JSON:
     return {
         "kind": "APIResourceList",
         "apiVersion": "v1",
@@ -476,18 +498,39 @@ def _resource_list(group_version: str) -> JSON:
             {"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
              "kind": r.kind, "verbs": VERBS, "shortNames": list(r.short_names),
              **({"categories": ["all"]} if r.kind in ("Pod", "Service") else {})}
-            for r in RESOURCES if r.api_version == group_version
+            for r in served if r.api_version == group_version
         ],
     }
 
 
-def _group(name: str) -> JSON:
-    gv = {"groupVersion": f"{name}/v1", "version": "v1"}
-    return {"name": name, "versions": [gv], "preferredVersion": gv}
+def _group(name: str, served: Iterable[Resource]) -> JSON:
+    """The APIGroup: its served versions, the first (preferred) first."""
+    versions = list(dict.fromkeys(r.version for r in served if r.group == name))
+    gvs = [{"groupVersion": f"{name}/{v}", "version": v} for v in versions]
+    return {"name": name, "versions": gvs, "preferredVersion": gvs[0]}
 
 
-def _groups() -> list[str]:
-    return sorted({r.group for r in RESOURCES if r.group})
+def _groups(served: Iterable[Resource]) -> list[str]:
+    return sorted({r.group for r in served if r.group})
+
+
+def _openapi_v3(group_version: str, served: Iterable[Resource]) -> JSON:
+    """What `kubectl apply` reads of a custom resource's OpenAPI v3 document: each PATCH takes
+    the fieldValidation parameter (so kubectl leaves validation to the server, which accepts
+    any object here) and not strategic merge patch (so kubectl sends a JSON merge patch)."""
+    paths = {}
+    for r in served:
+        if r.api_version != group_version:
+            continue
+        paths[f"/apis/{group_version}/namespaces/{{namespace}}/{r.plural}/{{name}}"] = {"patch": {
+            "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+            "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+            "requestBody": {"content": {t: {"schema": {"type": "object"}} for t in
+                                        ("application/json-patch+json", "application/merge-patch+json")}},
+            "responses": {"200": {"description": "OK"}},
+        }}
+    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": SERVER_VERSION},
+            "paths": paths, "components": {"schemas": {}}}
 
 
 # --- watches -----------------------------------------------------------------------------------
@@ -523,9 +566,10 @@ class _Watch:
 class _Handlers:
     """The aiohttp handlers over one Store; lives as long as the KubeAPIServer (across restarts)."""
 
-    def __init__(self, store: Store, bookmark_interval: float) -> None:
+    def __init__(self, store: Store, bookmark_interval: float, security_versions: Iterable[str]) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
+        self.security_versions = tuple(security_versions)  # of security.istio.io; (): no Istio CRDs
         self.watches: set[_Watch] = set()
         self.watch_count = 0
         self.list_count = 0
@@ -536,6 +580,8 @@ class _Handlers:
         app.router.add_get("/version", self._version)
         app.router.add_get("/api", self._api)
         app.router.add_get("/apis", self._apis)
+        app.router.add_get("/openapi/v3", self._openapi_paths)
+        app.router.add_get("/openapi/v3/apis/{group}/{version}", self._openapi_group_version)
         app.router.add_post("/_test/apply", self._test_apply)
         app.router.add_post("/_test/delete", self._test_delete)
         app.router.add_post("/_test/cut-watches", self._test_cut)
@@ -556,12 +602,29 @@ class _Handlers:
 
     # discovery
 
+    def served(self) -> list[Resource]:
+        """The resources served now: security.istio.io only in the versions installed."""
+        return [r for r in RESOURCES if r.group != SECURITY_GROUP or r.version in self.security_versions]
+
     async def _version(self, request: web.Request) -> web.Response:
         major, minor, _ = SERVER_VERSION[1:].split(".")
         return web.json_response({
             "major": major, "minor": minor, "gitVersion": SERVER_VERSION + "-amesh-test",
             "gitCommit": "0" * 40, "gitTreeState": "clean", "buildDate": "2024-12-11T00:00:00Z",
             "goVersion": "go1.23.4", "compiler": "gc", "platform": "linux/amd64"})
+
+    async def _openapi_paths(self, request: web.Request) -> web.Response:
+        """The OpenAPI v3 index: only Istio's group versions (custom resources) are described."""
+        served = {r.api_version for r in self.served() if r.group == SECURITY_GROUP}
+        return web.json_response({"paths": {
+            f"apis/{gv}": {"serverRelativeURL": f"/openapi/v3/apis/{gv}?hash={gv.replace('/', '-')}"}
+            for gv in sorted(served)}})
+
+    async def _openapi_group_version(self, request: web.Request) -> web.Response:
+        group_version = f"{request.match_info['group']}/{request.match_info['version']}"
+        if not any(r.api_version == group_version and r.group == SECURITY_GROUP for r in self.served()):
+            raise web.HTTPNotFound()
+        return web.json_response(_openapi_v3(group_version, self.served()))
 
     async def _api(self, request: web.Request) -> web.Response:
         return web.json_response({
@@ -571,7 +634,7 @@ class _Handlers:
 
     async def _apis(self, request: web.Request) -> web.Response:
         return web.json_response({"kind": "APIGroupList", "apiVersion": "v1",
-                                  "groups": [_group(g) for g in _groups()]})
+                                  "groups": [_group(g, self.served()) for g in _groups(self.served())]})
 
     # test controls over HTTP
 
@@ -624,25 +687,27 @@ class _Handlers:
             if len(parts) < 3:
                 raise web.HTTPNotFound()
             gv, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+        by_path = {(r.api_version, r.plural): r for r in self.served()}
         if len(rest) >= 3 and rest[0] == "namespaces":
             ns, rest = rest[1], rest[2:]
-            res = BY_PATH.get((gv, rest[0]))
+            res = by_path.get((gv, rest[0]))
             if res is None or not res.namespaced or len(rest) > 2:
                 raise web.HTTPNotFound()
             return res, ns, rest[1] if len(rest) == 2 else None
-        res = BY_PATH.get((gv, rest[0])) if rest else None
+        res = by_path.get((gv, rest[0])) if rest else None
         if res is None or len(rest) > 2 or (len(rest) == 2 and res.namespaced):
             raise web.HTTPNotFound()
         return res, None, rest[1] if len(rest) == 2 else None
 
     async def _resource(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
-        if parts[0] == "apis" and len(parts) == 2 and parts[1] in _groups():
-            return web.json_response({"kind": "APIGroup", "apiVersion": "v1", **_group(parts[1])})
+        served = self.served()
+        if parts[0] == "apis" and len(parts) == 2 and parts[1] in _groups(served):
+            return web.json_response({"kind": "APIGroup", "apiVersion": "v1", **_group(parts[1], served)})
         gv = "v1" if parts[0] == "api" else "/".join(parts[1:3])
         if (parts[0] == "api" and len(parts) == 2) or (parts[0] == "apis" and len(parts) == 3):
-            if any(r.api_version == gv for r in RESOURCES):
-                return web.json_response(_resource_list(gv))
+            if any(r.api_version == gv for r in served):
+                return web.json_response(_resource_list(gv, served))
             raise web.HTTPNotFound()
         res, ns, name = self._route(request)
         method = request.method
@@ -676,12 +741,12 @@ class _Handlers:
                              "application/strategic-merge-patch+json"):
                 raise APIError(415, "UnsupportedMediaType",
                                f"the body of the request was in an unknown format: {ctype}")
-            patched = merge_patch(current, await _body(request))
+            patched = merge_patch(_served_as(res, current), await _body(request))
             patched = _validated(patched, res, ns)
             patched["metadata"]["name"] = name
             return web.json_response(self.store.replace(patched))
         if method == "DELETE":
-            return web.json_response(self.store.delete(res, key_ns, name))
+            return web.json_response(_served_as(res, self.store.delete(res, key_ns, name)))
         raise APIError(405, "MethodNotAllowed", f"{method} is not supported on {res.plural}/{name}")
 
     def _object_response(self, request: web.Request, res: Resource, obj: JSON) -> web.Response:
@@ -690,7 +755,7 @@ class _Handlers:
             table = _table(res, [obj], include, True,
                            {"resourceVersion": obj["metadata"]["resourceVersion"]})
             return web.json_response(table)
-        return web.json_response(obj)
+        return web.json_response(_served_as(res, obj))
 
     def _filter(self, request: web.Request, res: Resource, ns: str | None) -> Filter:
         q = request.query
@@ -799,6 +864,8 @@ class _Handlers:
                     obj = _table(res, [obj], include, not headers_sent,
                                  {"resourceVersion": obj["metadata"]["resourceVersion"]})
                     headers_sent = True
+                else:
+                    obj = _served_as(res, obj)
                 await _send(resp, {"type": type_, "object": obj})
 
             for type_, obj in backlog:
@@ -864,11 +931,11 @@ def _validated(obj: JSON, res: Resource | None, ns: str | None) -> JSON:
     obj = copy.deepcopy(obj)
     kind = obj.get("kind")
     if res is None:
-        if kind not in BY_KIND or obj.get("apiVersion") != BY_KIND[kind].api_version:
+        if obj.get("apiVersion") not in API_VERSIONS_OF_KIND.get(kind, ()):
             raise APIError(400, "BadRequest",
                            f"unsupported object {obj.get('apiVersion')}/{kind}; served: "
                            + ", ".join(f"{r.api_version}/{r.kind}" for r in RESOURCES))
-        res = BY_KIND[kind]
+        res = next(r for r in RESOURCES if r.api_version == obj["apiVersion"] and r.kind == kind)
     else:
         if kind not in (None, res.kind) or obj.get("apiVersion") not in (None, res.api_version):
             raise APIError(400, "BadRequest",
@@ -906,9 +973,10 @@ class KubeAPIServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
-                 objects: Iterable[JSON] = ()) -> None:
+                 objects: Iterable[JSON] = (),
+                 security_versions: Iterable[str] = SECURITY_VERSIONS) -> None:
         self.host, self.port = host, port
-        self._handlers = _Handlers(Store(), bookmark_interval)
+        self._handlers = _Handlers(Store(), bookmark_interval, security_versions)
         self._initial = list(objects)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -1015,6 +1083,12 @@ class KubeAPIServer:
         res = resource_for(kind)
         key = (res.kind, (namespace or "") if res.namespaced else "", name)
         return copy.deepcopy(self._on_loop(self._handlers.store.objects.get, key))
+
+    def serve_security_versions(self, *versions: str) -> None:
+        """Serve security.istio.io in these versions from now on (none: Istio's CRDs not installed).
+
+        Only discovery and routing change: stored objects stay, and open watches go on."""
+        self._on_loop(setattr, self._handlers, "security_versions", versions)
 
     def cut_watches(self) -> int:
         """Abort every open watch connection mid-stream; returns how many."""

@@ -1,6 +1,7 @@
 """The registry synced live from a Kubernetes API server: the agents list and watch the test
 API server (tests/kubeapi.py, which the real kubectl also reads) and follow its changes into
-routing and capture; an API server that is down leaves the last good registry serving.
+routing and capture; an API server that is down leaves the last good registry serving; an
+AuthorizationPolicy applied with the real kubectl is enforced within a second.
 
 Bed: two point-to-point nodes with agents that have no registry file. The API server listens
 on 172.18.0.1:6443 in the fabric namespace (an address on the fabric bridge, as a control plane
@@ -11,10 +12,12 @@ server-b on node-2, behind Service shop/web 10.96.0.10:80 -> http (8080).
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from typing import Iterator
 
 import pytest
+import yaml
 
 from tests.bed import in_netns
 from tests.kubeapi import KubeAPIServer
@@ -23,6 +26,14 @@ from tests.mesh import Mesh, ServiceSpec, exchange
 API_HOST, API_PORT = "172.18.0.1", 6443
 SERVICE_IP = "10.96.0.10"
 CHANGE_DEADLINE = 3.0  # seconds for a change in the API server to reach routing or capture
+POLICY_DEADLINE = 1.0  # seconds for an AuthorizationPolicy applied with kubectl to be enforced
+KUBECTL = shutil.which("kubectl")
+DENY_CLIENT = {
+    "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-client", "namespace": "shop"},
+    "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+             "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/client"]}}]}]},
+}
 
 
 @pytest.fixture
@@ -126,3 +137,36 @@ def test_an_api_server_down_for_ten_seconds_leaves_traffic_flowing_and_the_agent
     mesh.wait_for("the agent to catch up", lambda: workload(mesh, "shop/server-b")["labels"].get("version") == "v2",
                   35)
     mesh.wait_for("every watch to be open again", lambda: mesh.ctl_json(1, "status")["registry"]["connected"], 35)
+
+
+def kubectl(mesh: Mesh, *args: str) -> str:
+    """The real kubectl against the test API server, from the fabric namespace where it listens."""
+    home = mesh.bed.logdir / "kubectl-home"  # its discovery cache, not in ~/.kube
+    argv = ["env", f"HOME={home}", f"KUBECACHEDIR={home / 'cache'}", str(KUBECTL),
+            "--kubeconfig", str(mesh.kubeconfig), "--request-timeout=10s", *args]
+    return mesh.bed.run(mesh.bed.fabric, argv).stdout
+
+
+def policy_denials(mesh: Mesh, node: int) -> int:
+    return mesh.ctl_json(node, "status")["connections"]["failures"].get("policy_denied", 0)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not found on PATH (apt-get install -y kubernetes-client)")
+def test_an_authorization_policy_applied_with_kubectl_denies_the_client_within_a_second(cluster):
+    mesh, api = cluster
+    assert reachable(mesh)
+    manifest = mesh.bed.logdir / "deny-client.yaml"
+    manifest.write_text(yaml.safe_dump(DENY_CLIENT))
+    assert kubectl(mesh, "apply", "-f", str(manifest)) == "authorizationpolicy.security.istio.io/deny-client created\n"
+    mesh.wait_for("the client's connections refused", lambda: not reachable(mesh), POLICY_DEADLINE)
+    # both endpoints refuse it: server-a on the client's node, server-b across the fabric
+    assert not any(reachable(mesh) for _ in range(4))
+    assert policy_denials(mesh, 1) > 0 and policy_denials(mesh, 2) > 0
+    [policy] = mesh.ctl_json(2, "policies")["authorization_policies"]
+    assert (policy["namespace"], policy["name"], policy["action"]) == ("shop", "deny-client", "DENY")
+    assert kubectl(mesh, "get", "authorizationpolicies", "-A").splitlines()[1].split()[:3] == \
+        ["shop", "deny-client", "DENY"]
+
+    assert kubectl(mesh, "delete", "-f", str(manifest)) == 'authorizationpolicy.security.istio.io "deny-client" deleted\n'
+    mesh.wait_for("the client allowed again", lambda: reachable(mesh), POLICY_DEADLINE)
+    assert sorted(served_by(mesh)) == ["server-a", "server-a", "server-b", "server-b"]

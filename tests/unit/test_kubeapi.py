@@ -55,6 +55,13 @@ SLICE = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": True}}],
          "ports": [{"port": 8080, "protocol": "TCP"}]}
 
+DENY_POLICY = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "deny-client", "namespace": "shop"},
+               "spec": {"action": "DENY",
+                        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/client"]}}]}]}}
+STRICT_MTLS = {"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICT"}}}
+
 
 def pod(name: str, **labels: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod",
@@ -236,6 +243,29 @@ def test_kubectl_table_watch_and_label(api: KubeAPIServer, kubectl: Callable[...
     assert api.get("Pod", "web-1", "shop") is None
 
 
+@needs_kubectl
+def test_kubectl_apply_get_and_delete_an_authorization_policy(
+        api: KubeAPIServer, kubectl: Callable[..., str], tmp_path: Path) -> None:
+    manifest = tmp_path / "policy.yaml"
+    manifest.write_text(yaml.safe_dump(DENY_POLICY))
+    assert kubectl("apply", "-f", str(manifest)) == "authorizationpolicy.security.istio.io/deny-client created\n"
+    api.apply(STRICT_MTLS)
+    lines = kubectl("get", "authorizationpolicies", "-A").splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "ACTION", "AGE"]
+    assert lines[1].split()[:3] == ["shop", "deny-client", "DENY"]
+    assert kubectl("get", "peerauthentications", "-n", "shop").splitlines()[1].split()[:2] == ["default", "STRICT"]
+    changed = {**DENY_POLICY, "spec": {**DENY_POLICY["spec"], "action": "ALLOW"}}
+    manifest.write_text(yaml.safe_dump(changed))
+    assert kubectl("apply", "-f", str(manifest)) == "authorizationpolicy.security.istio.io/deny-client configured\n"
+    assert api.get("AuthorizationPolicy", "deny-client", "shop")["spec"] == changed["spec"]
+    # one object, served at either version
+    [item] = json.loads(kubectl("get", "authorizationpolicies.v1beta1.security.istio.io", "-n", "shop",
+                                "-o", "json"))["items"]
+    assert (item["apiVersion"], item["spec"]["action"]) == ("security.istio.io/v1beta1", "ALLOW")
+    assert kubectl("delete", "-f", str(manifest)) == 'authorizationpolicy.security.istio.io "deny-client" deleted\n'
+    assert api.get("AuthorizationPolicy", "deny-client", "shop") is None
+
+
 # --- list and write semantics -------------------------------------------------------------------
 
 def test_list_shape_and_resource_version(api: KubeAPIServer) -> None:
@@ -390,6 +420,44 @@ def test_bookmarks_periodic_and_after_compact(watches) -> None:
         event = w.next()
         assert event["type"] == "BOOKMARK"
         assert event["object"]["metadata"]["resourceVersion"] == str(api.resource_version)
+
+
+def test_policy_watch_at_either_version_with_bookmarks_and_410(api: KubeAPIServer, watches) -> None:
+    api.apply(DENY_POLICY)
+    v1beta1 = watches(api, "/apis/security.istio.io/v1beta1/authorizationpolicies?watch=true"
+                           "&allowWatchBookmarks=true")
+    event = v1beta1.next()
+    assert (event["type"], event["object"]["apiVersion"]) == ("ADDED", "security.istio.io/v1beta1")
+    rv = api.resource_version
+    api.delete("AuthorizationPolicy", "deny-client", "shop")
+    event = v1beta1.next()
+    assert (event["type"], event["object"]["apiVersion"]) == ("DELETED", "security.istio.io/v1beta1")
+    bookmark = v1beta1.until(lambda e: e["type"] == "BOOKMARK")
+    assert bookmark["object"]["apiVersion"] == "security.istio.io/v1beta1"
+    api.compact()
+    expired = watches(api, f"/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies?watch=true"
+                           f"&resourceVersion={rv}")
+    assert expired.next()["object"]["code"] == 410
+
+
+def test_security_istio_io_is_served_only_in_the_versions_installed() -> None:
+    with KubeAPIServer(security_versions=()) as api:
+        _, body = request(api, "GET", "/apis")
+        assert [g["name"] for g in body["groups"]] == ["discovery.k8s.io"]
+        status, body = request(api, "GET", "/apis/security.istio.io/v1/authorizationpolicies")
+        assert (status, body["reason"]) == (404, "NotFound")
+        api.serve_security_versions("v1beta1")  # an Istio that serves only v1beta1
+        _, body = request(api, "GET", "/apis")
+        assert body["groups"][1]["preferredVersion"]["groupVersion"] == "security.istio.io/v1beta1"
+        assert request(api, "GET", "/apis/security.istio.io/v1/peerauthentications")[0] == 404
+        status, body = request(api, "GET", "/apis/security.istio.io/v1beta1/peerauthentications")
+        assert (status, body["kind"]) == (200, "PeerAuthenticationList")
+        api.serve_security_versions("v1", "v1beta1")
+        _, body = request(api, "GET", "/apis/security.istio.io")
+        assert [v["version"] for v in body["versions"]] == ["v1", "v1beta1"]
+        assert body["preferredVersion"]["version"] == "v1"
+        _, body = request(api, "GET", "/apis/security.istio.io/v1")
+        assert sorted(r["name"] for r in body["resources"]) == ["authorizationpolicies", "peerauthentications"]
 
 
 def test_send_initial_events_ends_with_bookmark(api: KubeAPIServer, watches) -> None:

@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import yaml
 
 from registry.kubefile import build_state
-from registry.kubernetes import Backoff, KubernetesSource, _TokenFile, load_configuration
+from registry.kubernetes import KINDS, Backoff, KubernetesSource, _TokenFile, load_configuration
 from registry.model import RegistryState
-from tests.kubeapi import KubeAPIServer
+from tests.kubeapi import BY_KIND, KubeAPIServer
+from ztunnel.authz import Authorizer, Connection
+from ztunnel.identity import Identity
 
 DEADLINE = 1.5  # seconds a change may take to show up in the published state ("within ~1 s")
 
@@ -55,6 +58,23 @@ def endpoint_slice(name: str, service_name: str, ips: list[str], ns: str = "shop
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip in ips],
     }
+
+
+def deny_policy(name: str = "deny-client", principal: str = "cluster.local/ns/shop/sa/client",
+                version: str = "v1") -> dict[str, Any]:
+    return {"apiVersion": f"security.istio.io/{version}", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": [principal]}}]}]}}
+
+
+def strict_mtls(version: str = "v1") -> dict[str, Any]:
+    return {"apiVersion": f"security.istio.io/{version}", "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICT"}}}
+
+
+def malformed(policy: dict[str, Any]) -> dict[str, Any]:
+    """The policy with an action amesh refuses."""
+    return {**policy, "spec": {**policy["spec"], "action": "AUDIT"}}
 
 
 # --- harness ---
@@ -171,6 +191,16 @@ def test_kubeconfig_wins_over_in_cluster(tmp_path: Path) -> None:
         assert conf.host == api.url
 
 
+def test_the_daemonsets_cluster_role_reads_every_kind_the_source_follows() -> None:
+    manifest = Path(__file__).resolve().parents[2] / "daemonset" / "amesh.yaml"
+    [role] = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ClusterRole"]
+    granted = {(group, resource) for rule in role["rules"] if {"get", "list", "watch"} <= set(rule["verbs"])
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    for kind in KINDS:
+        resource = BY_KIND[kind.kind]
+        assert (resource.group, resource.plural) in granted, f"the ClusterRole does not let the agent read {kind.kind}"
+
+
 def test_token_file_hook_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
     from kubernetes_asyncio.client import Configuration
 
@@ -267,7 +297,7 @@ async def test_watch_cut_mid_stream_resumes_without_missing_or_repeating(tmp_pat
             lists, watches = api.list_count, api.watch_count
             for i in range(5):
                 api.apply(pod(f"p{i}", f"10.244.1.{i + 1}"))
-            assert api.cut_watches() == 4  # after those five events, in the same stream
+            assert api.cut_watches() == len(KINDS)  # after those five events, in the same stream
             for i in range(5, 10):
                 api.apply(pod(f"p{i}", f"10.244.1.{i + 1}"))
             await until(lambda: len(run.state.workloads) == 10, what="ten pods")
@@ -302,7 +332,7 @@ async def test_expired_resource_version_relists_to_the_servers_state(tmp_path: P
             expected = build_state(objects.values(), "kubernetes", 0)
             await until(lambda: (run.state.workloads, run.state.services)
                         == (expected.workloads, expected.services), 5.0, "relisted state")
-            assert api.list_count >= lists + 4  # every kind relisted after its 410
+            assert api.list_count >= lists + len(KINDS)  # every kind relisted after its 410
             await until(lambda: run.source.connected, what="watching again")
 
 
@@ -361,3 +391,115 @@ async def test_finished_pods_are_left_out(tmp_path: Path) -> None:
         async with running(api, tmp_path) as run:
             assert list(ips(run.state)) == ["shop/web-1"]
             assert run.errors == []
+
+
+# --- Istio's policies ---
+
+
+def policy_names(state: RegistryState) -> list[str]:
+    return sorted(p.key for p in state.authorization_policies) + sorted(p.key for p in state.peer_authentications)
+
+
+def client_allowed(state: RegistryState) -> bool:
+    """Whether the policies admit shop/client's identity to shop/web-1 over HBONE."""
+    web = state.workload_by_key("shop/web-1")
+    assert web is not None
+    connection = Connection("10.244.1.9", Identity("cluster.local", "shop", "client"), web, 8080, "hbone")
+    return Authorizer().admit(state, connection).allowed
+
+
+@scenario
+async def test_policies_are_listed_and_followed_at_v1(tmp_path: Path) -> None:
+    with server(namespace("shop"), pod("web-1", "10.244.1.5"), deny_policy(), strict_mtls()) as api:
+        async with running(api, tmp_path) as run:
+            assert policy_names(run.state) == ["shop/deny-client", "shop/default"]
+            assert run.state.peer_authentications[0].mode == "STRICT"
+            assert not client_allowed(run.state)
+            api.apply(deny_policy("deny-other", "cluster.local/ns/other/sa/default"))
+            await until(lambda: "shop/deny-other" in policy_names(run.state), what="new policy")
+            api.delete("AuthorizationPolicy", "deny-client", "shop")
+            await until(lambda: client_allowed(run.state), what="deny-client deleted")
+            assert policy_names(run.state) == ["shop/deny-other", "shop/default"]
+            assert run.errors == [] and run.source.last_error is None
+
+
+@scenario
+async def test_policies_are_read_at_v1beta1_from_a_server_without_v1(tmp_path: Path) -> None:
+    with KubeAPIServer(bookmark_interval=0.5, security_versions=("v1beta1",),
+                       objects=(namespace("shop"), pod("web-1", "10.244.1.5"), deny_policy(version="v1beta1"))) as api:
+        async with running(api, tmp_path) as run:
+            assert policy_names(run.state) == ["shop/deny-client"]
+            api.apply(strict_mtls("v1beta1"))
+            await until(lambda: "shop/default" in policy_names(run.state), what="watched at v1beta1")
+            assert run.source.connected and run.source.last_error is None
+
+
+@scenario
+async def test_without_istios_crds_the_registry_syncs_and_policies_follow_once_they_are_installed(
+        tmp_path: Path) -> None:
+    with KubeAPIServer(bookmark_interval=0.5, security_versions=(),
+                       objects=(namespace("shop"), pod("web-1", "10.244.1.5"), deny_policy())) as api:
+        async with running(api, tmp_path, discovery_interval=0.2) as run:  # synced and connected
+            assert ips(run.state) == {"shop/web-1": "10.244.1.5"}
+            assert policy_names(run.state) == []
+            assert run.source.last_error == (
+                f"AuthorizationPolicy and PeerAuthentication not served by the Kubernetes API server {api.url} "
+                "at security.istio.io/v1, security.istio.io/v1beta1 (Istio's CRDs not installed?): no Istio "
+                "policies from the cluster; looking again every 0.2 s")
+            assert run.errors == []
+            api.serve_security_versions("v1", "v1beta1")
+            await until(lambda: policy_names(run.state) == ["shop/deny-client"], what="policies once served")
+            await until(lambda: run.source.connected and run.source.last_error is None, what="watching them")
+            api.apply(strict_mtls())
+            await until(lambda: "shop/default" in policy_names(run.state), what="watched")
+
+
+@scenario
+async def test_a_malformed_version_of_a_policy_leaves_the_last_good_one_in_force(tmp_path: Path) -> None:
+    with server(namespace("shop"), pod("web-1", "10.244.1.5"), deny_policy(), strict_mtls()) as api:
+        async with running(api, tmp_path) as run:
+            in_force = run.state.authorization_policies
+            api.apply(malformed(deny_policy()))
+            await until(lambda: len(run.errors) == 1, what="rejection reported")
+            assert run.errors == [
+                'AuthorizationPolicy shop/deny-client: spec.action: "AUDIT" is not supported: amesh enforces ALLOW '
+                "and DENY at L4 (as Istio's ztunnel; AUDIT and CUSTOM need a waypoint) "
+                "(the version before it stays in force)"]
+            assert run.source.rejected == {("AuthorizationPolicy", "shop", "deny-client"): run.errors[0]}
+            assert run.source.last_error == f"rejected {run.errors[0]}"
+            # a later change elsewhere rebuilds the state: the DENY still denies
+            api.apply(pod("web-2", "10.244.1.6"))
+            await until(lambda: "shop/web-2" in ips(run.state), what="another change")
+            assert run.state.authorization_policies == in_force and not client_allowed(run.state)
+            peer = strict_mtls()
+            peer["spec"]["mtls"]["mode"] = "OFF"
+            api.apply(peer)
+            await until(lambda: len(run.errors) == 2, what="PeerAuthentication rejection reported")
+            assert run.state.peer_authentications[0].mode == "STRICT"
+            assert len(run.states) == 2  # nothing the mesh reads changed but web-2
+            # deleted: only now is it gone
+            api.delete("AuthorizationPolicy", "deny-client", "shop")
+            await until(lambda: client_allowed(run.state), what="deleted policy gone")
+            assert ("AuthorizationPolicy", "shop", "deny-client") not in run.source.rejected
+            # a malformed new policy was never in force: skipped and reported
+            api.apply(malformed(deny_policy("new")))
+            await until(lambda: len(run.errors) == 3, what="new policy rejected")
+            assert run.errors[2].startswith("AuthorizationPolicy shop/new: spec.action:")
+            assert run.errors[2].endswith("(object skipped)")
+            assert client_allowed(run.state) and policy_names(run.state) == ["shop/default"]
+            # fixed: the new version is in force
+            api.apply(deny_policy("new"))
+            await until(lambda: not client_allowed(run.state), what="fixed policy in force")
+
+
+@scenario
+async def test_policies_go_with_their_crds(tmp_path: Path) -> None:
+    with server(namespace("shop"), pod("web-1", "10.244.1.5"), deny_policy()) as api:
+        async with running(api, tmp_path, discovery_interval=0.2) as run:
+            assert policy_names(run.state) == ["shop/deny-client"]
+            api.serve_security_versions()  # Istio's CRDs removed
+            api.cut_watches()  # as the API server ends the watches of a removed CRD
+            await until(lambda: policy_names(run.state) == [], what="policies gone")
+            assert "not served by the Kubernetes API server" in str(run.source.last_error)
+            await until(lambda: run.source.connected, what="the other kinds watched again")
+            assert ips(run.state) == {"shop/web-1": "10.244.1.5"}
