@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import hpack
 from hyperframe.frame import (
@@ -82,7 +82,8 @@ def connect_frame(encoder: hpack.Encoder, stream_id: int, authority: str, *, end
                   end_headers: bool = True) -> bytes:
     """HEADERS opening a CONNECT to `authority` (HPACK-indexed, so a repeat costs a few bytes)."""
     frame = HeadersFrame(stream_id, data=encoder.encode([(":method", "CONNECT"), (":authority", authority)]))
-    frame.flags.update((["END_HEADERS"] if end_headers else []) + (["END_STREAM"] if end_stream else []))
+    for flag in (["END_HEADERS"] if end_headers else []) + (["END_STREAM"] if end_stream else []):
+        frame.flags.add(flag)
     return frame.serialize()
 
 
@@ -126,6 +127,7 @@ class H2Attacker:
     frames_received: int = 0
     bytes_sent: int = 0  # application bytes written into TLS
     settings_seen: bool = False
+    remote_settings: dict[int, int] = field(default_factory=dict)  # the agent's, by SettingCodes value
     pings_acked: int = 0
     _inbox: bytearray = field(default_factory=bytearray)
     _replies: bytearray = field(default_factory=bytearray)  # our SETTINGS ACKs, sent before the next write
@@ -139,7 +141,17 @@ class H2Attacker:
         attacker.send(PREFACE + settings_frame(), timeout)
         attacker.pump(lambda: attacker.settings_seen, timeout)
         assert attacker.settings_seen, f"the agent sent no HTTP/2 SETTINGS within {timeout}s"
+        attacker.send(b"", timeout)  # our ACK: from here on its limits apply to what we send
         return attacker
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest frame the agent accepts (SETTINGS_MAX_FRAME_SIZE, RFC 9113 default 16 KiB)."""
+        return self.remote_settings.get(0x5, 16_384)
+
+    def answered(self, stream_ids: Iterable[int]) -> bool:
+        """Whether every one of the streams got a response or a reset."""
+        return all(sid in self.responses or sid in self.resets for sid in stream_ids)
 
     @property
     def ended(self) -> bool:
@@ -244,6 +256,7 @@ class H2Attacker:
         frame.parse_body(body)
         if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
             self.settings_seen = True
+            self.remote_settings.update(frame.settings)
             self._replies += settings_frame(ack=True)
         elif isinstance(frame, HeadersFrame):
             headers = dict(self.decoder.decode(frame.data))
