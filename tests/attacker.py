@@ -17,6 +17,7 @@ certificate, sends to an agent, and how the agent is watched meanwhile. Every wa
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import selectors
 import signal
@@ -310,6 +311,21 @@ def passive_opens(pod: Pod) -> int:
                  if line.startswith("Tcp:")]
     names, values = lines[0], lines[1]
     return int(values[names.index("PassiveOpens")])
+
+
+def post_raw(netns: str, port: int, path: str, body: bytes, timeout: float = 5.0) -> tuple[int, str]:
+    """POSTs `body` as it is (JSON or not) to 127.0.0.1:PORT inside `netns`: (status, body)."""
+    sock = netns_socket(netns)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        connection.sock = sock
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        sock.close()
 
 
 def wait_all_closed(socks: list[socket.socket], timeout: float) -> tuple[int, float]:
