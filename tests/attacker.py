@@ -374,8 +374,10 @@ class Canary:
         canary = cls(proc, log)
         deadline = time.monotonic() + timeout
         while not canary._exchanges():
-            assert canary.error() is None, f"canary failed to start: {canary.error()}"
-            assert time.monotonic() < deadline, f"canary made no exchange within {timeout}s"
+            problem = canary.error() or (time.monotonic() >= deadline and f"no exchange within {timeout}s")
+            if problem:
+                bed.stop(proc)
+                raise AssertionError(f"the canary from {pod.name} to {ip}:{port} did not start: {problem}")
             time.sleep(0.02)
         return canary
 

@@ -40,7 +40,8 @@ SHOP = {"apiVersion": "v1", "kind": "Namespace",
 
 
 def pod(name: str, ip: str, node: str = "node-1") -> dict:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}},
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}},
             "spec": {"nodeName": node, "serviceAccountName": "web",
                      "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
             "status": {"podIP": ip, "hostIP": "172.18.0.11", "conditions": [{"type": "Ready", "status": "True"}]}}

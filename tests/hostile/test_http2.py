@@ -86,9 +86,11 @@ def test_a_ping_and_settings_flood_is_cut_off_and_other_tunnels_keep_flowing(tar
                        cut_off_after_s=round(attacker.ended_at - started, 2) if attacker.ended_at else None)
     finally:
         attacker.close()
-    target.settled(2, figures, stall_limit=FLOOD_CANARY_LIMIT)
-    assert attacker.ended_at is not None and figures["cut_off_after_s"] <= FLOOD_CUTOFF, (
-        f"a PING/SETTINGS flood was not cut off within {FLOOD_CUTOFF}s: {figures}")
+    cut_off = figures["cut_off_after_s"]
+    target.settled(2, figures, {
+        f"a PING/SETTINGS flood of {figures['frames_sent']} frames was not cut off within {FLOOD_CUTOFF}s "
+        f"(cut off after {cut_off}s)": cut_off is not None and cut_off <= FLOOD_CUTOFF,
+    }, stall_limit=FLOOD_CANARY_LIMIT)
 
 
 def test_rapid_reset_makes_at_most_max_concurrent_streams_upstream_connects_and_a_goaway(
@@ -114,10 +116,11 @@ def test_rapid_reset_makes_at_most_max_concurrent_streams_upstream_connects_and_
             break
         upstream = now
     figures["upstream_connects"] = upstream
-    target.settled(2, figures)
-    assert upstream <= MAX_CONCURRENT_STREAMS, (
-        f"{RAPID_RESETS} reset streams made {upstream} upstream connections (limit {MAX_CONCURRENT_STREAMS})")
-    assert attacker.goaway is not None, f"rapid reset of {RAPID_RESETS} streams got no GOAWAY"
+    target.settled(2, figures, {
+        f"{RAPID_RESETS} reset streams made {upstream} upstream connections (limit {MAX_CONCURRENT_STREAMS})":
+            upstream <= MAX_CONCURRENT_STREAMS,
+        f"rapid reset of {RAPID_RESETS} streams got no GOAWAY": attacker.goaway is not None,
+    })
 
 
 def test_a_continuation_flood_is_cut_off_before_a_mebibyte_of_header_block(target: Target, figures: dict):
@@ -139,10 +142,11 @@ def test_a_continuation_flood_is_cut_off_before_a_mebibyte_of_header_block(targe
                        cut_off=attacker.ended, goaway=attacker.goaway)
     finally:
         attacker.close()
-    target.settled(2, figures)
-    assert attacker.ended and header_bytes <= HEADER_BLOCK_LIMIT, (
+    target.settled(2, figures, {
         f"a CONTINUATION flood was not cut off within {HEADER_BLOCK_LIMIT} bytes of header block "
-        f"(sent {header_bytes} bytes, {'cut off' if attacker.ended else 'still open'})")
+        f"(sent {header_bytes} bytes, {'cut off' if attacker.ended else 'still open'})":
+            attacker.ended and header_bytes <= HEADER_BLOCK_LIMIT,
+    })
 
 
 def test_streams_beyond_max_concurrent_streams_are_refused_one_by_one_and_the_session_lives(
@@ -159,10 +163,13 @@ def test_streams_beyond_max_concurrent_streams_are_refused_one_by_one_and_the_se
         figures.update(tunnelled=len(tunnelled), refused=len(refused), goaway=attacker.goaway, session_alive=alive)
     finally:
         attacker.close()
-    target.settled(2, figures)
-    assert tunnelled == ids[:MAX_CONCURRENT_STREAMS], f"not the first {MAX_CONCURRENT_STREAMS} tunnelled: {figures}"
-    assert len(refused) == len(ids) - MAX_CONCURRENT_STREAMS, f"excess streams not refused one by one: {figures}"
-    assert alive, f"the session did not survive: {figures}"
+    target.settled(2, figures, {
+        f"{len(tunnelled)} streams tunnelled, not the first {MAX_CONCURRENT_STREAMS}":
+            tunnelled == ids[:MAX_CONCURRENT_STREAMS],
+        f"{len(refused)} of the {len(ids) - MAX_CONCURRENT_STREAMS} excess streams refused (REFUSED_STREAM)":
+            len(refused) == len(ids) - MAX_CONCURRENT_STREAMS,
+        f"the session did not survive {len(ids)} CONNECTs (GOAWAY {attacker.goaway})": alive,
+    })
 
 
 def test_mtls_connections_that_never_send_the_preface_are_closed(target: Target, figures: dict):
@@ -176,10 +183,10 @@ def test_mtls_connections_that_never_send_the_preface_are_closed(target: Target,
     finally:
         for sock in socks:
             sock.close()
-    target.settled(2, figures)
-    assert closed == SILENT_SESSIONS, (
+    target.settled(2, figures, {
         f"{SILENT_SESSIONS - closed} of {SILENT_SESSIONS} mTLS connections without an HTTP/2 preface "
-        f"still open after {PREFACE_DEADLINE + CLOSE_MARGIN}s")
+        f"still open after {PREFACE_DEADLINE + CLOSE_MARGIN}s": closed == SILENT_SESSIONS,
+    })
 
 
 def _in_batches(attacker: H2Attacker, count: int, frame_for, figures: dict) -> int:
@@ -217,9 +224,10 @@ def test_connects_that_end_their_stream_at_once_are_all_answered_and_leave_no_li
         time.sleep(0.2)
     figures["live_records_left"] = len(left)
     figures["unretrieved_task_exceptions"] = target.log_since_start(2).count(b"Task exception was never retrieved")
-    assert answered == EARLY_END_REQUESTS, f"{answered} of {EARLY_END_REQUESTS} CONNECTs with END_STREAM answered"
-    assert not left, f"{len(left)} connection records still live after every CONNECT ended"
-    target.settled(2, figures)
+    target.settled(2, figures, {
+        f"{answered} of {EARLY_END_REQUESTS} CONNECTs with END_STREAM answered": answered == EARLY_END_REQUESTS,
+        f"{len(left)} connection records still live after every CONNECT ended": not left,
+    })
 
 
 def test_refused_connects_with_a_long_authority_write_a_bounded_log(target: Target, figures: dict):
@@ -234,11 +242,11 @@ def test_refused_connects_with_a_long_authority_write_a_bounded_log(target: Targ
     time.sleep(0.5)  # the access log is written as each connection ends
     logged = len(target.log_since_start(2))
     figures.update(wire_bytes=wire, log_bytes=logged, amplification=round(logged / wire, 1))
-    assert answered == LOG_REQUESTS, f"{answered} of {LOG_REQUESTS} refused CONNECTs answered"
-    assert logged <= LOG_AMPLIFICATION_LIMIT * wire, (
+    target.settled(2, figures, {
+        f"{answered} of {LOG_REQUESTS} refused CONNECTs answered": answered == LOG_REQUESTS,
         f"{LOG_REQUESTS} refused CONNECTs ({wire} bytes on the wire) wrote {logged} bytes of log "
-        f"({figures['amplification']}x, limit {LOG_AMPLIFICATION_LIMIT}x)")
-    target.settled(2, figures)
+        f"({figures['amplification']}x, limit {LOG_AMPLIFICATION_LIMIT}x)": logged <= LOG_AMPLIFICATION_LIMIT * wire,
+    })
 
 
 def test_connects_to_loopback_the_admin_port_the_node_or_another_pod_are_answered_400(
@@ -256,5 +264,5 @@ def test_connects_to_loopback_the_admin_port_the_node_or_another_pod_are_answere
         figures["answers"] = answers
     finally:
         attacker.close()
-    assert answers == dict.fromkeys(authorities, 400)
-    target.settled(2, figures)
+    target.settled(2, figures, {f"CONNECT {authority} answered {status}, not 400": status == 400
+                                for authority, status in answers.items()})

@@ -63,8 +63,9 @@ def test_a_connection_to_a_node_address_on_the_outbound_port_is_refused_without_
         peak = max(peak, Vitals.of(pid).fds)
         time.sleep(0.05)
     figures["fds_peak"] = peak
-    assert outcome in ("refused", "reset", "closed"), f"the client's connection was {outcome}"
-    target.settled(node, figures, fd_timeout=0.1)  # the 2 s have passed already
+    target.settled(node, figures, {  # the 2 s have passed already: the descriptors must be back now
+        f"the client's connection was {outcome}, not refused": outcome in ("refused", "reset", "closed"),
+    }, fd_timeout=0.1)
 
 
 def test_silent_connections_to_the_hbone_port_cost_little_memory_and_are_closed_by_the_deadline(
@@ -86,13 +87,15 @@ def test_silent_connections_to_the_hbone_port_cost_little_memory_and_are_closed_
     finally:
         for sock in socks:
             sock.close()
-    target.settled(2, figures)
-    growth = max(figures["rss_peak_growth_mib"], figures["rss_growth_mib"])
-    assert closed == SILENT_CONNECTIONS, (
+    growth = figures["rss_peak_growth_mib"]
+    target.settled(2, figures, {
         f"{SILENT_CONNECTIONS - closed} of {SILENT_CONNECTIONS} silent connections still open "
-        f"{HANDSHAKE_DEADLINE + CLOSE_MARGIN}s after they were made")
-    assert growth < SILENT_MEMORY_LIMIT_MIB, (
-        f"{SILENT_CONNECTIONS} silent connections cost the agent {growth} MiB")
+        f"{HANDSHAKE_DEADLINE + CLOSE_MARGIN}s after they were made": closed == SILENT_CONNECTIONS,
+        f"{SILENT_CONNECTIONS} silent connections cost the agent {growth} MiB (limit {SILENT_MEMORY_LIMIT_MIB})":
+            growth < SILENT_MEMORY_LIMIT_MIB,
+    })
+    assert figures["rss_growth_mib"] < SILENT_MEMORY_LIMIT_MIB, (
+        f"the agent kept {figures['rss_growth_mib']} MiB after the silent connections closed")
 
 
 def test_garbage_instead_of_a_tls_handshake_is_closed_at_once(target: Target, figures: dict):
@@ -101,8 +104,9 @@ def test_garbage_instead_of_a_tls_handshake_is_closed_at_once(target: Target, fi
         sock.sendall(os.urandom(4096))
         closed, waited = wait_all_closed([sock], REFUSAL_WAIT)
     figures.update(closed=closed, closed_within_s=round(waited, 2))
-    assert closed == 1, f"a connection sending garbage instead of TLS still open after {REFUSAL_WAIT}s"
-    target.settled(2, figures)
+    target.settled(2, figures, {
+        f"a connection sending garbage instead of TLS still open after {REFUSAL_WAIT}s": closed == 1,
+    })
 
 
 def _client_hello() -> bytes:
@@ -136,5 +140,6 @@ def test_a_client_hello_sent_a_byte_per_second_is_closed_by_the_handshake_deadli
             except OSError:
                 closed = True
     figures.update(bytes_sent=sent, closed=closed, closed_after_s=round(time.monotonic() - started, 2))
-    assert closed, f"a slowloris handshake was still open after {HANDSHAKE_DEADLINE + CLOSE_MARGIN}s"
-    target.settled(2, figures)
+    target.settled(2, figures, {
+        f"a slowloris handshake was still open after {HANDSHAKE_DEADLINE + CLOSE_MARGIN}s": closed,
+    })
