@@ -28,7 +28,7 @@ e2e: deps
 
 # tests/fuzz with many more examples (`make test` runs a bounded pass of them)
 fuzz: deps
-	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -m fuzz tests/fuzz
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -m fuzz
 
 # iperf3 drives the throughput figures; stunnel4 and haproxy are the mTLS proxies amesh is compared
 # with (installed as tools: no service starts); matplotlib (the "bench" extra) draws the chart.

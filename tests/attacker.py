@@ -89,6 +89,7 @@ def connect_frame(encoder: hpack.Encoder, stream_id: int, authority: str, *, end
 
 
 def continuation_frame(stream_id: int, block: bytes, *, end_headers: bool = False) -> bytes:
+    """CONTINUATION carrying more of a header block (without END_HEADERS: more is to come)."""
     frame = ContinuationFrame(stream_id, data=block)
     if end_headers:
         frame.flags.add("END_HEADERS")
@@ -101,10 +102,12 @@ def rst_stream_frame(stream_id: int, code: int = 0x8) -> bytes:
 
 
 def ping_frame(payload: bytes = b"attacker") -> bytes:
+    """PING (8 bytes of payload): the agent must answer each with a PING ACK."""
     return PingFrame(0, opaque_data=payload).serialize()
 
 
 def settings_frame(settings: dict[int, int] | None = None, *, ack: bool = False) -> bytes:
+    """SETTINGS (empty unless `settings`): the agent must acknowledge each one that is not an ACK."""
     return SettingsFrame(0, settings=settings or {}, flags=["ACK"] if ack else []).serialize()
 
 
@@ -283,7 +286,7 @@ class Vitals:
 
     @classmethod
     def of(cls, pid: int) -> Vitals:
-        """Read from /proc/PID; ProcessLookupError-like OSError if the process is gone."""
+        """Read from /proc/PID; FileNotFoundError if the process is gone."""
         fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
         status = Path(f"/proc/{pid}/status").read_text()
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))

@@ -8,14 +8,15 @@ hostile pod. Service shop/billing 10.96.0.30:80 selects no pod (the registration
 `target` (per test) gives the test a `Target`: agents that are up (restarted when the previous
 test failed or an agent died), a canary running from client through node-1's and node-2's agents
 to server-b, and each agent's descriptors and memory as they were before the attack. The test
-attacks, puts what it measured into `figures`, then asserts; `Target.settled` checks what must
-hold after any attack.
+attacks, puts what it measured into `figures`, then hands its expectations to `Target.settled`,
+which adds what must hold after any attack and fails naming every problem found.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
@@ -57,7 +58,7 @@ class Target:
     def vitals(self, node: Node | int | str) -> Vitals:
         return Vitals.of(self.pid(node))
 
-    def context(self, identity: str = ATTACKER_IDENTITY):
+    def context(self, identity: str = ATTACKER_IDENTITY) -> ssl.SSLContext:
         """An mTLS client context with a valid mesh certificate, as a compromised node holds."""
         return mesh_client_context(self.mesh.ca_dir, identity)
 
@@ -164,15 +165,16 @@ def shared() -> Iterator[Target]:
             pytest.fail(f"test bed teardown failed: {e}", pytrace=False)
 
 
+_CALL_FAILED = pytest.StashKey[bool]()  # on each test item: whether the test itself failed
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Notes each test's outcome, so its fixtures know whether to restart the agents."""
     report = yield
     if report.when == "call":
         item.stash[_CALL_FAILED] = report.failed
     return report
-
-
-_CALL_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import hpack
 import pytest
 
 from tests.attacker import (
+    FRAME_HEADER,
     REFUSED_STREAM,
     H2Attacker,
     connect_frame,
@@ -41,6 +42,8 @@ RAPID_RESETS = 5_000
 HEADER_BLOCK_LIMIT = 1024 * 1024  # bytes of header block a session may send before it is cut off
 HEADER_BLOCK_CAP = 8 * 1024 * 1024  # bytes the attack sends at most when nothing cuts it off
 PACE = 16 * 1024  # bytes written at a time, with a pause, so what was sent is what the agent read
+OVERSIZE_BODY_LIMIT = 4 * PACE  # bytes of an oversized frame's body sent before it must be refused
+OVERSIZE_BODY_CAP = 2 * 1024 * 1024  # bytes of it the attack sends at most
 SILENT_SESSIONS = 50
 PREFACE_DEADLINE = 5.0  # seconds an mTLS connection may stay without sending the HTTP/2 preface
 CLOSE_MARGIN = 1.5  # seconds past a deadline before a connection counts as left open
@@ -123,21 +126,27 @@ def test_rapid_reset_makes_at_most_max_concurrent_streams_upstream_connects_and_
     })
 
 
+def _paced(attacker: H2Attacker, data: bytes) -> int:
+    """Writes `data` PACE bytes at a time, letting the agent read each, until the agent ends the
+    session, all is written or FLOOD_SECONDS pass; returns the bytes written."""
+    started, written = time.monotonic(), 0
+    view = memoryview(data)
+    while written < len(data) and not attacker.ended and time.monotonic() - started < FLOOD_SECONDS:
+        if not attacker.send(view[written:written + PACE], 1.0):
+            break
+        written = min(len(data), written + PACE)
+        attacker.pump(lambda: attacker.ended, 0.002)
+    return written
+
+
 def test_a_continuation_flood_is_cut_off_before_a_mebibyte_of_header_block(target: Target, figures: dict):
     attacker = open_session(target)
     block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple("x-pad", "a" * 4000)] * 4, huffman=False)
     frame_payload = (block * (attacker.max_frame_size // len(block) + 1))[:attacker.max_frame_size]
-    started, header_bytes = time.monotonic(), 0
     try:
         attacker.send(connect_frame(attacker.encoder, 1, server_b_authority(target), end_headers=False), 2.0)
-        frame = memoryview(continuation_frame(1, frame_payload))
-        while (not attacker.ended and header_bytes < HEADER_BLOCK_CAP
-               and time.monotonic() - started < FLOOD_SECONDS):
-            for offset in range(0, len(frame), PACE):
-                if not attacker.send(frame[offset:offset + PACE], 1.0):
-                    break
-                header_bytes += len(frame[offset:offset + PACE])
-                attacker.pump(lambda: attacker.ended, 0.002)
+        frame = continuation_frame(1, frame_payload)  # frames as large as the agent allows
+        header_bytes = _paced(attacker, frame * (HEADER_BLOCK_CAP // len(frame) + 1))
         figures.update(frame_size=attacker.max_frame_size, header_block_bytes_at_cutoff=header_bytes,
                        cut_off=attacker.ended, goaway=attacker.goaway)
     finally:
@@ -146,6 +155,23 @@ def test_a_continuation_flood_is_cut_off_before_a_mebibyte_of_header_block(targe
         f"a CONTINUATION flood was not cut off within {HEADER_BLOCK_LIMIT} bytes of header block "
         f"(sent {header_bytes} bytes, {'cut off' if attacker.ended else 'still open'})":
             attacker.ended and header_bytes <= HEADER_BLOCK_LIMIT,
+    })
+
+
+def test_a_frame_larger_than_max_frame_size_is_refused_on_its_header(target: Target, figures: dict):
+    attacker = open_session(target)
+    announced = 16 * 1024 * 1024 - 1  # bytes: the largest length a frame header can carry
+    try:
+        header = FRAME_HEADER.pack(announced >> 8, announced & 0xFF, 0x0, 0, 1)  # DATA on stream 1
+        body_bytes = _paced(attacker, header + bytes(OVERSIZE_BODY_CAP)) - len(header)
+        figures.update(max_frame_size=attacker.max_frame_size, announced=announced,
+                       body_bytes_at_cutoff=body_bytes, cut_off=attacker.ended, goaway=attacker.goaway)
+    finally:
+        attacker.close()
+    target.settled(2, figures, {
+        f"a frame header announcing {announced} bytes (limit {attacker.max_frame_size}) was not refused "
+        f"before {OVERSIZE_BODY_LIMIT} bytes of its body (sent {body_bytes}, "
+        f"{'cut off' if attacker.ended else 'still open'})": attacker.ended and body_bytes <= OVERSIZE_BODY_LIMIT,
     })
 
 
