@@ -32,7 +32,8 @@ from tests.hostile.conftest import TARGET_PORT, Target
 pytestmark = pytest.mark.hostile
 
 HBONE_PORT = 15008
-MAX_CONCURRENT_STREAMS = 100  # what the agent's HTTP/2 SETTINGS allow per session
+MAX_CONCURRENT_STREAMS = 100  # what the agent's HTTP/2 SETTINGS allow per session (the bound)
+SETTINGS_MAX_CONCURRENT_STREAMS = 0x3  # its SETTINGS identifier (RFC 9113 6.5.2)
 ANSWER_TIMEOUT = 5.0  # seconds for a burst of requests to be answered
 FLOOD_FRAMES = 1_000_000  # the flood: 1 M PING + SETTINGS frames in 5 s
 FLOOD_SECONDS = 5.0
@@ -186,7 +187,8 @@ def test_streams_beyond_max_concurrent_streams_are_refused_one_by_one_and_the_se
         tunnelled = sorted(sid for sid, status in attacker.responses.items() if status == 200)
         refused = [sid for sid, code in attacker.resets.items() if code == REFUSED_STREAM]
         alive = not attacker.ended and attacker.alive()
-        figures.update(tunnelled=len(tunnelled), refused=len(refused), goaway=attacker.goaway, session_alive=alive)
+        figures.update(tunnelled=len(tunnelled), refused=len(refused), goaway=attacker.goaway, session_alive=alive,
+                       announced_max_concurrent_streams=attacker.remote_settings.get(SETTINGS_MAX_CONCURRENT_STREAMS))
     finally:
         attacker.close()
     target.settled(2, figures, {
