@@ -289,8 +289,11 @@ def test_connects_to_loopback_the_admin_port_the_node_or_another_pod_are_answere
                                for sid, authority in zip(ids, authorities)), ANSWER_TIMEOUT)
         attacker.pump(lambda: attacker.answered(ids), ANSWER_TIMEOUT)
         answers = {authority: attacker.responses.get(sid) for sid, authority in zip(ids, authorities)}
-        figures["answers"] = answers
+        alive = attacker.alive()
+        figures.update(answers=answers, session_alive=alive)
     finally:
         attacker.close()
-    target.settled(2, figures, {f"CONNECT {authority} answered {status}, not 400": status == 400
-                                for authority, status in answers.items()})
+    target.settled(2, figures, {
+        **{f"CONNECT {authority} answered {status}, not 400": status == 400 for authority, status in answers.items()},
+        "the session did not survive the refusals": alive,
+    })
