@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 MODE ?= p2p
 
-.PHONY: deps demo test unit e2e bench
+.PHONY: deps demo test unit e2e fuzz bench
 
 deps:
 	./scripts/install-deps.sh $(PKGS)
@@ -25,6 +25,10 @@ unit: deps
 
 e2e: deps
 	$(PYTHON) -m pytest -q -rs tests/e2e
+
+# tests/fuzz with many more examples (`make test` runs a bounded pass of them)
+fuzz: deps
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -m fuzz
 
 # iperf3 drives the throughput figures; stunnel4 and haproxy are the mTLS proxies amesh is compared
 # with (installed as tools: no service starts); matplotlib (the "bench" extra) draws the chart.

@@ -2,8 +2,8 @@
 
 - SIGTERM (and SIGHUP) become KeyboardInterrupt, so pytest unwinds and fixture teardown still
   deletes every namespace a test built (a CI job timeout sends SIGTERM).
-- Tests marked `e2e` (and everything under tests/e2e) are skipped with a reason when the run
-  cannot build namespaces: not root, or no iproute2.
+- Tests marked `e2e` (and everything under tests/e2e and tests/hostile) are skipped with a
+  reason when the run cannot build namespaces: not root, or no iproute2.
 - `make_bed(mode="p2p", nodes=2)` builds a test bed and closes it after the test, pass or fail.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from tests.bed import Bed, BedError
 
-E2E_DIR = Path(__file__).resolve().parent / "e2e"
+E2E_DIRS = tuple(Path(__file__).resolve().parent / name for name in ("e2e", "hostile"))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -45,7 +45,7 @@ def _e2e_unavailable() -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = _e2e_unavailable()
     for item in items:
-        if E2E_DIR in Path(str(item.path)).resolve().parents:
+        if any(d in Path(str(item.path)).resolve().parents for d in E2E_DIRS):
             item.add_marker(pytest.mark.e2e)
         if reason and item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.skip(reason=reason))
