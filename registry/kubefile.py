@@ -225,6 +225,11 @@ def _objects(text: str) -> Iterator[KubeObject]:
         if e.context and e.context_mark is not None:  # where the broken construct began
             message += f" ({e.context} at line {e.context_mark.line + 1})"
         raise RegistryError(message) from None
+    except RecursionError:
+        raise RegistryError(f"document {len(documents) + 1}: nested too deeply to read (lists or mappings "
+                            "inside each other hundreds of levels deep)") from None
+    except ValueError as e:  # an integer of thousands of digits (Python refuses to convert it)
+        raise RegistryError(f"document {len(documents) + 1}: a value cannot be read: {e}") from None
     for index, document in enumerate(documents, start=1):
         where = f"document {index}"
         if document is None:
