@@ -575,7 +575,7 @@ def test_slow_upstream_backpressures_the_tunnel_through_splice(certs: Certificat
 
 
 class FakeTransport:
-    """The transport an _H2Session writes to, collecting the bytes."""
+    """The transport an H2Session writes to, collecting the bytes."""
 
     def __init__(self) -> None:
         self.sent = bytearray()
@@ -607,11 +607,11 @@ def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
     from h2.config import H2Configuration
     from h2.connection import H2Connection
 
-    from ztunnel.hbone import _H2Session
+    from ztunnel.hbone import H2Session
 
     async def body() -> None:
         requests: list[HboneStream] = []
-        session = _H2Session(client_side=False, on_request=lambda stream, headers: requests.append(stream))
+        session = H2Session(client_side=False, on_request=lambda stream, headers: requests.append(stream))
         session.connection_made(FakeTransport())  # type: ignore[arg-type]
         session.h2.initiate_connection()
         peer = H2Connection(H2Configuration(client_side=True))

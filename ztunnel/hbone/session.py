@@ -1,38 +1,31 @@
-"""HBONE: TCP connections carried between ztunnels as HTTP/2 CONNECT streams over mutual TLS.
+"""One HTTP/2 connection over TLS and its CONNECT streams: `H2Session`, an asyncio
+BufferedProtocol driving h2's sans-I/O `H2Connection`, and `HboneStream`, one tunnelled TCP
+connection, a `ztunnel.streams.Stream`.
 
-As in Istio's ambient ztunnel, each node listens on port 15008. A client opens one mTLS
-connection per (source identity, destination identity, peer address) and runs many CONNECT
-streams on it, one per proxied TCP connection; each stream is an `HboneStream`, a
-`ztunnel.streams.Stream` the ztunnel splices like a TCP socket.
-
-- HTTP/2 itself is h2's sans-I/O `H2Connection`. `_H2Session` only moves bytes between it and one
-  TLS connection: the transport's reads feed `receive_data` and the events go to streams, and
-  `flush()` is the one place that takes `data_to_send()`; those frames are written once per
-  pass of the event loop, or with the next DATA frame, so a burst of them is one TLS write.
+- `H2Session` only moves bytes between h2 and one TLS connection: the transport's reads feed
+  `receive_data` and the events go to streams, and `flush()` is the one place that takes
+  `data_to_send()`; those frames are written once per pass of the event loop, or with the next
+  DATA frame, so a burst of them is one TLS write.
 - DATA frames on open streams skip h2's frame objects both ways (h2 4.4 formats every received
   DATA payload into a log string, even with logging off, which cost half a receiver's CPU):
-  `HboneStream` writes the 9-byte header in front of the payload and `_H2Session._receive` cuts
+  `HboneStream` writes the 9-byte header in front of the payload and `H2Session._receive` cuts
   them out of the received bytes. h2 still sees every other frame and keeps stream state and the
   flow-control windows, which both paths charge.
+- Every frame header is seen by the session before h2 sees the frame, so the limits of
+  `ztunnel.hbone.limits` (control-frame budgets, header block size, frame size, rapid reset)
+  are checked on the header alone, and h2 is fed one header block at a time.
 - Flow control is end to end: received data is acknowledged only as the consumer reads it, so a
   slow reader stops its sender through the HTTP/2 windows and at most STREAM_WINDOW bytes wait
   unread per stream; `drain()` waits for the peer's send windows.
-- `HboneClientPool` reuses sessions, shares one handshake between concurrent first opens, and
-  closes idle sessions. `HboneServer` answers CONNECTs on an accepted connection with a handler.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import ipaddress
 import logging
-import secrets
-import socket
 import ssl
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -52,12 +45,11 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
-from ztunnel.errors import ProxyError
+from ztunnel.hbone.protocol import REASON_HEADER, HboneError, code_name, header_value, hostport, reset_error
 from ztunnel.streams import Receiver
 
 log = logging.getLogger("amesh.ztunnel.hbone")
 
-HBONE_PORT = 15008  # the port every node's ztunnel accepts HBONE on, as in Istio ambient
 STREAM_WINDOW = 4 * 1024 * 1024  # bytes a peer may send on one stream before we read any of it
 # bytes; 4x the stream window so one slow stream cannot stall the rest of the connection
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -68,7 +60,6 @@ READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bound
 ACK_BATCH = 16 * 1024  # received bytes a stream consumes before handing them back to the windows
 # bytes of queued frames joined into one TLS write; above it the payloads are not worth copying
 _JOIN_LIMIT = 16 * 1024
-REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not accepted
 _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts here (RFC 9113 6.9.2)
 _CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, split), type, flags, stream id
@@ -76,72 +67,6 @@ _DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9  # frame type
 _END_HEADERS = 0x4  # flag: the header block ends with this frame
 # h2 stream states in which the peer may still send DATA
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
-
-
-class HboneError(ProxyError):
-    """An HBONE tunnel could not be opened. `reason` is one of: connect_refused, connect_timeout,
-    connect_failed, tls, peer_rejected, status (`status` holds the answer), protocol, closed."""
-
-    def __init__(self, reason: str, message: str, status: int | None = None) -> None:
-        super().__init__(reason, message)
-        self.status = status
-
-
-def hostport(host: str, port: int) -> str:
-    """`host:port`, with an IPv6 host in brackets: the form of an :authority and of our messages."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """(host, port) of a CONNECT :authority `host:port` (IPv6 in brackets); ValueError if invalid."""
-    host, sep, port = authority.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address without brackets: where it ends and the port starts is a guess
-    if not (sep and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"invalid :authority {authority!r}: expected host:port with port 1-65535")
-    return host, int(port)
-
-
-def traceparent() -> str:
-    """A new random W3C traceparent (version 00, sampled) to send with a CONNECT."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-def forwarded_for(ip: str) -> str:
-    """The RFC 7239 Forwarded value naming the original client: for=10.0.0.1, for="[::1]"."""
-    address = ipaddress.ip_address(ip)
-    return f'for="[{address}]"' if address.version == 6 else f"for={address}"
-
-
-def parse_forwarded_for(value: str) -> str | None:
-    """The client IP of the first `for=` in a Forwarded header, or None (absent, or not an IP
-    such as for=unknown): the inverse of `forwarded_for`."""
-    for element in value.split(",")[0].split(";"):
-        name, _, node = element.strip().partition("=")
-        if name.strip().lower() == "for":
-            node = node.strip().strip('"')
-            try:
-                return str(ipaddress.ip_address(node[1:-1] if node.startswith("[") else node))
-            except ValueError:
-                return None
-    return None
-
-
-def _header_value(text: str) -> str:
-    """`text` on one line, as a header value must be."""
-    return " ".join(text.split())
-
-
-def _code_name(code: int) -> str:
-    """ErrorCodes.CANCEL -> "CANCEL"; h2 passes codes it does not know as plain ints."""
-    return getattr(code, "name", str(code))
-
-
-def _reset_error(message: str) -> ConnectionResetError:
-    """A ConnectionResetError whose strerror is `message` (ztunnel.streams.splice reports strerror)."""
-    return ConnectionResetError(errno.ECONNRESET, message)
 
 
 class HboneStream:
@@ -153,7 +78,7 @@ class HboneStream:
     resets it, and what was not yet sent is lost, as when a socket is closed with unread data.
     """
 
-    def __init__(self, session: _H2Session, stream_id: int) -> None:
+    def __init__(self, session: H2Session, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
         self._inbound = bytearray()  # received, not read yet; HTTP/2 bounds it to STREAM_WINDOW
@@ -250,7 +175,7 @@ class HboneStream:
         """RST_STREAM (CANCEL): the peer's reads raise ConnectionResetError."""
         if self._error is None and not self.finished:
             self._session.reset(self.stream_id, ErrorCodes.CANCEL)
-            self.fail(_reset_error(f"HBONE stream {self.stream_id} to {self.peer} aborted locally"))
+            self.fail(reset_error(f"HBONE stream {self.stream_id} to {self.peer} aborted locally"))
 
     def close(self) -> None:
         """Releases the stream; resets it if it is not finished."""
@@ -375,7 +300,7 @@ class HboneStream:
         self._unacked = 0
 
 
-class _H2Session(asyncio.BufferedProtocol):
+class H2Session(asyncio.BufferedProtocol):
     """One HTTP/2 connection over a TLS transport, and its streams: the transport's protocol.
 
     Received bytes land in one preallocated buffer (no stream reader, no task per read) and go
@@ -392,7 +317,7 @@ class _H2Session(asyncio.BufferedProtocol):
         peer: str = "",  # "": the remote address, once connected
         idle_timeout: float | None = None,
         on_request: Callable[[HboneStream, list[tuple[str, str]]], None] | None = None,
-        on_close: Callable[[_H2Session], None] | None = None,
+        on_close: Callable[[H2Session], None] | None = None,
         autostart: bool = False,  # start() as soon as connected, not waiting for the owner
     ) -> None:
         self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
@@ -430,7 +355,7 @@ class _H2Session(asyncio.BufferedProtocol):
         return self._transport.get_extra_info("ssl_object") if self._transport else None
 
     def __repr__(self) -> str:
-        return f"_H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"
+        return f"H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"
 
     # asyncio.BufferedProtocol: the transport calls these.
 
@@ -561,14 +486,14 @@ class _H2Session(asyncio.BufferedProtocol):
         """Sends the response to a CONNECT; any status but 200 also ends and releases the stream."""
         headers = [(":status", str(status))]
         if reason:
-            headers.append((REASON_HEADER, _header_value(reason)))
+            headers.append((REASON_HEADER, header_value(reason)))
         final = status != 200
         self.h2.send_headers(stream.stream_id, headers, end_stream=final)
         if final:
             # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) so the
             # client stops sending; the stream then ends here whatever the client does.
             self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
-            stream.fail(_reset_error(f"CONNECT stream {stream.stream_id} answered {status}"))
+            stream.fail(reset_error(f"CONNECT stream {stream.stream_id} answered {status}"))
         self.flush()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
@@ -759,7 +684,7 @@ class _H2Session(asyncio.BufferedProtocol):
             for stream in [s for s in self._streams.values() if grown in (0, s.stream_id)]:
                 stream.send_pending()
         elif isinstance(event, ConnectionTerminated):
-            self._terminate(f"ended by the peer (GOAWAY {_code_name(event.error_code)})")
+            self._terminate(f"ended by the peer (GOAWAY {code_name(event.error_code)})")
         elif isinstance(event, RequestReceived) and self._on_request is not None:
             stream = HboneStream(self, event.stream_id)
             self._add(stream)
@@ -779,8 +704,8 @@ class _H2Session(asyncio.BufferedProtocol):
         elif isinstance(event, StreamEnded):
             stream.remote_end()
         elif isinstance(event, StreamReset):
-            code = _code_name(event.error_code)
-            stream.fail(_reset_error(f"HBONE stream {stream.stream_id} reset by {self.peer} ({code})"))
+            code = code_name(event.error_code)
+            stream.fail(reset_error(f"HBONE stream {stream.stream_id} reset by {self.peer} ({code})"))
 
     def _terminate(self, why: str) -> None:
         """The connection is gone: fail every stream, close the socket, tell the owner once."""
@@ -790,7 +715,7 @@ class _H2Session(asyncio.BufferedProtocol):
         self._why_closed = why
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        error = _reset_error(f"HBONE connection to {self.peer} {why}")
+        error = reset_error(f"HBONE connection to {self.peer} {why}")
         for stream in list(self._streams.values()):
             stream.fail(error)
         self._write_out()  # a GOAWAY, resets
@@ -800,313 +725,3 @@ class _H2Session(asyncio.BufferedProtocol):
         if self._on_close is not None:
             self._on_close(self)
 
-
-@dataclass(frozen=True)
-class PoolKey:
-    """What a pooled session is for: source and destination identity (SPIFFE URIs), peer address,
-    and which certificate of the source it presents.
-
-    Streams share a session only when all match, so one mTLS connection never carries two
-    workloads' traffic, and after a certificate renewal new streams go on a new session that
-    presents the new certificate (sessions on the old one live on until idle).
-    """
-
-    source: str
-    destination: str
-    address: tuple[str, int]
-    credential: str = ""  # e.g. the serial of the source's certificate
-
-
-PeerVerifier = Callable[[bytes | None], None]  # gets the peer's certificate (DER); raises to refuse
-
-
-class HboneClientPool:
-    """Opens HBONE streams, reusing one mTLS session per `PoolKey` while it has stream capacity.
-
-    Counters (plain integers, read at scrape time): `handshakes` (TLS sessions established, ever)
-    and `sessions` (live now).
-    """
-
-    def __init__(
-        self, idle_timeout: float = IDLE_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT
-    ) -> None:
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.handshakes = 0
-        self._sessions: dict[PoolKey, list[_H2Session]] = {}
-        self._connecting: dict[PoolKey, asyncio.Task[_H2Session]] = {}
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"HboneClientPool(sessions={self.sessions}, handshakes={self.handshakes})"
-
-    @property
-    def sessions(self) -> int:
-        """Live sessions."""
-        return sum(len(sessions) for sessions in self._sessions.values())
-
-    async def open(
-        self,
-        key: PoolKey,
-        ssl_context: ssl.SSLContext,
-        authority: str,
-        headers: Sequence[tuple[str, str]],
-        verify_peer: PeerVerifier,
-    ) -> HboneStream:
-        """A CONNECT stream to `authority` through the ztunnel at key.address; HboneError if not.
-
-        `headers` go with the CONNECT (forwarded, traceparent); `verify_peer` sees the peer's
-        certificate of each new session before any stream is sent on it.
-        """
-        while True:
-            if self._closed:
-                raise HboneError("closed", "the HBONE client pool is closed (ztunnel shutting down)")
-            session = next((s for s in self._sessions.get(key, []) if s.has_capacity()), None)
-            if session is not None:
-                return await session.open_stream(authority, headers, self.connect_timeout)
-            # Everyone who finds no session while one is being made waits for that one.
-            connecting = self._connecting.get(key)
-            if connecting is None:
-                connecting = asyncio.create_task(self._connect(key, ssl_context, verify_peer))
-                self._connecting[key] = connecting
-                connecting.add_done_callback(lambda _: self._connecting.pop(key, None))
-            await asyncio.shield(connecting)  # one waiter cancelled must not cancel the handshake
-
-    async def close(self) -> None:
-        """Closes every session (GOAWAY) and abandons handshakes under way."""
-        self._closed = True
-        connecting = list(self._connecting.values())
-        for task in connecting:
-            task.cancel()
-        sessions = [s for group in self._sessions.values() for s in group]
-        for session in sessions:
-            session.close()
-        await asyncio.gather(*connecting, return_exceptions=True)
-        if sessions:
-            # A peer that stopped reading would keep our GOAWAY, and the close, waiting forever.
-            _, stuck = await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in sessions],
-                                          timeout=self.connect_timeout)
-            if stuck:
-                for session in sessions:
-                    session.abort()
-                await asyncio.gather(*stuck)
-
-    async def _connect(
-        self, key: PoolKey, ssl_context: ssl.SSLContext, verify_peer: PeerVerifier
-    ) -> _H2Session:
-        """TCP, TLS, the peer check and the HTTP/2 preface; the session joins the pool."""
-        ip, port = key.address
-        peer = hostport(ip, port)
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                # server_hostname=None: peers are checked by SPIFFE ID (verify_peer), and Python
-                # sends no SNI for an IP address.
-                session = _H2Session(client_side=True, peer=peer, idle_timeout=self.idle_timeout,
-                                     on_close=lambda s: self._drop(key, s))
-                # (uvloop returns its TLS protocol, not ours, as the second value)
-                await asyncio.get_running_loop().create_connection(
-                    lambda: session, ip, port, ssl=ssl_context, server_hostname=None)
-                self.handshakes += 1
-                tls = session.tls_object()
-                assert tls is not None
-                if tls.selected_alpn_protocol() != "h2":
-                    raise HboneError(
-                        "protocol",
-                        f"{peer} did not agree to HTTP/2 (ALPN h2, got {tls.selected_alpn_protocol()}): "
-                        f"is it a ztunnel's HBONE port, and does our TLS context offer h2?",
-                    )
-                try:
-                    verify_peer(tls.getpeercert(binary_form=True))
-                except Exception as e:
-                    raise HboneError("peer_rejected", f"HBONE peer {peer} rejected: {e}") from None
-                session.start()
-                await session.wait_settings()
-                if session.h2.remote_settings.max_concurrent_streams == 0:
-                    raise HboneError(
-                        "protocol", f"{peer} allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
-                    )
-        except BaseException as e:
-            session.abort()
-            if isinstance(e, HboneError) or not isinstance(e, Exception):  # e.g. cancelled
-                raise
-            raise _connect_error(e, peer, port, self.connect_timeout) from None
-        self._sessions.setdefault(key, []).append(session)
-        log.debug(
-            "hbone.session_opened peer=%s source=%s destination=%s", peer, key.source, key.destination
-        )
-        return session
-
-    def _drop(self, key: PoolKey, session: _H2Session) -> None:
-        group = self._sessions.get(key, [])
-        if session in group:
-            group.remove(session)
-        if not group:
-            self._sessions.pop(key, None)
-
-
-def _connect_error(error: Exception, peer: str, port: int, timeout: float) -> Exception:
-    """The HboneError for an OS or TLS error while setting up a session to `peer`."""
-    if isinstance(error, TimeoutError):
-        return HboneError(
-            "connect_timeout",
-            f"HBONE connect to {peer} timed out after {timeout}s: is port {port} blocked between nodes?",
-        )
-    if isinstance(error, ConnectionRefusedError):
-        return HboneError(
-            "connect_refused", f"HBONE connect to {peer} refused: is the ztunnel on that node running?"
-        )
-    if isinstance(error, ssl.SSLError):
-        return HboneError(
-            "tls",
-            f"TLS handshake with {peer} failed ({error.reason or error}): "
-            f"do both nodes trust the same mesh CA?",
-        )
-    if isinstance(error, OSError):
-        return HboneError("connect_failed", f"HBONE connect to {peer} failed: {error.strerror or error}")
-    return error
-
-
-@dataclass
-class ConnectRequest:
-    """A CONNECT received by an HboneServer: where the client wants to go, and who asks."""
-
-    authority: str  # host:port as sent
-    host: str
-    port: int
-    headers: dict[str, str]  # the regular (non-pseudo) headers, e.g. forwarded, traceparent
-    stream_id: int
-    peer_cert: bytes | None = field(default=None, repr=False)  # the client's certificate, DER
-
-    @classmethod
-    def parse(
-        cls, headers: Sequence[tuple[str, str]], stream_id: int, peer_cert: bytes | None = None
-    ) -> ConnectRequest:
-        """The request in `headers`; ValueError (the text of a 400 answer) if it is no valid CONNECT."""
-        pseudo = {name: value for name, value in headers if name.startswith(":")}
-        method = pseudo.get(":method")
-        if method != "CONNECT":
-            raise ValueError(f"HBONE accepts only CONNECT, not {method}")
-        authority = pseudo.get(":authority", "")
-        host, port = parse_authority(authority)
-        regular = {name: value for name, value in headers if not name.startswith(":")}
-        return cls(authority, host, port, regular, stream_id, peer_cert)
-
-
-class Responder:
-    """Answers one CONNECT: `await accept()` for the stream, or `reject(status, reason)`."""
-
-    def __init__(self, session: _H2Session, stream: HboneStream) -> None:
-        self._session = session
-        self._stream = stream
-        self.answered: int | None = None  # the status sent, once sent
-
-    async def accept(self) -> HboneStream:
-        """Answers 200 and returns the tunnel stream; ConnectionResetError if the client left."""
-        self._answer(200, "")
-        await self._session.drain()
-        return self._stream
-
-    def reject(self, status: int, reason: str) -> None:
-        """Answers `status` (not 200) with `reason` in the amesh-reason header, and ends the stream."""
-        if status == 200:
-            raise ValueError("reject() needs an error status; accept() answers 200")
-        self._answer(status, reason)
-
-    def settle(self, reason: str) -> None:
-        """Answers 503 with `reason` if nothing was answered and the client is still waiting."""
-        if self.answered is None and not self._stream.broken:
-            self._answer(503, reason)
-
-    def _answer(self, status: int, reason: str) -> None:
-        if self.answered is not None:
-            raise RuntimeError(
-                f"CONNECT stream {self._stream.stream_id} was already answered {self.answered}"
-            )
-        if self._stream._error is not None:
-            raise self._stream._error
-        self.answered = status
-        self._session.answer(self._stream, status, reason)
-
-
-ConnectHandler = Callable[[ConnectRequest, Responder], Awaitable[None]]
-
-
-class HboneServer:
-    """Serves HBONE connections: each valid CONNECT runs `handler` in its own task.
-
-    The handler answers through its Responder; an accepted stream lives while the handler runs
-    and is closed when it returns. Requests that are not a CONNECT to host:port get 400 without
-    the handler; a handler that fails, or returns without answering, gets its client a 503.
-    """
-
-    def __init__(self, handler: ConnectHandler) -> None:
-        self._handler = handler
-
-    async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> _H2Session:
-        """Server-side TLS on an accepted socket; the session is not served until `serve()`, so
-        the caller can check the client's certificate (`tls_object()`) first. ssl.SSLError,
-        OSError or TimeoutError if the handshake fails; the socket is then closed."""
-        session = self._session()
-        try:
-            # (uvloop returns its TLS protocol, not ours, as the second value)
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: session, conn, ssl=context, ssl_handshake_timeout=handshake_timeout)
-        except BaseException:
-            conn.close()
-            raise
-        return session
-
-    async def serve(self, session: _H2Session) -> None:
-        """Serves an accepted session until its connection ends, then cancels its handlers."""
-        session.start()
-        try:
-            await session.wait_closed()
-        finally:
-            session.close()
-            for task in session.handlers:
-                task.cancel()
-            await asyncio.gather(*session.handlers, return_exceptions=True)
-
-    async def listen(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
-        """Serves every TLS connection to host:port, however its certificate (a standalone
-        server, as tests use; the ztunnel accepts and checks connections itself)."""
-        return await asyncio.get_running_loop().create_server(
-            lambda: self._session(autostart=True), host, port, ssl=context, reuse_address=True)
-
-    def _session(self, autostart: bool = False) -> _H2Session:
-        def on_request(stream: HboneStream, headers: list[tuple[str, str]]) -> None:
-            tls = session.tls_object()
-            peer_cert = tls.getpeercert(binary_form=True) if tls is not None else None
-            try:
-                request = ConnectRequest.parse(headers, stream.stream_id, peer_cert)
-            except ValueError as e:
-                log.info(
-                    "hbone.bad_request peer=%s stream=%d reason=%r", session.peer, stream.stream_id, str(e)
-                )
-                session.answer(stream, 400, str(e))
-                return
-            task = asyncio.create_task(self._run(request, Responder(session, stream), stream))
-            session.handlers.add(task)
-            task.add_done_callback(session.handlers.discard)
-
-        def on_close(session: _H2Session) -> None:
-            for task in session.handlers:
-                task.cancel()
-
-        session = _H2Session(client_side=False, on_request=on_request, on_close=on_close, autostart=autostart)
-        return session
-
-    async def _run(self, request: ConnectRequest, responder: Responder, stream: HboneStream) -> None:
-        try:
-            await self._handler(request, responder)
-        except Exception as e:
-            where = (request.authority, request.stream_id)
-            if isinstance(e, ConnectionError):  # the client or the connection went away: routine
-                log.info("hbone.handler_reset authority=%s stream=%d error=%r", *where, str(e))
-            else:
-                log.exception("hbone.handler_failed authority=%s stream=%d", *where)
-            responder.settle(f"the ztunnel failed handling CONNECT {request.authority}")
-        else:
-            responder.settle(f"the ztunnel did not answer CONNECT {request.authority}")
-        finally:
-            stream.close()

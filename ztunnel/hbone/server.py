@@ -1,0 +1,162 @@
+"""The server side of HBONE: `HboneServer` serves accepted mTLS connections, each CONNECT to
+a handler of its own through a `Responder`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+from ztunnel.hbone.protocol import parse_authority
+from ztunnel.hbone.session import H2Session, HboneStream
+
+log = logging.getLogger("amesh.ztunnel.hbone")
+
+
+@dataclass
+class ConnectRequest:
+    """A CONNECT received by an HboneServer: where the client wants to go, and who asks."""
+
+    authority: str  # host:port as sent
+    host: str
+    port: int
+    headers: dict[str, str]  # the regular (non-pseudo) headers, e.g. forwarded, traceparent
+    stream_id: int
+    peer_cert: bytes | None = field(default=None, repr=False)  # the client's certificate, DER
+
+    @classmethod
+    def parse(
+        cls, headers: Sequence[tuple[str, str]], stream_id: int, peer_cert: bytes | None = None
+    ) -> ConnectRequest:
+        """The request in `headers`; ValueError (the text of a 400 answer) if it is no valid CONNECT."""
+        pseudo = {name: value for name, value in headers if name.startswith(":")}
+        method = pseudo.get(":method")
+        if method != "CONNECT":
+            raise ValueError(f"HBONE accepts only CONNECT, not {method}")
+        authority = pseudo.get(":authority", "")
+        host, port = parse_authority(authority)
+        regular = {name: value for name, value in headers if not name.startswith(":")}
+        return cls(authority, host, port, regular, stream_id, peer_cert)
+
+
+class Responder:
+    """Answers one CONNECT: `await accept()` for the stream, or `reject(status, reason)`."""
+
+    def __init__(self, session: H2Session, stream: HboneStream) -> None:
+        self._session = session
+        self._stream = stream
+        self.answered: int | None = None  # the status sent, once sent
+
+    async def accept(self) -> HboneStream:
+        """Answers 200 and returns the tunnel stream; ConnectionResetError if the client left."""
+        self._answer(200, "")
+        await self._session.drain()
+        return self._stream
+
+    def reject(self, status: int, reason: str) -> None:
+        """Answers `status` (not 200) with `reason` in the amesh-reason header, and ends the stream."""
+        if status == 200:
+            raise ValueError("reject() needs an error status; accept() answers 200")
+        self._answer(status, reason)
+
+    def settle(self, reason: str) -> None:
+        """Answers 503 with `reason` if nothing was answered and the client is still waiting."""
+        if self.answered is None and not self._stream.broken:
+            self._answer(503, reason)
+
+    def _answer(self, status: int, reason: str) -> None:
+        if self.answered is not None:
+            raise RuntimeError(
+                f"CONNECT stream {self._stream.stream_id} was already answered {self.answered}"
+            )
+        if self._stream._error is not None:
+            raise self._stream._error
+        self.answered = status
+        self._session.answer(self._stream, status, reason)
+
+
+ConnectHandler = Callable[[ConnectRequest, Responder], Awaitable[None]]
+
+
+class HboneServer:
+    """Serves HBONE connections: each valid CONNECT runs `handler` in its own task.
+
+    The handler answers through its Responder; an accepted stream lives while the handler runs
+    and is closed when it returns. Requests that are not a CONNECT to host:port get 400 without
+    the handler; a handler that fails, or returns without answering, gets its client a 503.
+    """
+
+    def __init__(self, handler: ConnectHandler) -> None:
+        self._handler = handler
+
+    async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> H2Session:
+        """Server-side TLS on an accepted socket; the session is not served until `serve()`, so
+        the caller can check the client's certificate (`tls_object()`) first. ssl.SSLError,
+        OSError or TimeoutError if the handshake fails; the socket is then closed."""
+        session = self._session()
+        try:
+            # (uvloop returns its TLS protocol, not ours, as the second value)
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: session, conn, ssl=context, ssl_handshake_timeout=handshake_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return session
+
+    async def serve(self, session: H2Session) -> None:
+        """Serves an accepted session until its connection ends, then cancels its handlers."""
+        session.start()
+        try:
+            await session.wait_closed()
+        finally:
+            session.close()
+            for task in session.handlers:
+                task.cancel()
+            await asyncio.gather(*session.handlers, return_exceptions=True)
+
+    async def listen(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
+        """Serves every TLS connection to host:port, however its certificate (a standalone
+        server, as tests use; the ztunnel accepts and checks connections itself)."""
+        return await asyncio.get_running_loop().create_server(
+            lambda: self._session(autostart=True), host, port, ssl=context, reuse_address=True)
+
+    def _session(self, autostart: bool = False) -> H2Session:
+        def on_request(stream: HboneStream, headers: list[tuple[str, str]]) -> None:
+            tls = session.tls_object()
+            peer_cert = tls.getpeercert(binary_form=True) if tls is not None else None
+            try:
+                request = ConnectRequest.parse(headers, stream.stream_id, peer_cert)
+            except ValueError as e:
+                log.info(
+                    "hbone.bad_request peer=%s stream=%d reason=%r", session.peer, stream.stream_id, str(e)
+                )
+                session.answer(stream, 400, str(e))
+                return
+            task = asyncio.create_task(self._run(request, Responder(session, stream), stream))
+            session.handlers.add(task)
+            task.add_done_callback(session.handlers.discard)
+
+        def on_close(session: H2Session) -> None:
+            for task in session.handlers:
+                task.cancel()
+
+        session = H2Session(client_side=False, on_request=on_request, on_close=on_close, autostart=autostart)
+        return session
+
+    async def _run(self, request: ConnectRequest, responder: Responder, stream: HboneStream) -> None:
+        try:
+            await self._handler(request, responder)
+        except Exception as e:
+            where = (request.authority, request.stream_id)
+            if isinstance(e, ConnectionError):  # the client or the connection went away: routine
+                log.info("hbone.handler_reset authority=%s stream=%d error=%r", *where, str(e))
+            else:
+                log.exception("hbone.handler_failed authority=%s stream=%d", *where)
+            responder.settle(f"the ztunnel failed handling CONNECT {request.authority}")
+        else:
+            responder.settle(f"the ztunnel did not answer CONNECT {request.authority}")
+        finally:
+            stream.close()
