@@ -7,13 +7,13 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
 from ztunnel.hbone.protocol import parse_authority
-from ztunnel.hbone.session import H2Session, HboneStream
-
-log = logging.getLogger("amesh.ztunnel.hbone")
+from ztunnel.hbone.session import PREFACE_TIMEOUT, SERVER_IDLE_TIMEOUT, H2Session, HboneStream, limited_log
+from ztunnel.logbound import cut
 
 
 @dataclass
@@ -43,7 +43,13 @@ class ConnectRequest:
 
 
 class Responder:
-    """Answers one CONNECT: `await accept()` for the stream, or `reject(status, reason)`."""
+    """Answers one CONNECT: `await accept()` for the stream, or `reject(status, reason)`.
+
+    None of them raises an h2 error, whatever the client did meanwhile: a CONNECT that came with
+    END_STREAM is answered (accept's stream then reads EOF at once), a stream the client reset or
+    whose connection ended is only released. accept() alone says so, with ConnectionResetError
+    (there is no tunnel to hand over); answering twice is the handler's bug (RuntimeError).
+    """
 
     def __init__(self, session: H2Session, stream: HboneStream) -> None:
         self._session = session
@@ -51,8 +57,11 @@ class Responder:
         self.answered: int | None = None  # the status sent, once sent
 
     async def accept(self) -> HboneStream:
-        """Answers 200 and returns the tunnel stream; ConnectionResetError if the client left."""
+        """Answers 200 and returns the tunnel stream; ConnectionResetError if the client reset the
+        stream or its connection is gone."""
         self._answer(200, "")
+        if self._stream._error is not None:
+            raise self._stream._error
         await self._session.drain()
         return self._stream
 
@@ -63,8 +72,8 @@ class Responder:
         self._answer(status, reason)
 
     def settle(self, reason: str) -> None:
-        """Answers 503 with `reason` if nothing was answered and the client is still waiting."""
-        if self.answered is None and not self._stream.broken:
+        """Answers 503 with `reason` if nothing was answered yet (a no-op on a stream gone)."""
+        if self.answered is None:
             self._answer(503, reason)
 
     def _answer(self, status: int, reason: str) -> None:
@@ -72,10 +81,8 @@ class Responder:
             raise RuntimeError(
                 f"CONNECT stream {self._stream.stream_id} was already answered {self.answered}"
             )
-        if self._stream._error is not None:
-            raise self._stream._error
         self.answered = status
-        self._session.answer(self._stream, status, reason)
+        self._session.answer(self._stream, status, reason)  # sends nothing on a stream gone
 
 
 ConnectHandler = Callable[[ConnectRequest, Responder], Awaitable[None]]
@@ -87,10 +94,26 @@ class HboneServer:
     The handler answers through its Responder; an accepted stream lives while the handler runs
     and is closed when it returns. Requests that are not a CONNECT to host:port get 400 without
     the handler; a handler that fails, or returns without answering, gets its client a 503.
+
+    The handler task is cancelled (it sees asyncio.CancelledError at its next await) when the
+    client resets its stream before the answer (its upstream connect is then abandoned, the
+    rapid-reset pattern costs nothing) and when the connection ends. A handler that owns a
+    record must therefore end it in a `finally`, not only after the awaits it expects to finish.
+
+    Sessions are held to `ztunnel.hbone.limits` and to two deadlines: PREFACE_TIMEOUT after TLS
+    for the client's SETTINGS, `idle_timeout` without a stream (then GOAWAY). `mitigations`
+    counts, over all sessions, each limit crossed and each deadline hit, by name:
+    frame_too_large, header_block_too_large, ping_flood, settings_flood, rst_stream_flood,
+    empty_data_flood, window_update_flood, priority_flood, rapid_reset (each a GOAWAY and the
+    connection's end), refused_stream (one stream refused, over MAX_CONCURRENT_STREAMS),
+    preface_timeout, idle_timeout, read_yield (a read pass cut short by H2_FRAMES_PER_PASS).
     """
 
-    def __init__(self, handler: ConnectHandler) -> None:
+    def __init__(self, handler: ConnectHandler, idle_timeout: float = SERVER_IDLE_TIMEOUT,
+                 preface_timeout: float = PREFACE_TIMEOUT) -> None:
         self._handler = handler
+        self._idle_timeout, self._preface_timeout = idle_timeout, preface_timeout
+        self.mitigations: Counter[str] = Counter()
 
     async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> H2Session:
         """Server-side TLS on an accepted socket; the session is not served until `serve()`, so
@@ -113,9 +136,10 @@ class HboneServer:
             await session.wait_closed()
         finally:
             session.close()
-            for task in session.handlers:
+            handlers = list(session.handlers.values())
+            for task in handlers:
                 task.cancel()
-            await asyncio.gather(*session.handlers, return_exceptions=True)
+            await asyncio.gather(*handlers, return_exceptions=True)
 
     async def listen(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
         """Serves every TLS connection to host:port, however its certificate (a standalone
@@ -130,31 +154,39 @@ class HboneServer:
             try:
                 request = ConnectRequest.parse(headers, stream.stream_id, peer_cert)
             except ValueError as e:
-                log.info(
-                    "hbone.bad_request peer=%s stream=%d reason=%r", session.peer, stream.stream_id, str(e)
-                )
+                limited_log.log(logging.INFO, "hbone.bad_request", "hbone.bad_request peer=%s stream=%d reason=%r",
+                                session.peer, stream.stream_id, cut(str(e)))
                 session.answer(stream, 400, str(e))
                 return
             task = asyncio.create_task(self._run(request, Responder(session, stream), stream))
-            session.handlers.add(task)
-            task.add_done_callback(session.handlers.discard)
+            session.handlers[stream.stream_id] = task
+            task.add_done_callback(lambda _: session.handlers.pop(stream.stream_id, None))
+
+        def on_reset(stream: HboneStream) -> None:
+            task = session.handlers.get(stream.stream_id)
+            if task is not None and not stream.answered:
+                task.cancel()  # nobody waits for its answer: stop its upstream connect
 
         def on_close(session: H2Session) -> None:
-            for task in session.handlers:
+            for task in session.handlers.values():
                 task.cancel()
 
-        session = H2Session(client_side=False, on_request=on_request, on_close=on_close, autostart=autostart)
+        session = H2Session(client_side=False, on_request=on_request, on_close=on_close, on_reset=on_reset,
+                            autostart=autostart, idle_timeout=self._idle_timeout,
+                            preface_timeout=self._preface_timeout, mitigations=self.mitigations)
         return session
 
     async def _run(self, request: ConnectRequest, responder: Responder, stream: HboneStream) -> None:
         try:
             await self._handler(request, responder)
         except Exception as e:
-            where = (request.authority, request.stream_id)
+            where = (cut(request.authority), request.stream_id)
             if isinstance(e, ConnectionError):  # the client or the connection went away: routine
-                log.info("hbone.handler_reset authority=%s stream=%d error=%r", *where, str(e))
+                limited_log.log(logging.INFO, "hbone.handler_reset", "hbone.handler_reset authority=%s stream=%d "
+                                "error=%r", *where, cut(str(e)))
             else:
-                log.exception("hbone.handler_failed authority=%s stream=%d", *where)
+                limited_log.log(logging.ERROR, "hbone.handler_failed", "hbone.handler_failed authority=%s stream=%d "
+                                "error=%r", *where, cut(str(e)), exc_info=True)
             responder.settle(f"the ztunnel failed handling CONNECT {request.authority}")
         else:
             responder.settle(f"the ztunnel did not answer CONNECT {request.authority}")

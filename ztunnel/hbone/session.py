@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import ssl
 import struct
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from h2.config import H2Configuration
@@ -41,14 +43,17 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
+from ztunnel.hbone.limits import CONTINUATION, DATA, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
 from ztunnel.hbone.protocol import REASON_HEADER, HboneError, code_name, header_value, hostport, reset_error
+from ztunnel.logbound import RateLimitedLog, cut
 from ztunnel.streams import Receiver
 
 log = logging.getLogger("amesh.ztunnel.hbone")
+limited_log = RateLimitedLog(log)  # lines a peer can trigger at will
 
 STREAM_WINDOW = 4 * 1024 * 1024  # bytes a peer may send on one stream before we read any of it
 # bytes; 4x the stream window so one slow stream cannot stall the rest of the connection
@@ -56,14 +61,27 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024  # bytes per DATA frame we accept: bulk data in few frames
 IDLE_TIMEOUT = 60.0  # seconds a pooled session may carry no stream before it is closed
 CONNECT_TIMEOUT = 5.0  # seconds for TCP + TLS + the peer's SETTINGS, and again for a CONNECT answer
-READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bounded memory
+READ_CHUNK = 256 * 1024  # bytes per socket read once a session is busy: a few frames per wakeup
+# bytes of a session's first read buffer: a TLS record's worth, for the SETTINGS and CONNECTs of
+# a quiet session; a read that fills it grows it to READ_CHUNK (no large buffer before TLS and
+# the first frames, so a connection that only handshakes, or not even that, costs little)
+SMALL_READ_CHUNK = 16 * 1024
+# seconds a server session waits after TLS for the client's preface and SETTINGS: a client that
+# says nothing holds a descriptor and a TLS state for nothing
+PREFACE_TIMEOUT = 5.0
+# seconds a server session may carry no stream before GOAWAY: longer than the clients' pool
+# IDLE_TIMEOUT, so a client normally closes first and never races a stream against our GOAWAY
+SERVER_IDLE_TIMEOUT = 2 * IDLE_TIMEOUT
+# frames handed to h2 per read callback (~5-20 us each): then reading pauses until the next pass
+# of the event loop, so one connection's burst cannot stall the others for more than a few ms
+H2_FRAMES_PER_PASS = 256
+REASON_LIMIT = 256  # characters of a refusal's reason sent in the amesh-reason header
 ACK_BATCH = 16 * 1024  # received bytes a stream consumes before handing them back to the windows
 # bytes of queued frames joined into one TLS write; above it the payloads are not worth copying
 _JOIN_LIMIT = 16 * 1024
 _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts here (RFC 9113 6.9.2)
 _CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, split), type, flags, stream id
-_DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9  # frame types (RFC 9113 6)
 _END_HEADERS = 0x4  # flag: the header block ends with this frame
 # h2 stream states in which the peer may still send DATA
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
@@ -96,6 +114,7 @@ class HboneStream:
         self._on_writable: Callable[[bool], None] | None = None
         self._writable = True  # as last reported to _on_writable
         self._unacked = 0  # bytes consumed but not yet handed back to the peer's windows
+        self.answered = False  # server side: our answer to the CONNECT went out (or could not)
 
     def __repr__(self) -> str:
         return f"HboneStream(peer={self.peer}, stream_id={self.stream_id})"
@@ -303,11 +322,21 @@ class HboneStream:
 class H2Session(asyncio.BufferedProtocol):
     """One HTTP/2 connection over a TLS transport, and its streams: the transport's protocol.
 
-    Received bytes land in one preallocated buffer (no stream reader, no task per read) and go
-    straight to `_receive`. Nothing is read until `start()`, so the owner can check the peer's
-    certificate first (unless `autostart`). Client sessions (client_side=True) open streams with `open_stream`;
-    server sessions hand each incoming request to `on_request`. `on_close` is told once when the
-    connection is gone.
+    Received bytes land in one buffer of the session (no stream reader, no task per read) and go
+    straight to `_receive`: a small one at first, an anonymous mapping of READ_CHUNK once a read
+    fills it (returned to the OS when the session ends, where a freed heap block would stay in
+    the process). Nothing is read until `start()`, so the owner can check the peer's certificate
+    first (unless `autostart`). Client sessions (client_side=True) open streams with
+    `open_stream`; server sessions hand each incoming request to `on_request`, refuse streams
+    beyond MAX_CONCURRENT_STREAMS one by one (REFUSED_STREAM), tell `on_reset` of a stream the
+    client reset, and give the client PREFACE_TIMEOUT for its SETTINGS. `on_close` is told once
+    when the connection is gone.
+
+    What the peer sends is held to `ztunnel.hbone.limits` (a `FrameGuard`): crossing a limit ends
+    the connection with GOAWAY (ENHANCE_YOUR_CALM, FRAME_SIZE_ERROR for a frame above our
+    SETTINGS_MAX_FRAME_SIZE, judged on its header) and counts the limit's name in `mitigations`
+    (a Counter, shared with the owner), as do refused streams ("refused_stream"), the deadlines
+    ("preface_timeout", "idle_timeout") and read passes cut short ("read_yield").
     """
 
     def __init__(
@@ -318,21 +347,33 @@ class H2Session(asyncio.BufferedProtocol):
         idle_timeout: float | None = None,
         on_request: Callable[[HboneStream, list[tuple[str, str]]], None] | None = None,
         on_close: Callable[[H2Session], None] | None = None,
+        on_reset: Callable[[HboneStream], None] | None = None,
         autostart: bool = False,  # start() as soon as connected, not waiting for the owner
+        preface_timeout: float | None = None,  # server side: seconds for the client's SETTINGS
+        mitigations: Counter[str] | None = None,
     ) -> None:
         self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
         self.peer = peer
+        self._client_side = client_side
         self._idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._on_request, self._on_close = on_request, on_close
+        self._preface_timeout = preface_timeout
+        self._preface_timer: asyncio.TimerHandle | None = None
+        self._on_request, self._on_close, self._on_reset = on_request, on_close, on_reset
         self._autostart = autostart
         self._streams: dict[int, HboneStream] = {}
-        self._read_buffer = memoryview(bytearray(READ_CHUNK))
-        self._received = bytearray()  # received bytes not yet a whole frame
+        self._read_buffer: memoryview | None = None  # allocated by the first read
+        self._read_map: mmap.mmap | None = None  # backs the READ_CHUNK buffer, once grown
+        self._received = bytearray()  # received bytes not yet a whole frame, or not yet handled
         self._data_stream: HboneStream | None = None  # of the DATA frame being received
         self._data_left = 0  # bytes of its payload still to come
         self._preface_left = 0 if client_side else _CLIENT_PREFACE  # for h2, before any frame
-        self._in_header_block = False  # a HEADERS frame without END_HEADERS awaits CONTINUATION
+        self.guard = FrameGuard()
+        self.mitigations: Counter[str] = Counter() if mitigations is None else mitigations
+        self._head_charged = False  # the partial frame at the start of _received is in `guard`
+        self._pass_frames = 0  # frames handed to h2 in this read pass
+        self._yielded = False  # this pass hit H2_FRAMES_PER_PASS: reading waits for the next one
+        self._backlog_scheduled = False  # a call of _receive_backlog is due
         loop = asyncio.get_running_loop()
         self._settings_received = loop.create_future()
         self._lost = loop.create_future()  # the transport is gone
@@ -341,7 +382,8 @@ class H2Session(asyncio.BufferedProtocol):
         self._write_scheduled = False
         self.write_paused = False  # the transport's buffer is above its high-water mark
         self._write_resumed: asyncio.Future[None] | None = None
-        self.handlers: set[asyncio.Task[None]] = set()  # server side: the CONNECT handlers running
+        # server side: the CONNECT handlers running, by stream id
+        self.handlers: dict[int, asyncio.Task[None]] = {}
         self.closed = False
         self._why_closed = ""
         self.failure: OSError | None = None  # the socket or TLS error that ended the connection
@@ -368,16 +410,62 @@ class H2Session(asyncio.BufferedProtocol):
             transport.pause_reading()  # until start()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(SMALL_READ_CHUNK))
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        buffer = self._read_buffer
+        assert buffer is not None
+        if self.closed:
+            return  # what a closing transport still hands over
+        self._pass_frames = 0
+        self._receive_guarded(buffer[:nbytes])
+        if nbytes == len(buffer) and self._read_map is None and not self.closed:
+            # A busy session: reads of READ_CHUNK from now on, in a mapping of its own.
+            self._read_map = mmap.mmap(-1, READ_CHUNK)
+            self._read_buffer = memoryview(self._read_map)
+        elif self.closed:
+            self._release_read_buffer()
+
+    def _release_read_buffer(self) -> None:
+        """Gives the READ_CHUNK mapping back to the OS (called outside reads: no view of it is
+        in use); a read after it gets a small buffer."""
+        if self._read_map is not None and self._read_buffer is not None:
+            self._read_buffer.release()
+            mapping, self._read_map, self._read_buffer = self._read_map, None, None
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view of it outlived the read (a traceback): unmapped when that goes
+
+    def _receive_guarded(self, view: memoryview) -> None:
+        """`_receive`, ending the connection on the peer's protocol error, and pausing reading
+        until the next pass of the event loop if this one used up its frames."""
         try:
-            self._receive(self._read_buffer[:nbytes])
+            self._receive(view)
         except ProtocolError as e:
             self.flush()  # h2 queued a GOAWAY that tells the peer what it did wrong
-            self._terminate(f"broken by an HTTP/2 protocol error from the peer ({e})")
+            self._terminate(f"broken by an HTTP/2 protocol error from the peer ({cut(str(e))})")
             return
         self.flush()
+        if self._yielded and not self.closed:
+            self._backlog_scheduled = True
+            self.mitigations["read_yield"] += 1
+            assert self._transport is not None
+            self._transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._receive_backlog)
+        self._yielded = False
+
+    def _receive_backlog(self) -> None:
+        """Next pass: handles what the last one left in _received, then reads again."""
+        self._backlog_scheduled = False
+        if self.closed:
+            return
+        self._pass_frames = 0
+        self._receive_guarded(memoryview(b""))
+        if not self._backlog_scheduled and not self.closed and self._transport is not None:
+            self._transport.resume_reading()
 
     def eof_received(self) -> bool:
         self._terminate("closed by the peer")
@@ -386,10 +474,11 @@ class H2Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(exc, OSError):  # includes ssl.SSLError
             self.failure = exc
-            self._terminate(f"lost ({getattr(exc, 'reason', None) or exc.strerror or exc})")
+            self._terminate(f"lost ({cut(str(getattr(exc, 'reason', None) or exc.strerror or exc))})")
         else:
             self._terminate("closed by the peer")
         self._resume_writers()
+        self._release_read_buffer()
         if not self._lost.done():
             self._lost.set_result(None)
 
@@ -415,7 +504,12 @@ class H2Session(asyncio.BufferedProtocol):
     def start(self) -> None:
         """Sends the preface and our SETTINGS, raises the connection window, starts reading."""
         assert self._transport is not None, "not connected"
-        self.h2.initiate_connection()
+        self.h2.initiate_connection()  # advertises h2's MAX_CONCURRENT_STREAMS, 100, which is ours
+        # h2 enforces its own stream limit by ending the whole connection (TooManyStreamsError);
+        # we refuse a stream beyond ours alone (REFUSED_STREAM, RFC 9113 5.1.2), so h2's limit is
+        # one above it: only a stream we refuse at once (h2 sees one header block at a time) reaches it.
+        self.h2.local_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS + 1
+        self.h2.local_settings.acknowledge()
         # Pending until the peer ACKs them; h2 then applies them (window, frame size) itself.
         self.h2.update_settings({
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -427,6 +521,16 @@ class H2Session(asyncio.BufferedProtocol):
         if not self.closed:
             self._transport.resume_reading()
         self._arm_idle_timer()
+        if self._preface_timeout is not None and not self.closed:
+            self._preface_timer = asyncio.get_running_loop().call_later(
+                self._preface_timeout, self._preface_expired)
+
+    def _preface_expired(self) -> None:
+        if not self._settings_received.done():
+            self.mitigations["preface_timeout"] += 1
+            limited_log.log(logging.INFO, "hbone.preface_timeout", "hbone.preface_timeout peer=%s timeout=%ss",
+                            self.peer, self._preface_timeout)
+            self.close()
 
     async def wait_settings(self) -> None:
         """Waits for the peer's first SETTINGS (its stream limit and windows)."""
@@ -483,18 +587,26 @@ class H2Session(asyncio.BufferedProtocol):
         return stream
 
     def answer(self, stream: HboneStream, status: int, reason: str = "") -> None:
-        """Sends the response to a CONNECT; any status but 200 also ends and releases the stream."""
-        headers = [(":status", str(status))]
-        if reason:
-            headers.append((REASON_HEADER, header_value(reason)))
+        """Sends the response to a CONNECT; any status but 200 also ends and releases the stream.
+        Never raises: a stream the client reset, or whose connection ended, is only released."""
+        stream.answered = True
         final = status != 200
-        self.h2.send_headers(stream.stream_id, headers, end_stream=final)
+        if stream._error is None and not self.closed:
+            headers = [(":status", str(status))]
+            if reason:
+                headers.append((REASON_HEADER, header_value(cut(reason, REASON_LIMIT))))
+            try:
+                self.h2.send_headers(stream.stream_id, headers, end_stream=final)
+                h2_stream = self.h2.streams.get(stream.stream_id)
+                if final and h2_stream is not None and not h2_stream.closed:
+                    # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) so
+                    # the client stops sending (a client that sent END_STREAM already has).
+                    self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+            except StreamClosedError:  # reset by the client in the frames h2 has seen
+                final = True
+            self.flush()
         if final:
-            # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) so the
-            # client stops sending; the stream then ends here whatever the client does.
-            self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
             stream.fail(reset_error(f"CONNECT stream {stream.stream_id} answered {status}"))
-        self.flush()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """`size` received bytes were consumed: the peer may send that many more."""
@@ -503,8 +615,12 @@ class H2Session(asyncio.BufferedProtocol):
             self.flush()
 
     def reset(self, stream_id: int, code: ErrorCodes) -> None:
+        """RST_STREAM, unless the stream is closed already (both ends done, or reset by the peer)."""
         if not self.closed:
-            self.h2.reset_stream(stream_id, code)
+            try:
+                self.h2.reset_stream(stream_id, code)
+            except StreamClosedError:
+                return
             self.flush()
 
     def flush(self) -> None:
@@ -520,7 +636,8 @@ class H2Session(asyncio.BufferedProtocol):
         size = len(payload)
         self.h2.outbound_flow_control_window -= size
         self.h2.streams[stream_id].outbound_flow_control_window -= size
-        self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id), payload)
+        self.guard.data_frames_sent += 1  # the peer's allowance of WINDOW_UPDATEs
+        self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, DATA, 0, stream_id), payload)
         # at once, with the frames queued before it: a message waits for nothing, and the
         # transport's backpressure is felt by the next read
         self._write_out()
@@ -591,6 +708,7 @@ class H2Session(asyncio.BufferedProtocol):
 
     def _expire(self) -> None:
         if not self._streams:
+            self.mitigations["idle_timeout"] += 1
             log.debug("hbone.idle peer=%s idle_timeout=%ss", self.peer, self._idle_timeout)
             self.close()
 
@@ -616,15 +734,26 @@ class H2Session(asyncio.BufferedProtocol):
             buffer += view[done:]
 
     def _frames(self, view: memoryview) -> int:
-        """Handles the frames in `view` (and the start of a last DATA frame); returns the bytes used."""
+        """Handles the frames in `view` (and the start of a last DATA frame); returns the bytes
+        used. The guard judges each frame header once, when it is first seen (a partial frame's
+        on the read that brought its header); h2 gets whole frames, in batches that end with each
+        header block (so it sees one request at a time, which we admit or refuse before the
+        next), and at most H2_FRAMES_PER_PASS per pass."""
         end = len(view)
         start = done = 0  # view[start:done] are whole frames h2 has not seen yet
+        charged, self._head_charged = self._head_charged, False  # the first frame is judged
+        guard = self.guard
         while end - done >= 9 and not self.closed:
             high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(view, done)
             length = high << 8 | low
             if length > self.h2.max_inbound_frame_size:
-                self._h2_receive(bytes(view[start:]))  # h2 raises FrameTooLargeError
-            if kind == _DATA and not flags and not self._in_header_block:
+                if start < done:  # a SETTINGS ACK among them that h2 has not seen raises the limit
+                    self._h2_receive(bytes(view[start:done]))
+                    start = done
+                    continue
+                self._calm("frame_too_large", ErrorCodes.FRAME_SIZE_ERROR)  # before its payload
+                break
+            if kind == DATA and length and not flags and not guard.in_header_block:
                 if start < done:
                     self._h2_receive(bytes(view[start:done]))
                     start = done
@@ -632,13 +761,25 @@ class H2Session(asyncio.BufferedProtocol):
                     payload_end = min(done + 9 + length, end)
                     self._deliver(view[done + 9:payload_end])
                     start = done = payload_end
+                    charged = False
                     continue
+            if not charged:
+                if self._pass_frames >= H2_FRAMES_PER_PASS:
+                    self._yielded = True  # the rest waits in _received for the next pass
+                    break
+                self._pass_frames += 1
+                if (limit := guard.frame(kind, flags, length)) is not None:
+                    self._calm(limit)
+                    break
+            charged = False
             next_frame = done + 9 + length
             if next_frame > end:
+                self._head_charged = True
                 break
-            if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
-                self._in_header_block = not flags & _END_HEADERS
             done = next_frame
+            if kind in (HEADERS, PUSH_PROMISE, CONTINUATION) and flags & _END_HEADERS:
+                self._h2_receive(bytes(view[start:done]))
+                start = done
         if start < done and not self.closed:
             self._h2_receive(bytes(view[start:done]))
         return done
@@ -686,6 +827,10 @@ class H2Session(asyncio.BufferedProtocol):
         elif isinstance(event, ConnectionTerminated):
             self._terminate(f"ended by the peer (GOAWAY {code_name(event.error_code)})")
         elif isinstance(event, RequestReceived) and self._on_request is not None:
+            if self.h2.open_inbound_streams > MAX_CONCURRENT_STREAMS:  # h2 counts this one
+                self.mitigations["refused_stream"] += 1
+                self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
             stream = HboneStream(self, event.stream_id)
             self._add(stream)
             self._on_request(stream, event.headers)
@@ -694,7 +839,8 @@ class H2Session(asyncio.BufferedProtocol):
             if stream is None:  # released or reset already: give the window straight back
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
-            stream.receive(event.data)
+            if event.data:
+                stream.receive(event.data)
             if padding := event.flow_controlled_length - len(event.data):
                 self.h2.acknowledge_received_data(padding, event.stream_id)
         elif (stream := self._streams.get(getattr(event, "stream_id", 0))) is None:
@@ -706,6 +852,22 @@ class H2Session(asyncio.BufferedProtocol):
         elif isinstance(event, StreamReset):
             code = code_name(event.error_code)
             stream.fail(reset_error(f"HBONE stream {stream.stream_id} reset by {self.peer} ({code})"))
+            if not self._client_side:
+                if self._on_reset is not None:
+                    self._on_reset(stream)
+                if (limit := self.guard.stream_reset(stream.answered)) is not None:
+                    self._calm(limit)
+
+    def _calm(self, limit: str, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        """The peer crossed `limit`: GOAWAY with `code` and the limit's name, and the end."""
+        self.mitigations[limit] += 1
+        limited_log.log(logging.WARNING, f"hbone.limit.{limit}", "hbone.limit peer=%s limit=%s", self.peer, limit)
+        try:
+            self.h2.close_connection(error_code=code, additional_data=limit.encode())
+        except ProtocolError:
+            pass  # h2 had closed the connection already
+        self.flush()
+        self._terminate(f"ended: the peer crossed the HTTP/2 limit {limit}")
 
     def _terminate(self, why: str) -> None:
         """The connection is gone: fail every stream, close the socket, tell the owner once."""
@@ -713,8 +875,9 @@ class H2Session(asyncio.BufferedProtocol):
             return
         self.closed = True
         self._why_closed = why
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        for timer in (self._idle_timer, self._preface_timer):
+            if timer is not None:
+                timer.cancel()
         error = reset_error(f"HBONE connection to {self.peer} {why}")
         for stream in list(self._streams.values()):
             stream.fail(error)
