@@ -44,6 +44,8 @@ from ztunnel.identity import (
 )
 from ztunnel.streams import ConnectError, connect_tcp, splice
 
+from tests.unit.h2peer import FakeTransport
+
 TRUST_DOMAIN = "cluster.local"
 CLIENT = Identity(TRUST_DOMAIN, "shop", "frontend")
 SERVER = Identity(TRUST_DOMAIN, "shop", "cart")
@@ -572,32 +574,6 @@ def test_slow_upstream_backpressures_the_tunnel_through_splice(certs: Certificat
         assert len(received) == written
 
     run(body())
-
-
-class FakeTransport:
-    """The transport an H2Session writes to, collecting the bytes."""
-
-    def __init__(self) -> None:
-        self.sent = bytearray()
-
-    def get_extra_info(self, name: str) -> object:
-        return ("192.0.2.1", 40000) if name == "peername" else None
-
-    def pause_reading(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.sent += data
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.sent += chunk
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("piece", [1, 7, 9, 1000, 1 << 20], ids=lambda n: f"{n}B-reads")

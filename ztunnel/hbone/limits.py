@@ -3,7 +3,7 @@ header it receives, before h2 parses the frame.
 
 A peer holding a mesh certificate can otherwise make the receiving ztunnel spend CPU and memory
 for nothing: frames that cost the receiver work and answer frames but carry no data (PING,
-SETTINGS, RST_STREAM, WINDOW_UPDATE, PRIORITY, empty DATA), streams opened and reset at once
+SETTINGS, RST_STREAM, WINDOW_UPDATE, PRIORITY, empty DATA, unknown types), streams opened and reset at once
 (CVE-2023-44487, "rapid reset": each one an upstream connect), header blocks grown across
 CONTINUATION frames (h2 bounds their count, 64, not their bytes: 64 MiB at our frame size).
 The anchors, read for the numbers' shape:
@@ -62,6 +62,7 @@ BUDGETS = {
     "settings": Budget(32, 2.0),
     "rst_stream": Budget(1000, 100.0),  # nghttp2's burst; 3x its rate, for connection churn
     "empty_data": Budget(100, 10.0),  # DATA without payload or END_STREAM: no use at all
+    "extension": Budget(100, 10.0),  # frame types h2 ignores (RFC 9113 5.5): amesh sends none
 }
 _BUDGETED = {PING: "ping", SETTINGS: "settings", RST_STREAM: "rst_stream"}
 
@@ -70,7 +71,8 @@ class FrameGuard:
     """The limits of one HTTP/2 connection, fed every received frame header and stream event.
 
     Each method returns None, or the name of the limit the peer crossed (e.g. "ping_flood"):
-    the session then ends the connection with GOAWAY ENHANCE_YOUR_CALM. `data_frames_sent` is counted by the session (WINDOW_UPDATE allowance).
+    the session then ends the connection with GOAWAY ENHANCE_YOUR_CALM. The session counts
+    `data_frames_sent` (the peer's allowance of WINDOW_UPDATEs grows with it).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -80,7 +82,7 @@ class FrameGuard:
         self.window_updates = 0
         self.priorities = 0
         self.premature_resets = 0
-        self.header_block = 0  # bytes of the header block being received; 0: none open
+        self.header_block = 0  # bytes of the header block being received (or the last one)
         self.in_header_block = False  # a HEADERS or PUSH_PROMISE awaits its END_HEADERS
 
     def frame(self, kind: int, flags: int, length: int) -> str | None:
@@ -107,6 +109,9 @@ class FrameGuard:
         elif kind == DATA:
             if not length and not flags & END_STREAM and not self._buckets["empty_data"].take():
                 return "empty_data_flood"
+        elif kind > CONTINUATION:
+            if not self._buckets["extension"].take():
+                return "extension_flood"
         elif (name := _BUDGETED.get(kind)) is not None and not self._buckets[name].take():
             return f"{name}_flood"
         return None

@@ -104,7 +104,7 @@ class HboneServer:
     for the client's SETTINGS, `idle_timeout` without a stream (then GOAWAY). `mitigations`
     counts, over all sessions, each limit crossed and each deadline hit, by name:
     frame_too_large, header_block_too_large, ping_flood, settings_flood, rst_stream_flood,
-    empty_data_flood, window_update_flood, priority_flood, rapid_reset (each a GOAWAY and the
+    empty_data_flood, extension_flood, window_update_flood, priority_flood, rapid_reset (each a GOAWAY and the
     connection's end), refused_stream (one stream refused, over MAX_CONCURRENT_STREAMS),
     preface_timeout, idle_timeout, read_yield (a read pass cut short by H2_FRAMES_PER_PASS).
     """
@@ -118,12 +118,20 @@ class HboneServer:
     async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> H2Session:
         """Server-side TLS on an accepted socket; the session is not served until `serve()`, so
         the caller can check the client's certificate (`tls_object()`) first. ssl.SSLError,
-        OSError or TimeoutError if the handshake fails; the socket is then closed."""
-        session = self._session()
+        OSError or TimeoutError if the handshake fails or does not start and end within
+        `handshake_timeout`; the socket is then closed.
+
+        TLS state (the event loop's TLS protocol reserves a 256 KiB read buffer, asyncio's and
+        uvloop's alike) and the session exist only once the client has sent something: a
+        connection that stays silent costs its socket and this coroutine, nothing more."""
+        loop = asyncio.get_running_loop()
         try:
-            # (uvloop returns its TLS protocol, not ours, as the second value)
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: session, conn, ssl=context, ssl_handshake_timeout=handshake_timeout)
+            async with asyncio.timeout(handshake_timeout):
+                await _readable(conn)
+                session = self._session()
+                # (uvloop returns its TLS protocol, not ours, as the second value)
+                await loop.connect_accepted_socket(
+                    lambda: session, conn, ssl=context, ssl_handshake_timeout=handshake_timeout)
         except BaseException:
             conn.close()
             raise
@@ -192,3 +200,14 @@ class HboneServer:
             responder.settle(f"the ztunnel did not answer CONNECT {request.authority}")
         finally:
             stream.close()
+
+
+async def _readable(conn: socket.socket) -> None:
+    """Returns once `conn` has bytes to read (or its end)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())

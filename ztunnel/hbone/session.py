@@ -814,6 +814,8 @@ class H2Session(asyncio.BufferedProtocol):
 
     def _h2_receive(self, data: bytes) -> None:
         for event in self.h2.receive_data(data):
+            if self.closed:
+                break  # a limit crossed by an earlier event ended the connection: the rest is moot
             self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:
