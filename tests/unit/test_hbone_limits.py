@@ -27,6 +27,7 @@ from ztunnel.hbone.limits import (
     PRIORITY_PER_STREAM,
     RAPID_RESET_MIN,
     RST_STREAM,
+    RST_STREAMS_BASE,
     SETTINGS,
     WINDOW_UPDATE,
     WINDOW_UPDATES_BASE,
@@ -46,7 +47,7 @@ class Clock:
 
 
 @pytest.mark.parametrize("kind, flags, name", [
-    (PING, 0, "ping"), (SETTINGS, 0, "settings"), (SETTINGS, 1, "settings"), (RST_STREAM, 0, "rst_stream"),
+    (PING, 0, "ping"), (SETTINGS, 0, "settings"), (SETTINGS, 1, "settings"),
     (DATA, 0, "empty_data"), (0x20, 0, "extension"),
 ])
 def test_budgeted_frames_trip_after_their_burst_and_refill_with_time(kind: int, flags: int, name: str) -> None:
@@ -75,6 +76,15 @@ def test_window_updates_are_allowed_per_data_frame_sent() -> None:
     allowed = WINDOW_UPDATES_BASE + WINDOW_UPDATES_PER_DATA_FRAME * 1000
     assert all(guard.frame(WINDOW_UPDATE, 0, 4) is None for _ in range(allowed))
     assert guard.frame(WINDOW_UPDATE, 0, 4) == "window_update_flood"
+
+
+def test_rst_streams_are_allowed_per_stream_opened() -> None:
+    guard = FrameGuard(Clock())
+    for _ in range(10_000):  # each stream answered and reset both ways, at any rate
+        guard.frame(HEADERS, END_HEADERS, 20)
+        assert guard.frame(RST_STREAM, 0, 4) is None and guard.frame(RST_STREAM, 0, 4) is None
+    assert all(guard.frame(RST_STREAM, 0, 4) is None for _ in range(RST_STREAMS_BASE))
+    assert guard.frame(RST_STREAM, 0, 4) == "rst_stream_flood"
 
 
 def test_priority_frames_are_allowed_per_stream_opened() -> None:

@@ -8,7 +8,8 @@ SETTINGS, RST_STREAM, WINDOW_UPDATE, PRIORITY, empty DATA, unknown types), strea
 CONTINUATION frames (h2 bounds their count, 64, not their bytes: 64 MiB at our frame size).
 The anchors, read for the numbers' shape:
 - nghttp2 (lib/nghttp2_session.c): incoming RST_STREAM through a token bucket (burst 1000, 33
-  per second) before GOAWAY ENHANCE_YOUR_CALM; a cap on queued outbound ACKs.
+  per second) before GOAWAY ENHANCE_YOUR_CALM; a cap on queued outbound ACKs. (Ours are bounded
+  per stream instead, as Envoy bounds WINDOW_UPDATE: a busy session resets streams at any rate.)
 - Envoy's http2_protocol_options: max_inbound_priority_frames_per_stream (100 per stream
   opened), max_inbound_window_update_frames_per_data_frame_sent (10 per DATA frame sent),
   max_consecutive_inbound_frames_with_empty_payload; premature-reset accounting (streams reset
@@ -44,6 +45,11 @@ WINDOW_UPDATES_BASE = 100
 WINDOW_UPDATES_PER_STREAM = 2
 WINDOW_UPDATES_PER_DATA_FRAME = 10
 PRIORITY_PER_STREAM = 100  # PRIORITY frames tolerated per stream opened, plus one stream's worth
+# RST_STREAM frames tolerated: a base, and two per stream (one reset each way, or a response and
+# a reset): proportional, like WINDOW_UPDATE, so that resets at any rate are fine while each
+# costs the peer a stream (whose early resets the rapid-reset check judges), and a flood is not
+RST_STREAMS_BASE = 100
+RST_STREAMS_PER_STREAM = 2
 
 
 @dataclass(frozen=True)
@@ -55,16 +61,15 @@ class Budget:
 
 
 # Frames that carry no data and that amesh's own peers send a handful of per session (SETTINGS
-# and their ACKs at the start; resets as streams are abandoned): a flood of any trips in
-# well under a second, a well-behaved peer never comes near.
+# and their ACKs at the start, no PING yet): a flood of any trips in well under a second, a
+# well-behaved peer never comes near.
 BUDGETS = {
     "ping": Budget(100, 10.0),
     "settings": Budget(32, 2.0),
-    "rst_stream": Budget(1000, 100.0),  # nghttp2's burst; 3x its rate, for connection churn
     "empty_data": Budget(100, 10.0),  # DATA without payload or END_STREAM: no use at all
     "extension": Budget(100, 10.0),  # frame types h2 ignores (RFC 9113 5.5): amesh sends none
 }
-_BUDGETED = {PING: "ping", SETTINGS: "settings", RST_STREAM: "rst_stream"}
+_BUDGETED = {PING: "ping", SETTINGS: "settings"}
 
 
 class FrameGuard:
@@ -78,8 +83,10 @@ class FrameGuard:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._buckets = {name: TokenBucket(b.burst, b.per_second, clock) for name, b in BUDGETS.items()}
         self.data_frames_sent = 0
-        self.streams_opened = 0  # HEADERS frames seen (a stream each, or its trailers)
+        # HEADERS frames seen (a stream each, a response, or trailers), and streams we opened
+        self.streams_opened = 0
         self.window_updates = 0
+        self.rst_streams = 0
         self.priorities = 0
         self.premature_resets = 0
         self.header_block = 0  # bytes of the header block being received (or the last one)
@@ -102,6 +109,10 @@ class FrameGuard:
                        + WINDOW_UPDATES_PER_DATA_FRAME * self.data_frames_sent)
             if self.window_updates > allowed:
                 return "window_update_flood"
+        elif kind == RST_STREAM:
+            self.rst_streams += 1
+            if self.rst_streams > RST_STREAMS_BASE + RST_STREAMS_PER_STREAM * self.streams_opened:
+                return "rst_stream_flood"
         elif kind == PRIORITY:
             self.priorities += 1
             if self.priorities > PRIORITY_PER_STREAM * (1 + self.streams_opened):

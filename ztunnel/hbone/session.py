@@ -555,6 +555,7 @@ class H2Session(asyncio.BufferedProtocol):
         """Sends CONNECT `authority` and returns the stream once the peer answers 200."""
         stream_id = self.h2.get_next_available_stream_id()
         stream = HboneStream(self, stream_id)
+        self.guard.streams_opened += 1  # the server may answer and reset it
         stream._response = asyncio.get_running_loop().create_future()
         self._add(stream)
         self.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority), *headers])
