@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -39,7 +40,8 @@ class HboneClientPool:
     """Opens HBONE streams, reusing one mTLS session per `PoolKey` while it has stream capacity.
 
     Counters (plain integers, read at scrape time): `handshakes` (TLS sessions established, ever)
-    and `sessions` (live now).
+    and `sessions` (live now); `mitigations`, the HTTP/2 limits its peers crossed, by name (as
+    HboneServer's: a hostile server can flood a client too).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class HboneClientPool:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.handshakes = 0
+        self.mitigations: Counter[str] = Counter()
         self._sessions: dict[PoolKey, list[H2Session]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[H2Session]] = {}
         self._closed = False
@@ -117,7 +120,7 @@ class HboneClientPool:
                 # server_hostname=None: peers are checked by SPIFFE ID (verify_peer), and Python
                 # sends no SNI for an IP address.
                 session = H2Session(client_side=True, peer=peer, idle_timeout=self.idle_timeout,
-                                     on_close=lambda s: self._drop(key, s))
+                                     on_close=lambda s: self._drop(key, s), mitigations=self.mitigations)
                 # (uvloop returns its TLS protocol, not ours, as the second value)
                 await asyncio.get_running_loop().create_connection(
                     lambda: session, ip, port, ssl=ssl_context, server_hostname=None)

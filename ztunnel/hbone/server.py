@@ -107,13 +107,15 @@ class HboneServer:
     empty_data_flood, extension_flood, window_update_flood, priority_flood, rapid_reset (each a GOAWAY and the
     connection's end), refused_stream (one stream refused, over MAX_CONCURRENT_STREAMS),
     preface_timeout, idle_timeout, read_yield (a read pass cut short by H2_FRAMES_PER_PASS).
+    Pass `mitigations` to count into a Counter that outlives this server (e.g. a listener's,
+    when each accepted connection gets a server of its own).
     """
 
     def __init__(self, handler: ConnectHandler, idle_timeout: float = SERVER_IDLE_TIMEOUT,
-                 preface_timeout: float = PREFACE_TIMEOUT) -> None:
+                 preface_timeout: float = PREFACE_TIMEOUT, mitigations: Counter[str] | None = None) -> None:
         self._handler = handler
         self._idle_timeout, self._preface_timeout = idle_timeout, preface_timeout
-        self.mitigations: Counter[str] = Counter()
+        self.mitigations: Counter[str] = Counter() if mitigations is None else mitigations
 
     async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> H2Session:
         """Server-side TLS on an accepted socket; the session is not served until `serve()`, so

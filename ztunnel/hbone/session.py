@@ -709,7 +709,8 @@ class H2Session(asyncio.BufferedProtocol):
 
     def _expire(self) -> None:
         if not self._streams:
-            self.mitigations["idle_timeout"] += 1
+            if not self._client_side:  # a pool closing its idle sessions is routine
+                self.mitigations["idle_timeout"] += 1
             log.debug("hbone.idle peer=%s idle_timeout=%ss", self.peer, self._idle_timeout)
             self.close()
 
