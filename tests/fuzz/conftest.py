@@ -12,6 +12,6 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile("bounded", max_examples=150, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=5_000, deadline=None, database=None,
+settings.register_profile("fuzz", max_examples=20_000, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))

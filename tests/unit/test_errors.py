@@ -9,7 +9,7 @@ from pathlib import Path
 from ztunnel.errors import REASONS, ProxyError, failure_reason
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [p for folder in ("ztunnel", "agent", "registry") for p in (ROOT / folder).glob("*.py")
+SOURCES = [p for folder in ("ztunnel", "agent", "registry") for p in (ROOT / folder).rglob("*.py")
            if p.name != "errors.py"]
 # a ProxyError (or subclass) built with a literal code, or a record ended with one
 _RAISED = re.compile(r"(?:(?<!Assertion)Error|NotLocal|Refused|__init__)\(\s*\"([a-z_]+)\"")

@@ -44,6 +44,8 @@ from ztunnel.identity import (
 )
 from ztunnel.streams import ConnectError, connect_tcp, splice
 
+from tests.unit.h2peer import FakeTransport
+
 TRUST_DOMAIN = "cluster.local"
 CLIENT = Identity(TRUST_DOMAIN, "shop", "frontend")
 SERVER = Identity(TRUST_DOMAIN, "shop", "cart")
@@ -574,32 +576,6 @@ def test_slow_upstream_backpressures_the_tunnel_through_splice(certs: Certificat
     run(body())
 
 
-class FakeTransport:
-    """The transport an _H2Session writes to, collecting the bytes."""
-
-    def __init__(self) -> None:
-        self.sent = bytearray()
-
-    def get_extra_info(self, name: str) -> object:
-        return ("192.0.2.1", 40000) if name == "peername" else None
-
-    def pause_reading(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.sent += data
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.sent += chunk
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("piece", [1, 7, 9, 1000, 1 << 20], ids=lambda n: f"{n}B-reads")
 def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
     """DATA frames cut out of the byte stream by the session, and DATA that h2 parses (padded,
@@ -607,11 +583,11 @@ def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
     from h2.config import H2Configuration
     from h2.connection import H2Connection
 
-    from ztunnel.hbone import _H2Session
+    from ztunnel.hbone import H2Session
 
     async def body() -> None:
         requests: list[HboneStream] = []
-        session = _H2Session(client_side=False, on_request=lambda stream, headers: requests.append(stream))
+        session = H2Session(client_side=False, on_request=lambda stream, headers: requests.append(stream))
         session.connection_made(FakeTransport())  # type: ignore[arg-type]
         session.h2.initiate_connection()
         peer = H2Connection(H2Configuration(client_side=True))

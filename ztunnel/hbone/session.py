@@ -1,38 +1,33 @@
-"""HBONE: TCP connections carried between ztunnels as HTTP/2 CONNECT streams over mutual TLS.
+"""One HTTP/2 connection over TLS and its CONNECT streams: `H2Session`, an asyncio
+BufferedProtocol driving h2's sans-I/O `H2Connection`, and `HboneStream`, one tunnelled TCP
+connection, a `ztunnel.streams.Stream`.
 
-As in Istio's ambient ztunnel, each node listens on port 15008. A client opens one mTLS
-connection per (source identity, destination identity, peer address) and runs many CONNECT
-streams on it, one per proxied TCP connection; each stream is an `HboneStream`, a
-`ztunnel.streams.Stream` the ztunnel splices like a TCP socket.
-
-- HTTP/2 itself is h2's sans-I/O `H2Connection`. `_H2Session` only moves bytes between it and one
-  TLS connection: the transport's reads feed `receive_data` and the events go to streams, and
-  `flush()` is the one place that takes `data_to_send()`; those frames are written once per
-  pass of the event loop, or with the next DATA frame, so a burst of them is one TLS write.
+- `H2Session` only moves bytes between h2 and one TLS connection: the transport's reads feed
+  `receive_data` and the events go to streams, and `flush()` is the one place that takes
+  `data_to_send()`; those frames are written once per pass of the event loop, or with the next
+  DATA frame, so a burst of them is one TLS write.
 - DATA frames on open streams skip h2's frame objects both ways (h2 4.4 formats every received
   DATA payload into a log string, even with logging off, which cost half a receiver's CPU):
-  `HboneStream` writes the 9-byte header in front of the payload and `_H2Session._receive` cuts
+  `HboneStream` writes the 9-byte header in front of the payload and `H2Session._receive` cuts
   them out of the received bytes. h2 still sees every other frame and keeps stream state and the
   flow-control windows, which both paths charge.
+- Every frame header is seen by the session before h2 sees the frame, so the limits of
+  `ztunnel.hbone.limits` (control-frame budgets, header block size, frame size, rapid reset)
+  are checked on the header alone, and h2 is fed one header block at a time.
 - Flow control is end to end: received data is acknowledged only as the consumer reads it, so a
   slow reader stops its sender through the HTTP/2 windows and at most STREAM_WINDOW bytes wait
   unread per stream; `drain()` waits for the peer's send windows.
-- `HboneClientPool` reuses sessions, shares one handshake between concurrent first opens, and
-  closes idle sessions. `HboneServer` answers CONNECTs on an accepted connection with a handler.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import ipaddress
 import logging
-import secrets
-import socket
+import mmap
 import ssl
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from collections import Counter
+from typing import Any, Callable, Sequence
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -48,100 +43,48 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
-from ztunnel.errors import ProxyError
+from ztunnel.hbone.limits import CONTINUATION, DATA, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
+from ztunnel.hbone.protocol import REASON_HEADER, HboneError, code_name, header_value, hostport, reset_error
+from ztunnel.logbound import RateLimitedLog, cut
 from ztunnel.streams import Receiver
 
 log = logging.getLogger("amesh.ztunnel.hbone")
+limited_log = RateLimitedLog(log)  # lines a peer can trigger at will
 
-HBONE_PORT = 15008  # the port every node's ztunnel accepts HBONE on, as in Istio ambient
 STREAM_WINDOW = 4 * 1024 * 1024  # bytes a peer may send on one stream before we read any of it
 # bytes; 4x the stream window so one slow stream cannot stall the rest of the connection
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024  # bytes per DATA frame we accept: bulk data in few frames
 IDLE_TIMEOUT = 60.0  # seconds a pooled session may carry no stream before it is closed
 CONNECT_TIMEOUT = 5.0  # seconds for TCP + TLS + the peer's SETTINGS, and again for a CONNECT answer
-READ_CHUNK = 256 * 1024  # bytes per socket read: a few frames per wakeup, bounded memory
+READ_CHUNK = 256 * 1024  # bytes per socket read once a session is busy: a few frames per wakeup
+# bytes of a session's first read buffer: a TLS record's worth, for the SETTINGS and CONNECTs of
+# a quiet session; a read that fills it grows it to READ_CHUNK (no large buffer before TLS and
+# the first frames, so a connection that only handshakes, or not even that, costs little)
+SMALL_READ_CHUNK = 16 * 1024
+# seconds a server session waits after TLS for the client's preface and SETTINGS: a client that
+# says nothing holds a descriptor and a TLS state for nothing
+PREFACE_TIMEOUT = 5.0
+# seconds a server session may carry no stream before GOAWAY: longer than the clients' pool
+# IDLE_TIMEOUT, so a client normally closes first and never races a stream against our GOAWAY
+SERVER_IDLE_TIMEOUT = 2 * IDLE_TIMEOUT
+# frames handed to h2 per read callback (~5-20 us each): then reading pauses until the next pass
+# of the event loop, so one connection's burst cannot stall the others for more than a few ms
+H2_FRAMES_PER_PASS = 256
+REASON_LIMIT = 256  # characters of a refusal's reason sent in the amesh-reason header
 ACK_BATCH = 16 * 1024  # received bytes a stream consumes before handing them back to the windows
 # bytes of queued frames joined into one TLS write; above it the payloads are not worth copying
 _JOIN_LIMIT = 16 * 1024
-REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not accepted
 _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts here (RFC 9113 6.9.2)
 _CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, split), type, flags, stream id
-_DATA, _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x0, 0x1, 0x5, 0x9  # frame types (RFC 9113 6)
 _END_HEADERS = 0x4  # flag: the header block ends with this frame
 # h2 stream states in which the peer may still send DATA
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
-
-
-class HboneError(ProxyError):
-    """An HBONE tunnel could not be opened. `reason` is one of: connect_refused, connect_timeout,
-    connect_failed, tls, peer_rejected, status (`status` holds the answer), protocol, closed."""
-
-    def __init__(self, reason: str, message: str, status: int | None = None) -> None:
-        super().__init__(reason, message)
-        self.status = status
-
-
-def hostport(host: str, port: int) -> str:
-    """`host:port`, with an IPv6 host in brackets: the form of an :authority and of our messages."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """(host, port) of a CONNECT :authority `host:port` (IPv6 in brackets); ValueError if invalid."""
-    host, sep, port = authority.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address without brackets: where it ends and the port starts is a guess
-    if not (sep and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"invalid :authority {authority!r}: expected host:port with port 1-65535")
-    return host, int(port)
-
-
-def traceparent() -> str:
-    """A new random W3C traceparent (version 00, sampled) to send with a CONNECT."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-def forwarded_for(ip: str) -> str:
-    """The RFC 7239 Forwarded value naming the original client: for=10.0.0.1, for="[::1]"."""
-    address = ipaddress.ip_address(ip)
-    return f'for="[{address}]"' if address.version == 6 else f"for={address}"
-
-
-def parse_forwarded_for(value: str) -> str | None:
-    """The client IP of the first `for=` in a Forwarded header, or None (absent, or not an IP
-    such as for=unknown): the inverse of `forwarded_for`."""
-    for element in value.split(",")[0].split(";"):
-        name, _, node = element.strip().partition("=")
-        if name.strip().lower() == "for":
-            node = node.strip().strip('"')
-            try:
-                return str(ipaddress.ip_address(node[1:-1] if node.startswith("[") else node))
-            except ValueError:
-                return None
-    return None
-
-
-def _header_value(text: str) -> str:
-    """`text` on one line, as a header value must be."""
-    return " ".join(text.split())
-
-
-def _code_name(code: int) -> str:
-    """ErrorCodes.CANCEL -> "CANCEL"; h2 passes codes it does not know as plain ints."""
-    return getattr(code, "name", str(code))
-
-
-def _reset_error(message: str) -> ConnectionResetError:
-    """A ConnectionResetError whose strerror is `message` (ztunnel.streams.splice reports strerror)."""
-    return ConnectionResetError(errno.ECONNRESET, message)
 
 
 class HboneStream:
@@ -153,7 +96,7 @@ class HboneStream:
     resets it, and what was not yet sent is lost, as when a socket is closed with unread data.
     """
 
-    def __init__(self, session: _H2Session, stream_id: int) -> None:
+    def __init__(self, session: H2Session, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
         self._inbound = bytearray()  # received, not read yet; HTTP/2 bounds it to STREAM_WINDOW
@@ -171,6 +114,7 @@ class HboneStream:
         self._on_writable: Callable[[bool], None] | None = None
         self._writable = True  # as last reported to _on_writable
         self._unacked = 0  # bytes consumed but not yet handed back to the peer's windows
+        self.answered = False  # server side: our answer to the CONNECT went out (or could not)
 
     def __repr__(self) -> str:
         return f"HboneStream(peer={self.peer}, stream_id={self.stream_id})"
@@ -250,7 +194,7 @@ class HboneStream:
         """RST_STREAM (CANCEL): the peer's reads raise ConnectionResetError."""
         if self._error is None and not self.finished:
             self._session.reset(self.stream_id, ErrorCodes.CANCEL)
-            self.fail(_reset_error(f"HBONE stream {self.stream_id} to {self.peer} aborted locally"))
+            self.fail(reset_error(f"HBONE stream {self.stream_id} to {self.peer} aborted locally"))
 
     def close(self) -> None:
         """Releases the stream; resets it if it is not finished."""
@@ -375,14 +319,24 @@ class HboneStream:
         self._unacked = 0
 
 
-class _H2Session(asyncio.BufferedProtocol):
+class H2Session(asyncio.BufferedProtocol):
     """One HTTP/2 connection over a TLS transport, and its streams: the transport's protocol.
 
-    Received bytes land in one preallocated buffer (no stream reader, no task per read) and go
-    straight to `_receive`. Nothing is read until `start()`, so the owner can check the peer's
-    certificate first (unless `autostart`). Client sessions (client_side=True) open streams with `open_stream`;
-    server sessions hand each incoming request to `on_request`. `on_close` is told once when the
-    connection is gone.
+    Received bytes land in one buffer of the session (no stream reader, no task per read) and go
+    straight to `_receive`: a small one at first, an anonymous mapping of READ_CHUNK once a read
+    fills it (returned to the OS when the session ends, where a freed heap block would stay in
+    the process). Nothing is read until `start()`, so the owner can check the peer's certificate
+    first (unless `autostart`). Client sessions (client_side=True) open streams with
+    `open_stream`; server sessions hand each incoming request to `on_request`, refuse streams
+    beyond MAX_CONCURRENT_STREAMS one by one (REFUSED_STREAM), tell `on_reset` of a stream the
+    client reset, and give the client PREFACE_TIMEOUT for its SETTINGS. `on_close` is told once
+    when the connection is gone.
+
+    What the peer sends is held to `ztunnel.hbone.limits` (a `FrameGuard`): crossing a limit ends
+    the connection with GOAWAY (ENHANCE_YOUR_CALM, FRAME_SIZE_ERROR for a frame above our
+    SETTINGS_MAX_FRAME_SIZE, judged on its header) and counts the limit's name in `mitigations`
+    (a Counter, shared with the owner), as do refused streams ("refused_stream"), the deadlines
+    ("preface_timeout", "idle_timeout") and read passes cut short ("read_yield").
     """
 
     def __init__(
@@ -392,22 +346,34 @@ class _H2Session(asyncio.BufferedProtocol):
         peer: str = "",  # "": the remote address, once connected
         idle_timeout: float | None = None,
         on_request: Callable[[HboneStream, list[tuple[str, str]]], None] | None = None,
-        on_close: Callable[[_H2Session], None] | None = None,
+        on_close: Callable[[H2Session], None] | None = None,
+        on_reset: Callable[[HboneStream], None] | None = None,
         autostart: bool = False,  # start() as soon as connected, not waiting for the owner
+        preface_timeout: float | None = None,  # server side: seconds for the client's SETTINGS
+        mitigations: Counter[str] | None = None,
     ) -> None:
         self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
         self.peer = peer
+        self._client_side = client_side
         self._idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._on_request, self._on_close = on_request, on_close
+        self._preface_timeout = preface_timeout
+        self._preface_timer: asyncio.TimerHandle | None = None
+        self._on_request, self._on_close, self._on_reset = on_request, on_close, on_reset
         self._autostart = autostart
         self._streams: dict[int, HboneStream] = {}
-        self._read_buffer = memoryview(bytearray(READ_CHUNK))
-        self._received = bytearray()  # received bytes not yet a whole frame
+        self._read_buffer: memoryview | None = None  # allocated by the first read
+        self._read_map: mmap.mmap | None = None  # backs the READ_CHUNK buffer, once grown
+        self._received = bytearray()  # received bytes not yet a whole frame, or not yet handled
         self._data_stream: HboneStream | None = None  # of the DATA frame being received
         self._data_left = 0  # bytes of its payload still to come
         self._preface_left = 0 if client_side else _CLIENT_PREFACE  # for h2, before any frame
-        self._in_header_block = False  # a HEADERS frame without END_HEADERS awaits CONTINUATION
+        self.guard = FrameGuard()
+        self.mitigations: Counter[str] = Counter() if mitigations is None else mitigations
+        self._head_charged = False  # the partial frame at the start of _received is in `guard`
+        self._pass_frames = 0  # frames handed to h2 in this read pass
+        self._yielded = False  # this pass hit H2_FRAMES_PER_PASS: reading waits for the next one
+        self._backlog_scheduled = False  # a call of _receive_backlog is due
         loop = asyncio.get_running_loop()
         self._settings_received = loop.create_future()
         self._lost = loop.create_future()  # the transport is gone
@@ -416,7 +382,8 @@ class _H2Session(asyncio.BufferedProtocol):
         self._write_scheduled = False
         self.write_paused = False  # the transport's buffer is above its high-water mark
         self._write_resumed: asyncio.Future[None] | None = None
-        self.handlers: set[asyncio.Task[None]] = set()  # server side: the CONNECT handlers running
+        # server side: the CONNECT handlers running, by stream id
+        self.handlers: dict[int, asyncio.Task[None]] = {}
         self.closed = False
         self._why_closed = ""
         self.failure: OSError | None = None  # the socket or TLS error that ended the connection
@@ -430,7 +397,7 @@ class _H2Session(asyncio.BufferedProtocol):
         return self._transport.get_extra_info("ssl_object") if self._transport else None
 
     def __repr__(self) -> str:
-        return f"_H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"
+        return f"H2Session(peer={self.peer}, streams={len(self._streams)}, closed={self.closed})"
 
     # asyncio.BufferedProtocol: the transport calls these.
 
@@ -443,16 +410,62 @@ class _H2Session(asyncio.BufferedProtocol):
             transport.pause_reading()  # until start()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(SMALL_READ_CHUNK))
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        buffer = self._read_buffer
+        assert buffer is not None
+        if self.closed:
+            return  # what a closing transport still hands over
+        self._pass_frames = 0
+        self._receive_guarded(buffer[:nbytes])
+        if nbytes == len(buffer) and self._read_map is None and not self.closed:
+            # A busy session: reads of READ_CHUNK from now on, in a mapping of its own.
+            self._read_map = mmap.mmap(-1, READ_CHUNK)
+            self._read_buffer = memoryview(self._read_map)
+        elif self.closed:
+            self._release_read_buffer()
+
+    def _release_read_buffer(self) -> None:
+        """Gives the READ_CHUNK mapping back to the OS (called outside reads: no view of it is
+        in use); a read after it gets a small buffer."""
+        if self._read_map is not None and self._read_buffer is not None:
+            self._read_buffer.release()
+            mapping, self._read_map, self._read_buffer = self._read_map, None, None
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view of it outlived the read (a traceback): unmapped when that goes
+
+    def _receive_guarded(self, view: memoryview) -> None:
+        """`_receive`, ending the connection on the peer's protocol error, and pausing reading
+        until the next pass of the event loop if this one used up its frames."""
         try:
-            self._receive(self._read_buffer[:nbytes])
+            self._receive(view)
         except ProtocolError as e:
             self.flush()  # h2 queued a GOAWAY that tells the peer what it did wrong
-            self._terminate(f"broken by an HTTP/2 protocol error from the peer ({e})")
+            self._terminate(f"broken by an HTTP/2 protocol error from the peer ({cut(str(e))})")
             return
         self.flush()
+        if self._yielded and not self.closed:
+            self._backlog_scheduled = True
+            self.mitigations["read_yield"] += 1
+            assert self._transport is not None
+            self._transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._receive_backlog)
+        self._yielded = False
+
+    def _receive_backlog(self) -> None:
+        """Next pass: handles what the last one left in _received, then reads again."""
+        self._backlog_scheduled = False
+        if self.closed:
+            return
+        self._pass_frames = 0
+        self._receive_guarded(memoryview(b""))
+        if not self._backlog_scheduled and not self.closed and self._transport is not None:
+            self._transport.resume_reading()
 
     def eof_received(self) -> bool:
         self._terminate("closed by the peer")
@@ -461,10 +474,11 @@ class _H2Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(exc, OSError):  # includes ssl.SSLError
             self.failure = exc
-            self._terminate(f"lost ({getattr(exc, 'reason', None) or exc.strerror or exc})")
+            self._terminate(f"lost ({cut(str(getattr(exc, 'reason', None) or exc.strerror or exc))})")
         else:
             self._terminate("closed by the peer")
         self._resume_writers()
+        self._release_read_buffer()
         if not self._lost.done():
             self._lost.set_result(None)
 
@@ -490,7 +504,12 @@ class _H2Session(asyncio.BufferedProtocol):
     def start(self) -> None:
         """Sends the preface and our SETTINGS, raises the connection window, starts reading."""
         assert self._transport is not None, "not connected"
-        self.h2.initiate_connection()
+        self.h2.initiate_connection()  # advertises h2's MAX_CONCURRENT_STREAMS, 100, which is ours
+        # h2 enforces its own stream limit by ending the whole connection (TooManyStreamsError);
+        # we refuse a stream beyond ours alone (REFUSED_STREAM, RFC 9113 5.1.2), so h2's limit is
+        # one above it: only a stream we refuse at once (h2 sees one header block at a time) reaches it.
+        self.h2.local_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS + 1
+        self.h2.local_settings.acknowledge()
         # Pending until the peer ACKs them; h2 then applies them (window, frame size) itself.
         self.h2.update_settings({
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -502,6 +521,16 @@ class _H2Session(asyncio.BufferedProtocol):
         if not self.closed:
             self._transport.resume_reading()
         self._arm_idle_timer()
+        if self._preface_timeout is not None and not self.closed:
+            self._preface_timer = asyncio.get_running_loop().call_later(
+                self._preface_timeout, self._preface_expired)
+
+    def _preface_expired(self) -> None:
+        if not self._settings_received.done():
+            self.mitigations["preface_timeout"] += 1
+            limited_log.log(logging.INFO, "hbone.preface_timeout", "hbone.preface_timeout peer=%s timeout=%ss",
+                            self.peer, self._preface_timeout)
+            self.close()
 
     async def wait_settings(self) -> None:
         """Waits for the peer's first SETTINGS (its stream limit and windows)."""
@@ -526,6 +555,7 @@ class _H2Session(asyncio.BufferedProtocol):
         """Sends CONNECT `authority` and returns the stream once the peer answers 200."""
         stream_id = self.h2.get_next_available_stream_id()
         stream = HboneStream(self, stream_id)
+        self.guard.streams_opened += 1  # the server may answer and reset it
         stream._response = asyncio.get_running_loop().create_future()
         self._add(stream)
         self.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority), *headers])
@@ -558,18 +588,26 @@ class _H2Session(asyncio.BufferedProtocol):
         return stream
 
     def answer(self, stream: HboneStream, status: int, reason: str = "") -> None:
-        """Sends the response to a CONNECT; any status but 200 also ends and releases the stream."""
-        headers = [(":status", str(status))]
-        if reason:
-            headers.append((REASON_HEADER, _header_value(reason)))
+        """Sends the response to a CONNECT; any status but 200 also ends and releases the stream.
+        Never raises: a stream the client reset, or whose connection ended, is only released."""
+        stream.answered = True
         final = status != 200
-        self.h2.send_headers(stream.stream_id, headers, end_stream=final)
+        if stream._error is None and not self.closed:
+            headers = [(":status", str(status))]
+            if reason:
+                headers.append((REASON_HEADER, header_value(cut(reason, REASON_LIMIT))))
+            try:
+                self.h2.send_headers(stream.stream_id, headers, end_stream=final)
+                h2_stream = self.h2.streams.get(stream.stream_id)
+                if final and h2_stream is not None and not h2_stream.closed:
+                    # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) so
+                    # the client stops sending (a client that sent END_STREAM already has).
+                    self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+            except StreamClosedError:  # reset by the client in the frames h2 has seen
+                final = True
+            self.flush()
         if final:
-            # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) so the
-            # client stops sending; the stream then ends here whatever the client does.
-            self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
-            stream.fail(_reset_error(f"CONNECT stream {stream.stream_id} answered {status}"))
-        self.flush()
+            stream.fail(reset_error(f"CONNECT stream {stream.stream_id} answered {status}"))
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """`size` received bytes were consumed: the peer may send that many more."""
@@ -578,8 +616,12 @@ class _H2Session(asyncio.BufferedProtocol):
             self.flush()
 
     def reset(self, stream_id: int, code: ErrorCodes) -> None:
+        """RST_STREAM, unless the stream is closed already (both ends done, or reset by the peer)."""
         if not self.closed:
-            self.h2.reset_stream(stream_id, code)
+            try:
+                self.h2.reset_stream(stream_id, code)
+            except StreamClosedError:
+                return
             self.flush()
 
     def flush(self) -> None:
@@ -595,7 +637,8 @@ class _H2Session(asyncio.BufferedProtocol):
         size = len(payload)
         self.h2.outbound_flow_control_window -= size
         self.h2.streams[stream_id].outbound_flow_control_window -= size
-        self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id), payload)
+        self.guard.data_frames_sent += 1  # the peer's allowance of WINDOW_UPDATEs
+        self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, DATA, 0, stream_id), payload)
         # at once, with the frames queued before it: a message waits for nothing, and the
         # transport's backpressure is felt by the next read
         self._write_out()
@@ -666,6 +709,8 @@ class _H2Session(asyncio.BufferedProtocol):
 
     def _expire(self) -> None:
         if not self._streams:
+            if not self._client_side:  # a pool closing its idle sessions is routine
+                self.mitigations["idle_timeout"] += 1
             log.debug("hbone.idle peer=%s idle_timeout=%ss", self.peer, self._idle_timeout)
             self.close()
 
@@ -691,15 +736,26 @@ class _H2Session(asyncio.BufferedProtocol):
             buffer += view[done:]
 
     def _frames(self, view: memoryview) -> int:
-        """Handles the frames in `view` (and the start of a last DATA frame); returns the bytes used."""
+        """Handles the frames in `view` (and the start of a last DATA frame); returns the bytes
+        used. The guard judges each frame header once, when it is first seen (a partial frame's
+        on the read that brought its header); h2 gets whole frames, in batches that end with each
+        header block (so it sees one request at a time, which we admit or refuse before the
+        next), and at most H2_FRAMES_PER_PASS per pass."""
         end = len(view)
         start = done = 0  # view[start:done] are whole frames h2 has not seen yet
+        charged, self._head_charged = self._head_charged, False  # the first frame is judged
+        guard = self.guard
         while end - done >= 9 and not self.closed:
             high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(view, done)
             length = high << 8 | low
             if length > self.h2.max_inbound_frame_size:
-                self._h2_receive(bytes(view[start:]))  # h2 raises FrameTooLargeError
-            if kind == _DATA and not flags and not self._in_header_block:
+                if start < done:  # a SETTINGS ACK among them that h2 has not seen raises the limit
+                    self._h2_receive(bytes(view[start:done]))
+                    start = done
+                    continue
+                self._calm("frame_too_large", ErrorCodes.FRAME_SIZE_ERROR)  # before its payload
+                break
+            if kind == DATA and length and not flags and not guard.in_header_block:
                 if start < done:
                     self._h2_receive(bytes(view[start:done]))
                     start = done
@@ -707,13 +763,25 @@ class _H2Session(asyncio.BufferedProtocol):
                     payload_end = min(done + 9 + length, end)
                     self._deliver(view[done + 9:payload_end])
                     start = done = payload_end
+                    charged = False
                     continue
+            if not charged:
+                if self._pass_frames >= H2_FRAMES_PER_PASS:
+                    self._yielded = True  # the rest waits in _received for the next pass
+                    break
+                self._pass_frames += 1
+                if (limit := guard.frame(kind, flags, length)) is not None:
+                    self._calm(limit)
+                    break
+            charged = False
             next_frame = done + 9 + length
             if next_frame > end:
+                self._head_charged = True
                 break
-            if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
-                self._in_header_block = not flags & _END_HEADERS
             done = next_frame
+            if kind in (HEADERS, PUSH_PROMISE, CONTINUATION) and flags & _END_HEADERS:
+                self._h2_receive(bytes(view[start:done]))
+                start = done
         if start < done and not self.closed:
             self._h2_receive(bytes(view[start:done]))
         return done
@@ -748,6 +816,8 @@ class _H2Session(asyncio.BufferedProtocol):
 
     def _h2_receive(self, data: bytes) -> None:
         for event in self.h2.receive_data(data):
+            if self.closed:
+                break  # a limit crossed by an earlier event ended the connection: the rest is moot
             self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:
@@ -759,8 +829,12 @@ class _H2Session(asyncio.BufferedProtocol):
             for stream in [s for s in self._streams.values() if grown in (0, s.stream_id)]:
                 stream.send_pending()
         elif isinstance(event, ConnectionTerminated):
-            self._terminate(f"ended by the peer (GOAWAY {_code_name(event.error_code)})")
+            self._terminate(f"ended by the peer (GOAWAY {code_name(event.error_code)})")
         elif isinstance(event, RequestReceived) and self._on_request is not None:
+            if self.h2.open_inbound_streams > MAX_CONCURRENT_STREAMS:  # h2 counts this one
+                self.mitigations["refused_stream"] += 1
+                self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
             stream = HboneStream(self, event.stream_id)
             self._add(stream)
             self._on_request(stream, event.headers)
@@ -769,7 +843,8 @@ class _H2Session(asyncio.BufferedProtocol):
             if stream is None:  # released or reset already: give the window straight back
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
-            stream.receive(event.data)
+            if event.data:
+                stream.receive(event.data)
             if padding := event.flow_controlled_length - len(event.data):
                 self.h2.acknowledge_received_data(padding, event.stream_id)
         elif (stream := self._streams.get(getattr(event, "stream_id", 0))) is None:
@@ -779,8 +854,24 @@ class _H2Session(asyncio.BufferedProtocol):
         elif isinstance(event, StreamEnded):
             stream.remote_end()
         elif isinstance(event, StreamReset):
-            code = _code_name(event.error_code)
-            stream.fail(_reset_error(f"HBONE stream {stream.stream_id} reset by {self.peer} ({code})"))
+            code = code_name(event.error_code)
+            stream.fail(reset_error(f"HBONE stream {stream.stream_id} reset by {self.peer} ({code})"))
+            if not self._client_side:
+                if self._on_reset is not None:
+                    self._on_reset(stream)
+                if (limit := self.guard.stream_reset(stream.answered)) is not None:
+                    self._calm(limit)
+
+    def _calm(self, limit: str, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        """The peer crossed `limit`: GOAWAY with `code` and the limit's name, and the end."""
+        self.mitigations[limit] += 1
+        limited_log.log(logging.WARNING, f"hbone.limit.{limit}", "hbone.limit peer=%s limit=%s", self.peer, limit)
+        try:
+            self.h2.close_connection(error_code=code, additional_data=limit.encode())
+        except ProtocolError:
+            pass  # h2 had closed the connection already
+        self.flush()
+        self._terminate(f"ended: the peer crossed the HTTP/2 limit {limit}")
 
     def _terminate(self, why: str) -> None:
         """The connection is gone: fail every stream, close the socket, tell the owner once."""
@@ -788,9 +879,10 @@ class _H2Session(asyncio.BufferedProtocol):
             return
         self.closed = True
         self._why_closed = why
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        error = _reset_error(f"HBONE connection to {self.peer} {why}")
+        for timer in (self._idle_timer, self._preface_timer):
+            if timer is not None:
+                timer.cancel()
+        error = reset_error(f"HBONE connection to {self.peer} {why}")
         for stream in list(self._streams.values()):
             stream.fail(error)
         self._write_out()  # a GOAWAY, resets
@@ -800,313 +892,3 @@ class _H2Session(asyncio.BufferedProtocol):
         if self._on_close is not None:
             self._on_close(self)
 
-
-@dataclass(frozen=True)
-class PoolKey:
-    """What a pooled session is for: source and destination identity (SPIFFE URIs), peer address,
-    and which certificate of the source it presents.
-
-    Streams share a session only when all match, so one mTLS connection never carries two
-    workloads' traffic, and after a certificate renewal new streams go on a new session that
-    presents the new certificate (sessions on the old one live on until idle).
-    """
-
-    source: str
-    destination: str
-    address: tuple[str, int]
-    credential: str = ""  # e.g. the serial of the source's certificate
-
-
-PeerVerifier = Callable[[bytes | None], None]  # gets the peer's certificate (DER); raises to refuse
-
-
-class HboneClientPool:
-    """Opens HBONE streams, reusing one mTLS session per `PoolKey` while it has stream capacity.
-
-    Counters (plain integers, read at scrape time): `handshakes` (TLS sessions established, ever)
-    and `sessions` (live now).
-    """
-
-    def __init__(
-        self, idle_timeout: float = IDLE_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT
-    ) -> None:
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.handshakes = 0
-        self._sessions: dict[PoolKey, list[_H2Session]] = {}
-        self._connecting: dict[PoolKey, asyncio.Task[_H2Session]] = {}
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"HboneClientPool(sessions={self.sessions}, handshakes={self.handshakes})"
-
-    @property
-    def sessions(self) -> int:
-        """Live sessions."""
-        return sum(len(sessions) for sessions in self._sessions.values())
-
-    async def open(
-        self,
-        key: PoolKey,
-        ssl_context: ssl.SSLContext,
-        authority: str,
-        headers: Sequence[tuple[str, str]],
-        verify_peer: PeerVerifier,
-    ) -> HboneStream:
-        """A CONNECT stream to `authority` through the ztunnel at key.address; HboneError if not.
-
-        `headers` go with the CONNECT (forwarded, traceparent); `verify_peer` sees the peer's
-        certificate of each new session before any stream is sent on it.
-        """
-        while True:
-            if self._closed:
-                raise HboneError("closed", "the HBONE client pool is closed (ztunnel shutting down)")
-            session = next((s for s in self._sessions.get(key, []) if s.has_capacity()), None)
-            if session is not None:
-                return await session.open_stream(authority, headers, self.connect_timeout)
-            # Everyone who finds no session while one is being made waits for that one.
-            connecting = self._connecting.get(key)
-            if connecting is None:
-                connecting = asyncio.create_task(self._connect(key, ssl_context, verify_peer))
-                self._connecting[key] = connecting
-                connecting.add_done_callback(lambda _: self._connecting.pop(key, None))
-            await asyncio.shield(connecting)  # one waiter cancelled must not cancel the handshake
-
-    async def close(self) -> None:
-        """Closes every session (GOAWAY) and abandons handshakes under way."""
-        self._closed = True
-        connecting = list(self._connecting.values())
-        for task in connecting:
-            task.cancel()
-        sessions = [s for group in self._sessions.values() for s in group]
-        for session in sessions:
-            session.close()
-        await asyncio.gather(*connecting, return_exceptions=True)
-        if sessions:
-            # A peer that stopped reading would keep our GOAWAY, and the close, waiting forever.
-            _, stuck = await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in sessions],
-                                          timeout=self.connect_timeout)
-            if stuck:
-                for session in sessions:
-                    session.abort()
-                await asyncio.gather(*stuck)
-
-    async def _connect(
-        self, key: PoolKey, ssl_context: ssl.SSLContext, verify_peer: PeerVerifier
-    ) -> _H2Session:
-        """TCP, TLS, the peer check and the HTTP/2 preface; the session joins the pool."""
-        ip, port = key.address
-        peer = hostport(ip, port)
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                # server_hostname=None: peers are checked by SPIFFE ID (verify_peer), and Python
-                # sends no SNI for an IP address.
-                session = _H2Session(client_side=True, peer=peer, idle_timeout=self.idle_timeout,
-                                     on_close=lambda s: self._drop(key, s))
-                # (uvloop returns its TLS protocol, not ours, as the second value)
-                await asyncio.get_running_loop().create_connection(
-                    lambda: session, ip, port, ssl=ssl_context, server_hostname=None)
-                self.handshakes += 1
-                tls = session.tls_object()
-                assert tls is not None
-                if tls.selected_alpn_protocol() != "h2":
-                    raise HboneError(
-                        "protocol",
-                        f"{peer} did not agree to HTTP/2 (ALPN h2, got {tls.selected_alpn_protocol()}): "
-                        f"is it a ztunnel's HBONE port, and does our TLS context offer h2?",
-                    )
-                try:
-                    verify_peer(tls.getpeercert(binary_form=True))
-                except Exception as e:
-                    raise HboneError("peer_rejected", f"HBONE peer {peer} rejected: {e}") from None
-                session.start()
-                await session.wait_settings()
-                if session.h2.remote_settings.max_concurrent_streams == 0:
-                    raise HboneError(
-                        "protocol", f"{peer} allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
-                    )
-        except BaseException as e:
-            session.abort()
-            if isinstance(e, HboneError) or not isinstance(e, Exception):  # e.g. cancelled
-                raise
-            raise _connect_error(e, peer, port, self.connect_timeout) from None
-        self._sessions.setdefault(key, []).append(session)
-        log.debug(
-            "hbone.session_opened peer=%s source=%s destination=%s", peer, key.source, key.destination
-        )
-        return session
-
-    def _drop(self, key: PoolKey, session: _H2Session) -> None:
-        group = self._sessions.get(key, [])
-        if session in group:
-            group.remove(session)
-        if not group:
-            self._sessions.pop(key, None)
-
-
-def _connect_error(error: Exception, peer: str, port: int, timeout: float) -> Exception:
-    """The HboneError for an OS or TLS error while setting up a session to `peer`."""
-    if isinstance(error, TimeoutError):
-        return HboneError(
-            "connect_timeout",
-            f"HBONE connect to {peer} timed out after {timeout}s: is port {port} blocked between nodes?",
-        )
-    if isinstance(error, ConnectionRefusedError):
-        return HboneError(
-            "connect_refused", f"HBONE connect to {peer} refused: is the ztunnel on that node running?"
-        )
-    if isinstance(error, ssl.SSLError):
-        return HboneError(
-            "tls",
-            f"TLS handshake with {peer} failed ({error.reason or error}): "
-            f"do both nodes trust the same mesh CA?",
-        )
-    if isinstance(error, OSError):
-        return HboneError("connect_failed", f"HBONE connect to {peer} failed: {error.strerror or error}")
-    return error
-
-
-@dataclass
-class ConnectRequest:
-    """A CONNECT received by an HboneServer: where the client wants to go, and who asks."""
-
-    authority: str  # host:port as sent
-    host: str
-    port: int
-    headers: dict[str, str]  # the regular (non-pseudo) headers, e.g. forwarded, traceparent
-    stream_id: int
-    peer_cert: bytes | None = field(default=None, repr=False)  # the client's certificate, DER
-
-    @classmethod
-    def parse(
-        cls, headers: Sequence[tuple[str, str]], stream_id: int, peer_cert: bytes | None = None
-    ) -> ConnectRequest:
-        """The request in `headers`; ValueError (the text of a 400 answer) if it is no valid CONNECT."""
-        pseudo = {name: value for name, value in headers if name.startswith(":")}
-        method = pseudo.get(":method")
-        if method != "CONNECT":
-            raise ValueError(f"HBONE accepts only CONNECT, not {method}")
-        authority = pseudo.get(":authority", "")
-        host, port = parse_authority(authority)
-        regular = {name: value for name, value in headers if not name.startswith(":")}
-        return cls(authority, host, port, regular, stream_id, peer_cert)
-
-
-class Responder:
-    """Answers one CONNECT: `await accept()` for the stream, or `reject(status, reason)`."""
-
-    def __init__(self, session: _H2Session, stream: HboneStream) -> None:
-        self._session = session
-        self._stream = stream
-        self.answered: int | None = None  # the status sent, once sent
-
-    async def accept(self) -> HboneStream:
-        """Answers 200 and returns the tunnel stream; ConnectionResetError if the client left."""
-        self._answer(200, "")
-        await self._session.drain()
-        return self._stream
-
-    def reject(self, status: int, reason: str) -> None:
-        """Answers `status` (not 200) with `reason` in the amesh-reason header, and ends the stream."""
-        if status == 200:
-            raise ValueError("reject() needs an error status; accept() answers 200")
-        self._answer(status, reason)
-
-    def settle(self, reason: str) -> None:
-        """Answers 503 with `reason` if nothing was answered and the client is still waiting."""
-        if self.answered is None and not self._stream.broken:
-            self._answer(503, reason)
-
-    def _answer(self, status: int, reason: str) -> None:
-        if self.answered is not None:
-            raise RuntimeError(
-                f"CONNECT stream {self._stream.stream_id} was already answered {self.answered}"
-            )
-        if self._stream._error is not None:
-            raise self._stream._error
-        self.answered = status
-        self._session.answer(self._stream, status, reason)
-
-
-ConnectHandler = Callable[[ConnectRequest, Responder], Awaitable[None]]
-
-
-class HboneServer:
-    """Serves HBONE connections: each valid CONNECT runs `handler` in its own task.
-
-    The handler answers through its Responder; an accepted stream lives while the handler runs
-    and is closed when it returns. Requests that are not a CONNECT to host:port get 400 without
-    the handler; a handler that fails, or returns without answering, gets its client a 503.
-    """
-
-    def __init__(self, handler: ConnectHandler) -> None:
-        self._handler = handler
-
-    async def accept(self, conn: socket.socket, context: ssl.SSLContext, handshake_timeout: float) -> _H2Session:
-        """Server-side TLS on an accepted socket; the session is not served until `serve()`, so
-        the caller can check the client's certificate (`tls_object()`) first. ssl.SSLError,
-        OSError or TimeoutError if the handshake fails; the socket is then closed."""
-        session = self._session()
-        try:
-            # (uvloop returns its TLS protocol, not ours, as the second value)
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: session, conn, ssl=context, ssl_handshake_timeout=handshake_timeout)
-        except BaseException:
-            conn.close()
-            raise
-        return session
-
-    async def serve(self, session: _H2Session) -> None:
-        """Serves an accepted session until its connection ends, then cancels its handlers."""
-        session.start()
-        try:
-            await session.wait_closed()
-        finally:
-            session.close()
-            for task in session.handlers:
-                task.cancel()
-            await asyncio.gather(*session.handlers, return_exceptions=True)
-
-    async def listen(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
-        """Serves every TLS connection to host:port, however its certificate (a standalone
-        server, as tests use; the ztunnel accepts and checks connections itself)."""
-        return await asyncio.get_running_loop().create_server(
-            lambda: self._session(autostart=True), host, port, ssl=context, reuse_address=True)
-
-    def _session(self, autostart: bool = False) -> _H2Session:
-        def on_request(stream: HboneStream, headers: list[tuple[str, str]]) -> None:
-            tls = session.tls_object()
-            peer_cert = tls.getpeercert(binary_form=True) if tls is not None else None
-            try:
-                request = ConnectRequest.parse(headers, stream.stream_id, peer_cert)
-            except ValueError as e:
-                log.info(
-                    "hbone.bad_request peer=%s stream=%d reason=%r", session.peer, stream.stream_id, str(e)
-                )
-                session.answer(stream, 400, str(e))
-                return
-            task = asyncio.create_task(self._run(request, Responder(session, stream), stream))
-            session.handlers.add(task)
-            task.add_done_callback(session.handlers.discard)
-
-        def on_close(session: _H2Session) -> None:
-            for task in session.handlers:
-                task.cancel()
-
-        session = _H2Session(client_side=False, on_request=on_request, on_close=on_close, autostart=autostart)
-        return session
-
-    async def _run(self, request: ConnectRequest, responder: Responder, stream: HboneStream) -> None:
-        try:
-            await self._handler(request, responder)
-        except Exception as e:
-            where = (request.authority, request.stream_id)
-            if isinstance(e, ConnectionError):  # the client or the connection went away: routine
-                log.info("hbone.handler_reset authority=%s stream=%d error=%r", *where, str(e))
-            else:
-                log.exception("hbone.handler_failed authority=%s stream=%d", *where)
-            responder.settle(f"the ztunnel failed handling CONNECT {request.authority}")
-        else:
-            responder.settle(f"the ztunnel did not answer CONNECT {request.authority}")
-        finally:
-            stream.close()
