@@ -145,6 +145,19 @@ class AgentCollector:
                                   value=agent.pool.handshakes)
         yield GaugeMetricFamily("amesh_hbone_sessions", "Live pooled HBONE sessions.", value=agent.pool.sessions)
         inbound = agent.inbound_hbone
+        mitigations = CounterMetricFamily("amesh_hbone_mitigations", "HTTP/2 limits HBONE peers crossed (floods, "
+                                          "rapid reset, oversized frames, refused streams, deadlines), by kind.",
+                                          labels=["kind", "side"])
+        for side, counts in (("server", inbound.mitigations if inbound else {}), ("client", agent.pool.mitigations)):
+            for kind, count in sorted(counts.items()):
+                mitigations.add_metric([kind, side], count)
+        yield mitigations
+        suppressed = CounterMetricFamily("amesh_log_lines_suppressed", "Agent log lines not written because "
+                                         "their reason was over its rate (the access log keeps every connection).",
+                                         labels=["reason"])
+        for reason, count in sorted(agent.table.failure_log.suppressed.items()):
+            suppressed.add_metric([reason], count)
+        yield suppressed
         yield CounterMetricFamily("amesh_hbone_unverified_sources", "Inbound CONNECTs whose claimed source "
                                   "(forwarded: for=) is not a workload with the identity the peer proved.",
                                   value=inbound.unverified_sources if inbound else 0)

@@ -7,13 +7,17 @@ The data plane counts bytes with plain integers on the record as they flow; read
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
+from ztunnel.logbound import RateLimitedLog, cut
 from ztunnel.tcpinfo import read_tcp_info
+
+REASON_LIMIT = 512  # characters of a connection's end reason kept (the longest of ours is about 300)
 
 ConnectionState = Literal["connecting", "open", "closed", "failed"]
 EndState = Literal["closed", "failed"]
@@ -107,6 +111,9 @@ class ConnectionTable:
         self._live: dict[int, ConnectionRecord] = {}
         self._recent: deque[ConnectionRecord] = deque(maxlen=closed_capacity)
         self.failures: Counter[str] = Counter()  # failed connections by reason code, since start
+        # The agent's log line per failed connection, at a bounded rate per reason: a flood of
+        # refused connections writes a few lines and a count (the access log keeps them all).
+        self.failure_log = RateLimitedLog(logging.getLogger("amesh.ztunnel"))
 
     def open(
         self,
@@ -142,7 +149,7 @@ class ConnectionTable:
         record.sockets.clear()
         record.abort = None
         record.state = state
-        record.reason = reason
+        record.reason = cut(reason, REASON_LIMIT)  # a peer's text inside a reason must not grow every view
         record.ended = self._clock()
         self._recent.appendleft(record)
         if state == "failed":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections import Counter
 from typing import Callable
 
 from registry.model import RegistryState, Workload
@@ -30,7 +31,11 @@ from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, pars
 from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
 from ztunnel.server import CapturedListener
 from ztunnel.limits import HandshakeLimiter
+from ztunnel.logbound import cut
 from ztunnel.streams import TcpStream, connect_tcp, reset_socket
+
+
+AUTHORITY_LIMIT = 64  # characters of a CONNECT's :authority kept on its record; "ip:port" needs 47 at most
 
 
 class NotLocal(ProxyError):
@@ -90,6 +95,7 @@ class InboundHboneProxy(CapturedListener):
         self._certs = certs
         self._handshakes = handshakes
         self.unverified_sources = 0  # CONNECTs whose forwarded source was not believed
+        self.mitigations: Counter[str] = Counter()  # HTTP/2 limits peers crossed, over all sessions
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -100,7 +106,7 @@ class InboundHboneProxy(CapturedListener):
             # the registry (and its policies) as of this CONNECT: a pooled session outlives many
             await self._tunnel(self._state_getter(), served, client, peer, request, responder)
 
-        server = HboneServer(handle)
+        server = HboneServer(handle, mitigations=self.mitigations)
         session = None
         refused = self._handshakes.admit(peer[0])
         try:
@@ -137,7 +143,7 @@ class InboundHboneProxy(CapturedListener):
         if claimed is not None and (source is None or source.ip != claimed):
             self.unverified_sources += 1
         # HBONE carries the client's address (forwarded: for=) but not its port: 0 says unknown.
-        record = self._table.open(source.ip if source else peer[0], 0, request.authority,
+        record = self._table.open(source.ip if source else peer[0], 0, cut(request.authority, AUTHORITY_LIMIT),
                                   source.key if source else None, direction="inbound")
         record.security, record.source_identity = "mtls", client.uri
         record.upstream, record.upstream_workload = hostport(served.ip, request.port), served.key

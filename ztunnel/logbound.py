@@ -59,7 +59,8 @@ class RateLimitedLog:
         self._pending: Counter[str] = Counter()  # dropped since the last line of each reason
         self.suppressed: Counter[str] = Counter()
 
-    def log(self, level: int, reason: str, message: str, *args: Any, exc_info: bool = False) -> bool:
+    def log(self, level: int, reason: str, message: str, *args: Any,
+            exc_info: bool | BaseException = False) -> bool:
         """Writes `message % args` at `level` unless `reason` is over its rate; True if written."""
         if not self._logger.isEnabledFor(level):
             return False

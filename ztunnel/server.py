@@ -15,6 +15,7 @@ from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable, Direction, EndState
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import hostport
+from ztunnel.logbound import cut
 from ztunnel.streams import Stream, no_delay, reset_socket, splice
 
 log = logging.getLogger("amesh.ztunnel")
@@ -127,7 +128,8 @@ class CapturedListener:
         except Exception:
             # A bug, or a failure no path expected (the paths end their own records): the
             # client must not wait on a half-served connection.
-            log.exception("conn.unexpected_error src=%s dst=%s", hostport(*peer), hostport(*destination))
+            self._table.failure_log.log(logging.ERROR, "conn.unexpected_error", "conn.unexpected_error src=%s dst=%s",
+                            hostport(*peer), hostport(*destination), exc_info=True)
             reset_socket(conn)
             self._table.failures["internal"] += 1
 
@@ -212,13 +214,15 @@ class CapturedListener:
         self._table.close(record, state, reason, code)
         # Every connection is in the access log and the metrics; the agent's own log says only
         # what failed, unless asked for more (--log-level debug).
-        level = logging.INFO if state == "failed" else logging.DEBUG
-        if log.isEnabledFor(level):
-            log.log(level, "conn.close %s", log_fields(record))
+        if state == "failed":
+            self._table.failure_log.log(logging.INFO, f"conn.close {record.failure}", "conn.close %s", LazyFields(record))
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("conn.close %s", log_fields(record))
 
     def end_unexpected(self, record: ConnectionRecord, error: Exception) -> None:
         """Ends a connection that an unexpected exception broke, with the traceback in the log."""
-        log.error("conn.unexpected_error conn=%d", record.id, exc_info=error)
+        self._table.failure_log.log(logging.ERROR, "conn.unexpected_error", "conn.unexpected_error conn=%d", record.id,
+                        exc_info=error)
         self.end(record, "failed", f"internal error in the ztunnel: {type(error).__name__}: {error}", "internal")
 
 
@@ -245,6 +249,16 @@ def log_fields(record: ConnectionRecord) -> str:
     return " ".join(f"{k}={_quote(v)}" for k, v in pairs.items() if v is not None)
 
 
+class LazyFields:
+    """A record's log fields, formatted only if the line is written."""
+
+    def __init__(self, record: ConnectionRecord) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return log_fields(self.record)
+
+
 def _quote(value: object) -> str:
-    text = str(value)
+    text = cut(str(value))  # a peer's :authority or error text must not grow the log
     return f'"{text}"' if " " in text or '"' in text else text

@@ -25,6 +25,7 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.hbone import HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA
 from ztunnel.outbound import MeshTransport, OutboundProxy
+from ztunnel.logbound import LOG_BURST
 from ztunnel.routing import LoopError, Router, Upstream, guard_self_loop
 
 VIP = "10.96.0.10"
@@ -266,6 +267,24 @@ def test_the_agent_log_names_failed_connections_only(caplog: pytest.LogCaptureFi
     run(test)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conn.")]
     assert len(lines) == 1 and "state=failed" in lines[0] and "refused" in lines[0], lines
+
+
+def test_a_flood_of_failed_connections_writes_a_few_log_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="amesh.ztunnel")
+
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([free_port()])
+        for _ in range(40):
+            reader, writer = await asyncio.open_connection(*address)
+            await expect_reset(reader)
+            writer.close()
+        await bed.finish()
+
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conn.close")]
+        assert len(lines) <= LOG_BURST + 2, lines  # the burst, and what the rate refilled meanwhile
+        assert bed.table.failure_log.suppressed["conn.close connect_refused"] == 40 - len(lines)
+
+    run(test)
 
 
 def test_route_error_resets_client_and_names_the_cause() -> None:
