@@ -150,7 +150,7 @@ class InboundHboneProxy(CapturedListener):
         record.destination_identity = workload_identity(served, self._certs.trust_domain).uri
         try:
             if request.host != served.ip:
-                raise NotLocal("wrong_authority", f"CONNECT {request.authority} names another address than "
+                raise NotLocal("wrong_authority", f"CONNECT {cut(request.authority, AUTHORITY_LIMIT)} names another address than "
                                                   f"{served.ip} ({served.key}), whose HBONE port this "
                                                   "connection was made to: only the port may differ")
             self.admit(state, record, Connection(source.ip if source else None, client, served, request.port,

@@ -6,8 +6,6 @@ import socket
 import time
 from typing import Callable
 
-from pyroute2 import IPRoute
-
 # Not exported by Python's socket module; from <linux/in.h>.
 IP_TRANSPARENT = 19
 
@@ -33,20 +31,36 @@ def transparent_listener(port: int, backlog: int = 4096, host: str = "0.0.0.0") 
 
 
 class NodeAddresses:
-    """This network namespace's own IPv4 addresses, read over netlink at most once per
-    `max_age` seconds: the outbound listener asks only for connections to the ztunnel's own
-    ports, so a refresh per second bounds the cost and still follows address changes."""
+    """This network namespace's own IPv4 addresses, read at most once per `max_age` seconds:
+    the outbound listener asks only for connections to the ztunnel's own ports, so a refresh per
+    second bounds the cost and still follows address changes. Read from /proc/net/fib_trie (the
+    kernel's local routes), a file read on the event loop's thread, where netlink libraries that
+    run their own event loop cannot be used."""
 
-    def __init__(self, max_age: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_age: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 path: str = "/proc/net/fib_trie") -> None:
         self._max_age = max_age
         self._clock = clock
+        self._path = path
         self._addresses: frozenset[str] = frozenset()
         self._read_at: float | None = None
 
     def __call__(self) -> frozenset[str]:
         now = self._clock()
         if self._read_at is None or now - self._read_at >= self._max_age:
-            with IPRoute() as ipr:
-                self._addresses = frozenset(str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET))
+            with open(self._path) as trie:
+                self._addresses = local_addresses(trie.read())
             self._read_at = now
         return self._addresses
+
+
+def local_addresses(fib_trie: str) -> frozenset[str]:
+    """The addresses /proc/net/fib_trie lists as local ("|-- 10.0.0.1" then "/32 host LOCAL")."""
+    found, last = set(), ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|-- "):
+            last = text[4:]
+        elif text == "/32 host LOCAL" and last:
+            found.add(last)
+    return frozenset(found)

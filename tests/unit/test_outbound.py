@@ -25,6 +25,7 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.hbone import HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA
 from ztunnel.outbound import MeshTransport, OutboundProxy
+from ztunnel.listener import NodeAddresses
 from ztunnel.logbound import LOG_BURST
 from ztunnel.routing import LoopError, Router, Upstream, guard_self_loop
 
@@ -442,3 +443,33 @@ def test_table_keeps_a_bounded_newest_first_history() -> None:
     assert first["duration"] == 5.0  # opened at tick 1, closed at tick 6 of the fake clock
     with pytest.raises(ValueError, match="not live"):
         table.close(records[0], "closed", "closed")
+
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 10.244.1.0/24 2 0 2
+        |-- 10.244.1.0
+           /24 link UNICAST
+        |-- 10.244.1.1
+           /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 127.0.0.1
+        /32 host LOCAL
+     |-- 172.18.0.11
+        /32 host LOCAL
+"""
+
+
+def test_the_nodes_own_addresses_are_its_local_routes(tmp_path: Path) -> None:
+    trie = tmp_path / "fib_trie"
+    trie.write_text(FIB_TRIE)
+    now = [0.0]
+    addresses = NodeAddresses(max_age=1.0, clock=lambda: now[0], path=str(trie))
+    assert addresses() == {"10.244.1.1", "127.0.0.1", "172.18.0.11"}
+    trie.write_text(FIB_TRIE.replace("172.18.0.11", "172.18.0.12"))
+    assert "172.18.0.11" in addresses()  # read at most once per second
+    now[0] = 1.0
+    assert "172.18.0.12" in addresses() and "172.18.0.11" not in addresses()
