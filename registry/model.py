@@ -99,6 +99,7 @@ class RegistryState:
         object.__setattr__(self, "_by_ip", {w.ip: w for w in self.workloads if w.ip})
         object.__setattr__(self, "_by_vip", {s.cluster_ip: s for s in self.services if s.cluster_ip})
         object.__setattr__(self, "_by_key", {w.key: w for w in self.workloads})
+        object.__setattr__(self, "_services_by_key", {s.key: s for s in self.services})
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self._by_ip.get(ip)  # type: ignore[attr-defined]
@@ -109,6 +110,10 @@ class RegistryState:
 
     def service_by_ip(self, ip: str) -> Service | None:
         return self._by_vip.get(ip)  # type: ignore[attr-defined]
+
+    def service_by_key(self, key: str) -> Service | None:
+        """The Service "namespace/name"."""
+        return self._services_by_key.get(key)  # type: ignore[attr-defined]
 
     def enrolled_on(self, node: str) -> tuple[Workload, ...]:
         """Enrolled workloads scheduled on `node` that have an address."""
