@@ -1,7 +1,9 @@
 """The workload and service model every registry source produces and the ztunnel reads.
 
 A source builds a whole `RegistryState` and swaps it in at once, so readers always see one
-consistent snapshot and never a half-applied change.
+consistent snapshot and never a half-applied change. Registrations (registry/registrations.py)
+are layered on a source's state change by change instead: their `MergedState` is a RegistryState
+too, whose indexes are persistent maps shared between one snapshot and the next.
 """
 
 from __future__ import annotations

@@ -229,8 +229,8 @@ class RegistrationStore:
         # (a heartbeat keeps a registration's place; registering again puts it last).
         self._by_service: dict[str, dict[str, Registration]] = {}
         self._by_address: dict[str, dict[str, Registration]] = {}
-        # (expires at, key), a heap; an entry whose registration has had a heartbeat since is
-        # stale and skipped when it comes to the top.
+        # (expires at, key), a heap; an entry whose registration has had a heartbeat since, or
+        # is gone, is stale and skipped when it comes to the top.
         self._expiries: list[tuple[float, str]] = []
         # key -> (the registration as last known, whether it took a new place in its order):
         # the changes since the last `take_changes`.
@@ -319,12 +319,13 @@ class RegistrationStore:
         """Each registration changed since the last call (registered, deregistered, revived or
         expired), as last known, with whether it took a new place in the registration order."""
         now = self._clock()
-        self._drop_stale_expiries(now)
         while self._expiries and self._expiries[0][0] < now:
             _, key = heapq.heappop(self._expiries)
-            registration = self._by_key.get(key)
+            registration = self._by_key.get(key)  # None, or healthy after a heartbeat: a stale entry
             if registration is not None and not registration.healthy(now) and key not in self._changes:
                 self._changes[key] = (registration, False)
+        if not self._changes:  # the usual case: read for every connection
+            return []
         changes, self._changes = list(self._changes.values()), {}
         return changes
 
@@ -334,16 +335,14 @@ class RegistrationStore:
         self._by_service.setdefault(registration.service_key, {})[key] = registration
         self._by_address.setdefault(registration.address, {})[key] = registration
         heapq.heappush(self._expiries, (registration.expires_at, key))
-        self._drop_stale_expiries(self._clock())
+        self._compact_expiries()
 
-    def _drop_stale_expiries(self, now: float) -> None:
-        """Keeps the heap's top current, and the heap at most about twice the registrations:
-        rebuilt (in one pass) when heartbeats have left as many stale entries as live ones."""
-        heap = self._expiries
-        while heap and (self._by_key.get(heap[0][1]) is None or self._by_key[heap[0][1]].expires_at != heap[0][0]):
-            heapq.heappop(heap)
-        if len(heap) > 2 * len(self._by_key) + 1024:
-            self._expiries = [(r.expires_at, r.key) for r in self._by_key.values() if r.healthy(now)]
+    def _compact_expiries(self) -> None:
+        """Keeps the heap at most about twice the registrations: rebuilt in one pass (O(n),
+        ~5 ms at 10,000) once heartbeats have left more stale entries than live ones, so at most
+        once per 1,024 + n heartbeats."""
+        if len(self._expiries) > 2 * len(self._by_key) + 1024:
+            self._expiries = [(r.expires_at, r.key) for r in self._by_key.values()]
             heapq.heapify(self._expiries)
 
 

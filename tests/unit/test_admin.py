@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -114,4 +115,35 @@ def test_a_registration_made_through_the_api_is_looked_up_and_routed(agent):
         assert beaten.status == 200 and len(await beaten.json()) == 1
         assert (await client.delete("/registrations/shop/billing")).status == 200
         assert agent.state.service_by_ip("10.96.0.30").endpoints == ()
+    against(agent, check)
+
+
+def random_json(rng: random.Random, depth: int = 0) -> object:
+    """A JSON value of the kinds a hostile client sends: the right fields with wrong values."""
+    kind = rng.randrange(8 if depth < 4 else 5)
+    if kind == 0:
+        return rng.choice([None, True, False, 0, -1, 2**64, 1.5, float("inf"), 2130706433])
+    if kind in (1, 2):
+        return rng.choice(["", "billing", "127.0.0.1", "192.168.7.20", "10.0.0.1:80", "30s", "\u0000", "é" * 70,
+                           "1e309", "-5s", "224.0.0.1", "Billing"])
+    if kind in (3, 4):
+        return rng.choice([8080, 15008, 65536, "8080", 30, "1h", "0.0.0.0"])
+    if kind == 5:
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(3))]
+    fields = list(VM) + ["ttl", "version", "service_account", "extra"]
+    return {rng.choice(fields): random_json(rng, depth + 1) for _ in range(rng.randrange(7))}
+
+
+def test_random_bodies_never_answer_500(agent):
+    rng = random.Random(11)
+
+    async def check(client: TestClient) -> None:
+        for _ in range(300):
+            body = random_json(rng)
+            if isinstance(body, dict) and rng.random() < 0.7:
+                body = {**VM, **body}  # mostly good fields, some of them spoilt
+            text = json.dumps(body)  # NaN and Infinity included, as Python's json reads them
+            response = await client.post("/registrations", data=text)
+            assert response.status in (201, 400, 409), (text, response.status, await response.text())
+            assert "error" in await response.json() or response.status == 201
     against(agent, check)

@@ -282,3 +282,21 @@ def test_the_state_kept_by_change_equals_a_full_merge_after_any_sequence(seed):
         if rng.random() < 0.5:  # changes pile up between reads, or not
             assert_same(merged.state(base), full_merge(base, [store.get(k) for k in order], clock.now))
     assert_same(merged.state(base), full_merge(base, [store.get(k) for k in order], clock.now))
+
+
+def test_an_expiry_is_noticed_however_many_heartbeats_came_before_it():
+    clock = Clock()
+    store = RegistrationStore(clock)
+    merged = MergedRegistry(store, clock)
+    base = RegistryState(services=(WEB,))
+    store.register({**VM, "ttl": 1})
+    store.register({**VM, "address": "192.168.7.21", "ttl": 30})
+    assert merged.state(base).workload_by_ip("192.168.7.20").ready
+    clock.now += 2  # the first expires, unseen yet, while the second's heartbeats pile up
+    for _ in range(3000):
+        clock.now += 0.001
+        store.heartbeat("shop", "billing", "192.168.7.21:8443")
+    state = merged.state(base)
+    assert not state.workload_by_ip("192.168.7.20").ready and state.workload_by_ip("192.168.7.21").ready
+    clock.now += 31
+    assert not merged.state(base).workload_by_ip("192.168.7.21").ready

@@ -1,0 +1,149 @@
+"""What a registration costs the agent: the worst event-loop stall and the CPU per
+registration while registrations arrive at an agent that already holds thousands.
+
+    python -m bench.registrations [--before REV] [--count 10000] [--measured 300] [--rounds 2]
+
+Each run starts a real agent's admin API (NodeAgent + AdminServer, no BPF) in its own process,
+with a registry file of one Service, and fills it with `count` - `measured` registrations
+(100 names of 100 instances) made in-process. Then this process registers the last `measured`
+ones one after another over HTTP, while the agent's loop plays the connections: a task that
+every 1 ms reads the agent's state and looks a Service up, as each captured connection does.
+Its lateness is the stall every connection on the node would see. The code at REV (default
+where this branch left main, as `git archive` gives it) and this tree's run interleaved, `rounds` times each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import http.client
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TREE = Path(__file__).resolve().parent.parent
+PORT = 15990  # the admin API of the agent under test, on 127.0.0.1
+SERVICE_IP = "10.96.0.30"
+REGISTRY = f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: svc-0, namespace: shop}}
+spec: {{clusterIP: {SERVICE_IP}, ports: [{{port: 80, targetPort: 8080}}]}}
+"""
+TICK = 0.001  # seconds between the stand-in connections' state reads
+
+
+def spec(i: int) -> dict:
+    """Registration number `i`: 100 names, each with instances at distinct addresses."""
+    return {"name": f"svc-{i % 100}", "namespace": "shop", "address": f"10.1.{i // 250}.{i % 250 + 1}",
+            "port": 8080, "ttl": "1h"}
+
+
+async def serve(count: int, measured: int, workdir: Path) -> None:
+    """The agent side: preloads, serves, and prints its figures when stdin says stop."""
+    from agent.admin import AdminServer  # from the tree on sys.path[0]
+    from agent.config import AgentConfig
+    from agent.node import NodeAgent
+
+    registry = workdir / "registry.yaml"
+    registry.write_text(REGISTRY)
+    agent = NodeAgent(AgentConfig(node="node-1", registry_file=registry, ca_dir=workdir / "ca", admin_port=PORT))
+    agent.registry.load()
+    for i in range(count - measured):
+        agent.registrations.register(spec(i))
+    agent.state.service_by_ip(SERVICE_IP)  # the preload applied before measuring
+    admin = AdminServer(agent)
+    await admin.start(PORT)
+    gc.collect()
+    gc.freeze()  # as the agent does once started
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    stalls, reads = [], []
+
+    async def connections() -> None:
+        while True:
+            start = time.perf_counter()
+            agent.state.service_by_ip(SERVICE_IP)
+            reads.append(time.perf_counter() - start)
+            await asyncio.sleep(TICK)
+            stalls.append(time.perf_counter() - start - TICK)
+
+    ticker = asyncio.create_task(connections())
+    cpu = time.process_time()
+    print("ready", flush=True)
+    await stdin.readline()
+    cpu = time.process_time() - cpu
+    ticker.cancel()
+    await admin.stop()
+    stalls.sort()
+    print(json.dumps({"stall_max_ms": stalls[-1] * 1e3, "stall_p99_ms": stalls[len(stalls) * 99 // 100] * 1e3,
+                      "state_read_max_ms": max(reads) * 1e3, "cpu_ms": cpu * 1e3,
+                      "agent": sys.modules["agent.node"].__file__}), flush=True)
+
+
+def run(tree: Path, count: int, measured: int) -> dict:
+    """One run against the agent code in `tree`: its figures and the client's."""
+    with tempfile.TemporaryDirectory() as workdir:
+        agent = subprocess.Popen([sys.executable, "-m", "bench.registrations", "--serve", str(tree), workdir,
+                                  str(count), str(measured)], cwd=TREE, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert agent.stdout.readline().strip() == "ready"
+            client = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+            latencies = []
+            for i in range(count - measured, count):
+                start = time.perf_counter()
+                client.request("POST", "/registrations", json.dumps(spec(i)), {"Content-Type": "application/json"})
+                response = client.getresponse()
+                response.read()
+                latencies.append(time.perf_counter() - start)
+                assert response.status == 201, response.status
+            agent.stdin.write("stop\n")
+            agent.stdin.flush()
+            figures = json.loads(agent.stdout.readline())
+        finally:
+            agent.kill()  # our own child, by its handle
+            agent.wait()
+    return {**figures, "latency_mean_ms": sum(latencies) / len(latencies) * 1e3,
+            "cpu_per_registration_ms": figures["cpu_ms"] / measured}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", help="the git revision to compare with (default: where this branch left main)")
+    parser.add_argument("--count", type=int, default=10_000, help="registrations the agent ends with")
+    parser.add_argument("--measured", type=int, default=300, help="the last ones, made over HTTP and measured")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # TREE WORKDIR COUNT MEASURED: the agent side
+    args = parser.parse_args()
+    if args.serve:
+        tree, workdir, count, measured = args.serve
+        sys.path.insert(0, tree)
+        import uvloop  # the agent's default event loop
+        uvloop.run(serve(int(count), int(measured), Path(workdir)))
+        return
+    revision = args.before or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=TREE, check=True,
+                                             capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as before:
+        archive = subprocess.run(["git", "archive", revision, "agent", "registry", "ztunnel", "bpf"],
+                                 cwd=TREE, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)
+        print(f"{args.measured} registrations over HTTP into an agent holding {args.count - args.measured}")
+        print(f"{'code':<8} {'stall max':>10} {'stall p99':>10} {'state read max':>15} {'CPU/registration':>17} "
+              f"{'latency mean':>13}")
+        for _ in range(args.rounds):
+            for name, tree in ((revision[:8], Path(before)), ("this", TREE)):
+                f = run(tree, args.count, args.measured)
+                assert f["agent"].startswith(str(tree)), f["agent"]
+                print(f"{name:<8} {f['stall_max_ms']:>8.2f}ms {f['stall_p99_ms']:>8.2f}ms "
+                      f"{f['state_read_max_ms']:>13.2f}ms {f['cpu_per_registration_ms']:>15.3f}ms "
+                      f"{f['latency_mean_ms']:>11.3f}ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
