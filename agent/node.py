@@ -91,7 +91,7 @@ class NodeAgent:
     @property
     def state(self) -> RegistryState:
         """The registry snapshot the ztunnel routes by: the source's last good state plus the
-        registrations. Read for every connection: it costs nothing while neither changes, and a
+        registrations. Read for every connection: a clock read and a heap peek while neither changes; a
         registration change (or expiry) costs that change, not a rebuild (registry/registrations.py)."""
         return self._merged.state(self.registry.state or EMPTY_STATE)
 

@@ -38,21 +38,23 @@ FIELDS = ("name", "address", "port", "version", "namespace", "service_account", 
 # The ztunnel's own ports: admin API, outbound, inbound plaintext, HBONE, metrics, readiness
 # (the agent passes the ones it was started with). A registration on one of them, at any
 # address, would make the ztunnel connect to itself (a loop, or the loopback-only admin API
-# reached from a pod) or to another node's agent rather than to a workload; no workload may
-# serve there, as no pod may under Istio's ambient mode.
+# reached from a pod) or to another node's agent rather than to a workload. Istio reserves
+# these ports from applications the same way.
 RESERVED_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021})
 # Addresses a registration may never name, with the reason: none of them is a workload another
 # node can reach, and the ztunnel, connecting from the node itself, would reach the node's own
 # services (loopback), a cloud's metadata service (link-local 169.254.169.254) or no one.
 # 0.0.0.0/8 ("this network", RFC 1122 3.2.1.3) and 240.0.0.0/4 (reserved, RFC 1112) are never
 # destinations; 255.255.255.255 is the limited broadcast address.
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _REFUSED_ADDRESSES = (
     (lambda a: a.is_unspecified, "the unspecified address"),
-    (lambda a: a in ipaddress.IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 ('this network')"),
+    (lambda a: a in _THIS_NETWORK, "in 0.0.0.0/8 ('this network')"),
     (lambda a: a.is_loopback, "a loopback address"),
     (lambda a: a.is_link_local, "a link-local address (where cloud metadata services answer)"),
     (lambda a: a.is_multicast, "a multicast address"),
-    (lambda a: a == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address"),
+    (lambda a: a == _BROADCAST, "the broadcast address"),
     (lambda a: a.is_reserved, "a reserved address (240.0.0.0/4)"),
 )
 
@@ -352,12 +354,13 @@ class MergedState(RegistryState):
     Service, read only by listings and counts, are built on first read."""
 
     _base: RegistryState
-    _registered_workloads: immutables.Map  # address -> the workload registered there
-    _registered_workload_keys: immutables.Map  # the same by workload key
-    _registered_services: immutables.Map  # "namespace/name" -> a base Service with endpoints added, or a headless one
+    _registered_workloads: immutables.Map[str, Workload]  # address -> the workload registered there
+    _registered_workload_keys: immutables.Map[str, Workload]  # the same by workload key
+    # "namespace/name" -> a base Service with registered endpoints added, or a headless one
+    _registered_services: immutables.Map[str, Service]
 
-    def __init__(self, base: RegistryState, workloads: immutables.Map, workload_keys: immutables.Map,
-                 services: immutables.Map) -> None:
+    def __init__(self, base: RegistryState, workloads: immutables.Map[str, Workload],
+                 workload_keys: immutables.Map[str, Workload], services: immutables.Map[str, Service]) -> None:
         for name, value in (("generation", base.generation), ("_base", base), ("_registered_workloads", workloads),
                             ("_registered_workload_keys", workload_keys), ("_registered_services", services)):
             object.__setattr__(self, name, value)
@@ -394,8 +397,9 @@ class MergedState(RegistryState):
 class MergedRegistry:
     """The registry state of a base state plus a store's registrations, kept current by change:
     each registration change touches its one Service and its one address, and the next
-    snapshot shares everything else with the last. Only a new base state (the file or the API
-    server changed) makes it rebuild every registered Service, as their ports come from it."""
+    snapshot shares everything else with the last. A new base state (the file or the API server
+    changed) rebuilds only the registered Services whose Service in it changed (their ports and
+    first endpoints come from it): a pod's churn costs nothing here."""
 
     def __init__(self, store: RegistrationStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -405,9 +409,9 @@ class MergedRegistry:
         # "namespace/name" -> registration key -> its endpoint, in registration order
         self._endpoints: dict[str, dict[str, Endpoint]] = {}
         self._headless_ports: dict[str, Counter[int]] = {}  # "namespace/name" -> port -> instances
-        self._workloads: immutables.Map = immutables.Map()  # address -> Workload
-        self._workload_keys: immutables.Map = immutables.Map()  # workload key -> Workload
-        self._services: immutables.Map = immutables.Map()  # "namespace/name" -> Service
+        self._workloads: immutables.Map[str, Workload] = immutables.Map()  # by address
+        self._workload_keys: immutables.Map[str, Workload] = immutables.Map()  # by workload key
+        self._services: immutables.Map[str, Service] = immutables.Map()  # by "namespace/name"
 
     def state(self, base: RegistryState) -> RegistryState:
         """`base` with every registration added as a workload and an endpoint of its Service."""
@@ -415,18 +419,20 @@ class MergedRegistry:
         if base is self._base and not changes and self._snapshot is not None:
             return self._snapshot
         now = self._clock()
-        services = {registration.service_key for registration, _ in changes}
-        if base is not self._base:
-            self._base = base
-            self._endpoints.clear()
-            self._headless_ports.clear()
-            services |= set(self._services.keys()) | set(self._store.service_keys())
-            for service_key in services:
+        rebuilt: set[str] = set()
+        if base is not self._base:  # the registered Services whose base Service changed start again from it
+            old, self._base = self._base, base
+            rebuilt = {key for key in self._store.service_keys()
+                       if old is None or old.service_by_key(key) != base.service_by_key(key)}
+            for service_key in rebuilt:
+                self._endpoints.pop(service_key, None)
+                self._headless_ports.pop(service_key, None)
                 for registration in self._store.of_service(service_key):
                     self._change_endpoint(registration, True, now)
-        else:
-            for registration, placed in changes:
+        for registration, placed in changes:
+            if registration.service_key not in rebuilt:
                 self._change_endpoint(registration, placed, now)
+        services = rebuilt | {registration.service_key for registration, _ in changes}
         with self._services.mutate() as changed_services:
             for service_key in services:
                 service = self._service(service_key)

@@ -252,6 +252,7 @@ def test_the_state_kept_by_change_equals_a_full_merge_after_any_sequence(seed):
     merged = MergedRegistry(store, clock)
     two_ports = replace(WEB, ports=(ServicePort(80, "http", "http"), ServicePort(443, "https", "https")))
     bases = [RegistryState(), RegistryState(workloads=(POD,), services=(WEB,)),
+             RegistryState(workloads=(POD,), services=(replace(WEB),)),  # a new state, equal Services
              RegistryState(workloads=(replace(POD, ip="192.168.7.1"),), services=(two_ports,))]
     base = rng.choice(bases)
     order: list[str] = []  # registration keys, in registration order: the reference
@@ -300,3 +301,19 @@ def test_an_expiry_is_noticed_however_many_heartbeats_came_before_it():
     assert not state.workload_by_ip("192.168.7.20").ready and state.workload_by_ip("192.168.7.21").ready
     clock.now += 31
     assert not merged.state(base).workload_by_ip("192.168.7.21").ready
+
+
+def test_a_new_base_state_rebuilds_only_the_registered_services_whose_service_changed():
+    clock = Clock()
+    store = RegistrationStore(clock)
+    merged = MergedRegistry(store, clock)
+    store.register(VM)
+    store.register({**VM, "name": "ledger"})
+    before = merged.state(RegistryState(workloads=(POD,), services=(WEB,)))
+    pod_moved = merged.state(RegistryState(workloads=(replace(POD, ip="10.244.1.11"),), services=(replace(WEB),)))
+    assert pod_moved.service_by_key("shop/billing") is before.service_by_key("shop/billing")
+    assert pod_moved.service_by_key("shop/ledger") is before.service_by_key("shop/ledger")
+    resized = replace(WEB, ports=(ServicePort(80, "http", "http"),))
+    after = merged.state(RegistryState(services=(resized,)))
+    assert after.service_by_key("shop/billing").endpoints[1].ports == {"http": 8443}
+    assert after.service_by_key("shop/ledger") is before.service_by_key("shop/ledger")
