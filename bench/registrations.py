@@ -6,12 +6,13 @@ call while registrations come, beat and go at an agent that already holds thousa
 Each run starts a real agent's admin API (NodeAgent + AdminServer, no BPF) in its own process,
 with a registry file of one Service, and fills it with `count` - `measured` registrations
 (100 names of 100 instances) made in-process. Then this process registers the last `measured`
-ones one after another over HTTP, sends each a heartbeat and deregisters it, while the agent's loop plays the connections: a task that
-every 1 ms reads the agent's state and looks a Service up, as each captured connection does.
-Its lateness is the stall every connection on the node would see; its lateness over 2 s
-before the calls ("idle") is the machine's own noise. "State CPU" is the most CPU spent in one
-read of the agent's state or one application of a registration change. The code at REV (default
-where this branch left main, as `git archive` gives it) and this tree's run interleaved, `rounds` times each.
+ones one after another over HTTP, sends each a heartbeat and deregisters it, while the agent's
+loop plays the connections: a task that every 1 ms reads the agent's state and looks a Service
+up, as each captured connection does. Its lateness is the stall every connection on the node
+would see; its lateness over 2 s before the calls ("idle") is the machine's own noise. "State
+CPU" is the most CPU spent in one read of the agent's state or one application of a
+registration change. The code at REV (default: where this branch left main, as `git archive`
+gives it) and this tree's run interleaved, `rounds` times each.
 """
 
 from __future__ import annotations
