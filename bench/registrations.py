@@ -108,7 +108,8 @@ async def serve(count: int, measured: int, workdir: Path) -> None:
     ticker.cancel()
     await admin.stop()
     stalls.sort()
-    print(json.dumps({"idle_stall_max_ms": idle * 1e3, "stall_max_ms": stalls[-1] * 1e3, "stall_p99_ms": stalls[len(stalls) * 99 // 100] * 1e3,
+    print(json.dumps({"idle_stall_max_ms": idle * 1e3, "stall_max_ms": stalls[-1] * 1e3,
+                      "stall_p99_ms": stalls[len(stalls) * 99 // 100] * 1e3,
                       "state_cpu_max_ms": max(state_work) * 1e3, "cpu_ms": cpu * 1e3,
                       "agent": sys.modules["agent.node"].__file__}), flush=True)
 
@@ -162,13 +163,15 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)
         print(f"{args.measured} registrations, then a heartbeat and a deregistration of each, over HTTP into an "
               f"agent holding {args.count - args.measured}")
-        print(f"{'code':<8} {'idle stall max':>14} {'stall max':>10} {'stall p99':>10} {'state CPU max':>15} {'CPU/call':>17} "
+        print(f"{'code':<8} {'idle stall max':>14} {'stall max':>10} {'stall p99':>10} {'state CPU max':>15} "
+              f"{'CPU/call':>17} "
               f"{'latency mean':>13}")
         for _ in range(args.rounds):
             for name, tree in ((revision[:8], Path(before)), ("this", TREE)):
                 f = run(tree, args.count, args.measured)
                 assert f["agent"].startswith(str(tree)), f["agent"]
-                print(f"{name:<8} {f['idle_stall_max_ms']:>12.2f}ms {f['stall_max_ms']:>8.2f}ms {f['stall_p99_ms']:>8.2f}ms "
+                print(f"{name:<8} {f['idle_stall_max_ms']:>12.2f}ms {f['stall_max_ms']:>8.2f}ms "
+                      f"{f['stall_p99_ms']:>8.2f}ms "
                       f"{f['state_cpu_max_ms']:>13.2f}ms {f['cpu_per_call_ms']:>15.3f}ms "
                       f"{f['latency_mean_ms']:>11.3f}ms", flush=True)
 

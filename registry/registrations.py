@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import immutables
 
@@ -159,7 +159,7 @@ def parse_address(value: object) -> str:
     return str(address)
 
 
-def parse_port(value: object, reserved: Iterable[int] = RESERVED_PORTS) -> int:
+def parse_port(value: object, reserved: Collection[int] = RESERVED_PORTS) -> int:
     """A workload's port number; RegistrationError for anything else or a ztunnel port."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise RegistrationError(f"port: must be an integer 1-65535, got {shown(value)}")
@@ -173,21 +173,20 @@ def parse_port(value: object, reserved: Iterable[int] = RESERVED_PORTS) -> int:
 def parse_instance(text: str) -> str:
     """"address:port" of a query's instance=, normalised; RegistrationError if it is not one."""
     match = _INSTANCE.match(text)
-    try:
-        if match is None:
-            raise ValueError(text)
-        return f"{ipaddress.IPv4Address(match[1])}:{int(match[2])}"
-    except ValueError:
-        raise RegistrationError(f"instance: must be ADDRESS:PORT like 192.168.7.20:8443, got {shown(text)}") \
-            from None
+    if match is not None and 1 <= int(match[2]) <= 65535:
+        try:
+            return f"{ipaddress.IPv4Address(match[1])}:{int(match[2])}"
+        except ValueError:
+            pass
+    raise RegistrationError(f"instance: must be ADDRESS:PORT like 192.168.7.20:8443, got {shown(text)}")
 
 
-def _validate(spec: Mapping[str, Any], reserved_ports: Iterable[int]) -> dict[str, Any]:
+def _validate(spec: Mapping[str, Any], reserved_ports: Collection[int]) -> dict[str, Any]:
     """The checked fields of a registration request, with defaults; every problem at once."""
     if not isinstance(spec, Mapping):
         raise RegistrationError("the request body must be a JSON object")
     problems = []
-    unknown = sorted(set(spec) - set(FIELDS))
+    unknown = sorted(str(name) for name in set(spec) - set(FIELDS))
     if unknown:
         names = ", ".join(_cut(name) for name in unknown[:_MAX_NAMES_SHOWN])
         more = f" and {len(unknown) - _MAX_NAMES_SHOWN} more" if len(unknown) > _MAX_NAMES_SHOWN else ""

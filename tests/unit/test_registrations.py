@@ -145,7 +145,8 @@ def test_duplicates_conflict_but_more_instances_of_a_name_are_welcome():
 
 
 @pytest.mark.parametrize("instance", ["192.168.7.20", "192.168.7.20:", "192.168.7.300:80", "host:80",
-                                      "192.168.7.20:99999999", "١٩٢.168.7.20:80", "x" * 10_000])
+                                      "192.168.7.20:99999999", "192.168.7.20:0", "192.168.7.20:65536",
+                                      "١٩٢.168.7.20:80", "x" * 10_000])
 def test_a_bad_instance_is_refused_naming_it(instance):
     store = RegistrationStore(Clock())
     store.register(VM)
