@@ -1,10 +1,16 @@
 """The admin API on 127.0.0.1:15000: JSON views of the agent for `ameshctl` (including the
-policies in force and `check`, a policy decision without a packet), and POST /certs/renew. It is bound to loopback (node-local operators only) and never shows key material.
+policies in force and `check`, a policy decision without a packet), POST /certs/renew and the
+registrations. It is bound to loopback (node-local operators only) and never shows key material.
+Whatever a request holds, the answer is a 4xx naming the problem, never a 500: bodies are cut at
+MAX_BODY before they are parsed, JSON too deep for the parser is refused, and query parameters
+are checked before use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -12,7 +18,7 @@ from aiohttp import web
 
 from agent.config import ADMIN_HOST
 from registry.policies import AuthorizationPolicy
-from registry.registrations import RegistrationError
+from registry.registrations import RegistrationError, shown
 from ztunnel.authz import check_between
 
 if TYPE_CHECKING:
@@ -20,13 +26,16 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+MAX_BODY = 64 * 1024  # bytes; a registration is a flat object of a few short fields (~200 bytes)
+_LIMIT = re.compile(r"^[1-9][0-9]{0,8}$")  # ?limit=N: ASCII digits, no more than int() takes at once
+
 
 class AdminServer:
     """Serves the agent's views (GET) and its few operator actions (POST) as JSON."""
 
     def __init__(self, agent: "NodeAgent") -> None:
         self.agent = agent
-        app = web.Application(middlewares=[_registration_errors])
+        app = web.Application(middlewares=[_registration_errors], client_max_size=MAX_BODY)
         app.router.add_get("/status", self._status)
         app.router.add_get("/workloads", self._workloads)
         app.router.add_get("/services", self._services)
@@ -41,6 +50,7 @@ class AdminServer:
         app.router.add_get("/lookup/{namespace}/{name}", self._lookup)
         app.router.add_get("/policies", self._policies)
         app.router.add_get("/check", self._check)
+        self.app = app
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self, port: int) -> None:
@@ -80,10 +90,7 @@ class AdminServer:
         return web.json_response([r.to_dict(now) for r in self.agent.registrations.all()])
 
     async def _register(self, request: web.Request) -> web.Response:
-        try:
-            spec = await request.json()
-        except ValueError as e:
-            raise RegistrationError(f"the request body must be JSON: {e}") from None
+        spec = _json(await _body(request))
         registration = self._registration_call(lambda: self.agent.registrations.register(spec))
         return web.json_response(registration.to_dict(time.time()), status=201)
 
@@ -106,7 +113,7 @@ class AdminServer:
     async def _lookup(self, request: web.Request) -> web.Response:
         """A service's endpoints, from Kubernetes or the file and from registrations, with health."""
         key = f"{request.match_info['namespace']}/{request.match_info['name']}"
-        service = next((s for s in self.agent.state.services if s.key == key), None)
+        service = self.agent.state.service_by_key(key)
         if service is None:
             return web.json_response({"error": f"no service {key}"}, status=404)
         return web.json_response({**_plain(service), "key": key})
@@ -143,8 +150,8 @@ class AdminServer:
     async def _flows(self, request: web.Request) -> web.Response:
         """The capture program's per-flow counters, largest by bytes first; ?limit=N keeps N."""
         limit = request.query.get("limit")
-        if limit is not None and not (limit.isdigit() and int(limit) > 0):
-            raise web.HTTPBadRequest(text=f"limit must be a positive integer, not {limit!r}")
+        if limit is not None and not _LIMIT.match(limit):
+            raise web.HTTPBadRequest(text=f"limit must be a positive integer below 10^9, not {shown(limit)}")
         return web.json_response(await self.agent.flows(int(limit) if limit else None))
 
 
@@ -167,6 +174,26 @@ def policy_view(policy: AuthorizationPolicy, root_namespace: str) -> dict[str, A
     return {"namespace": policy.namespace, "name": policy.name, "key": policy.key, "action": policy.action,
             "scope": scope, "rules": list(policy.summary), "enforced_rules": len(policy.rules),
             "warnings": list(policy.warnings)}
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request's body; 413 beyond MAX_BODY (aiohttp stops reading there, whatever
+    Content-Length said)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RegistrationError(f"the request body is larger than {MAX_BODY // 1024} KiB", 413) from None
+
+
+def _json(body: bytes) -> object:
+    """`body` parsed as JSON (UTF-8, -16 or -32, whatever the Content-Type's charset says)."""
+    try:
+        return json.loads(body)
+    except RecursionError:  # the C parser counts nesting against the interpreter's recursion limit
+        raise RegistrationError("the request body nests JSON too deeply: a registration is one flat object") \
+            from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise RegistrationError(f"the request body must be JSON: {e}") from None
 
 
 def _plain(obj: object) -> dict:

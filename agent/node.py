@@ -35,7 +35,7 @@ from bpf.datapath import NodeDatapath, Slot
 from registry.kubefile import FileSource
 from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
-from registry.registrations import RegistrationStore, merge
+from registry.registrations import MergedRegistry, RegistrationStore
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
@@ -50,6 +50,8 @@ from ztunnel.telemetry import access_log_entry
 log = logging.getLogger("amesh.agent")
 
 T = TypeVar("T")
+
+EMPTY_STATE = RegistryState()  # one object: a new one per read would look like a new base state
 
 LISTENER_PORTS = {
     Slot.OUTBOUND: OUTBOUND_PORT,
@@ -84,23 +86,18 @@ class NodeAgent:
         if config.access_log:
             self.table.on_close.append(_write_access_log)
         self._admin: AdminServer | None = None
-        self.registrations = RegistrationStore()
+        self.registrations = RegistrationStore(reserved_ports={config.admin_port, *LISTENER_PORTS.values(),
+                                                               config.metrics_port, config.readiness_port})
+        self._merged = MergedRegistry(self.registrations)
         self.authorizer = Authorizer(config.mtls_mode, config.root_namespace)
         self._policies_in_force: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
-        self._merged: tuple[tuple[int, int], float | None, RegistryState] | None = None
 
     @property
     def state(self) -> RegistryState:
         """The registry snapshot the ztunnel routes by: the source's last good state plus the
-        registrations. Rebuilt only when either changes or a registration expires, as it is read
-        for every connection."""
-        base = self.registry.state or RegistryState()
-        key = (id(base), self.registrations.generation)
-        now = time.time()
-        if self._merged is None or self._merged[0] != key or (self._merged[1] is not None and now >= self._merged[1]):
-            self._merged = (key, self.registrations.healthy_changes_at(),
-                            merge(base, self.registrations.all(), now))
-        return self._merged[2]
+        registrations. Read for every connection: a clock read and a heap peek while neither changes; a
+        registration change (or expiry) costs that change, not a rebuild (registry/registrations.py)."""
+        return self._merged.state(self.registry.state or EMPTY_STATE)
 
     @property
     def inbound_hbone(self) -> InboundHboneProxy | None:
@@ -109,8 +106,9 @@ class NodeAgent:
         return proxy if isinstance(proxy, InboundHboneProxy) else None
 
     def registrations_changed(self) -> None:
-        """Called after the admin API changed a registration: routing and capture follow at once."""
-        self._reconcile_now.set()
+        """Called after the admin API changed a registration: routing follows at once. (Capture
+        and certificates need nothing: a registered workload is never an enrolled pod.)"""
+        self._merged.state(self.registry.state or EMPTY_STATE)  # applied now, so changes never pile up
 
     def local_enrolled_ips(self) -> list[str]:
         return sorted(w.ip for w in self.state.enrolled_on(self.config.node))
@@ -301,7 +299,7 @@ class NodeAgent:
                 "generation": state.generation,
                 "workloads": len(state.workloads),
                 "services": len(state.services),
-                "registrations": len(self.registrations.all()),
+                "registrations": len(self.registrations),
                 "last_error": self.registry.last_error,
             },
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},

@@ -1,7 +1,9 @@
 """The workload and service model every registry source produces and the ztunnel reads.
 
 A source builds a whole `RegistryState` and swaps it in at once, so readers always see one
-consistent snapshot and never a half-applied change.
+consistent snapshot and never a half-applied change. Registrations (registry/registrations.py)
+are layered on a source's state change by change instead: their `MergedState` is a RegistryState
+too, whose indexes are persistent maps shared between one snapshot and the next.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class RegistryState:
         object.__setattr__(self, "_by_ip", {w.ip: w for w in self.workloads if w.ip})
         object.__setattr__(self, "_by_vip", {s.cluster_ip: s for s in self.services if s.cluster_ip})
         object.__setattr__(self, "_by_key", {w.key: w for w in self.workloads})
+        object.__setattr__(self, "_services_by_key", {s.key: s for s in self.services})
         by_namespace: dict[str, list[AuthorizationPolicy]] = {}
         for policy in self.authorization_policies:
             by_namespace.setdefault(policy.namespace, []).append(policy)
@@ -122,6 +125,10 @@ class RegistryState:
 
     def service_by_ip(self, ip: str) -> Service | None:
         return self._by_vip.get(ip)  # type: ignore[attr-defined]
+
+    def service_by_key(self, key: str) -> Service | None:
+        """The Service "namespace/name"."""
+        return self._services_by_key.get(key)  # type: ignore[attr-defined]
 
     def enrolled_on(self, node: str) -> tuple[Workload, ...]:
         """Enrolled workloads scheduled on `node` that have an address."""

@@ -88,6 +88,8 @@ def test_keepalive_heartbeats_and_deregisters_when_stopped(mesh: Mesh):
     (["--address", "10.0.0.3", "--port", "70000"], "port: must be an integer 1-65535"),
     (["--address", "10.0.0.3", "--port", "8080", "--ttl", "soon"], "ttl: must be a duration"),
     (["--address", "10.0.0.3", "--port", "8080", "-n", "Not_A_Label"], "namespace: must be a DNS label"),
+    (["--address", "127.0.0.1", "--port", "8080"], "address: 127.0.0.1 is a loopback address"),
+    (["--address", "10.0.0.3", "--port", "15000"], "port: 15000 is one of the ztunnel's own ports"),
 ])
 def test_bad_registrations_are_refused_with_a_clear_error_and_change_nothing(mesh: Mesh, args, message):
     before = mesh.ctl(1, "workloads", "-o", "json").stdout
