@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import struct
 import time
@@ -15,7 +16,7 @@ from registry.model import RegistryState
 from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionTable
 from ztunnel.server import CapturedListener
-from ztunnel.streams import TcpStream, connect_tcp, splice
+from ztunnel.streams import ConnectError, TcpStream, connect_tcp, splice
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -150,3 +151,28 @@ def test_kernel_splice_passes_a_reset_on(loop: str) -> None:
             sock.close()
 
     run(loop, body)
+
+
+def test_out_of_descriptors_a_connect_fails_with_a_reason_the_ztunnel_owns() -> None:
+    """EMFILE when the upstream socket is made is our fault, not the upstream's: a ConnectError
+    with reason "resources" (counted, the client reset), never a raw OSError escaping the path."""
+    async def body() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass  # EMFILE: no descriptor left for a socket
+        try:
+            with pytest.raises(ConnectError) as failed:
+                await connect_tcp("127.0.0.1", 9, 1.0)
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert failed.value.reason == "resources" and "Too many open files" in str(failed.value)
+        assert failed.value.info.fault == "local"
+
+    asyncio.run(body())
