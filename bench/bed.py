@@ -7,6 +7,7 @@ so a broken path fails the benchmark instead of producing a fast figure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from tests.bed import Bed, Pod
 
@@ -122,3 +124,23 @@ def write_report(path: Path, records: list[dict], **extra: object) -> Path:
     report = {"machine": machine(), "commit": commit(), **extra, "records": records}
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def configurations_main(doc: str, name: str, configurations: int, run: Callable[[int, float], list[dict]],
+                        table: Callable[[list[dict]], str], argv: list[str] | None) -> int:
+    """The command line of a benchmark that measures `configurations` interleaved: --repeats,
+    --seconds, --quick; prints `table(run(repeats, seconds))` and, unless quick, writes the
+    records to bench/results/<name>-<UTC time>.json."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--quick", action="store_true", help="one short repeat: checks the harness, not speed")
+    args = parser.parse_args(argv)
+    repeats, seconds = (1, 1.0) if args.quick else (args.repeats, args.seconds)
+    print(f"{name} cost: {configurations} configurations x {repeats} repeats, {seconds:g} s per measurement")
+    records = run(repeats, seconds)
+    print(f"\n{table(records)}")
+    if not args.quick:  # quick runs check the harness; their figures are not worth keeping
+        out = write_report(RESULTS / f"{name}-{utc_stamp()}.json", records, quick=False)
+        print(f"\nwritten to {out}")
+    return 0

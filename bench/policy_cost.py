@@ -15,10 +15,9 @@ of each median to "0 policies" and, unless --quick, writes bench/results/policy-
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from bench.bed import RESULTS, cpu_seconds, new_connections, summary, utc_stamp, write_report
+from bench.bed import configurations_main, cpu_seconds, new_connections, summary
 from tests.bed import Bed
 from tests.mesh import Mesh
 
@@ -96,19 +95,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    parser.add_argument("--quick", action="store_true", help="one short repeat: checks the harness, not speed")
-    args = parser.parse_args(argv)
-    repeats, seconds = (1, 1.0) if args.quick else (args.repeats, args.seconds)
-    print(f"policy cost: {len(POLICY_COUNTS)} configurations x {repeats} repeats, {seconds:g} s per measurement")
-    records = run(repeats, seconds)
-    print(f"\n{table(records)}")
-    if not args.quick:
-        out = write_report(RESULTS / f"policy-{utc_stamp()}.json", records, quick=False)
-        print(f"\nwritten to {out}")
-    return 0
+    return configurations_main(__doc__, "policy", len(POLICY_COUNTS), run, table, argv)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ and (unless --quick) writes bench/results/telemetry-<UTC time>.json.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
-from bench.bed import RESULTS, iperf3, new_connections, summary, utc_stamp, write_report
+from bench.bed import configurations_main, iperf3, new_connections, summary
 from tests.bed import Bed
 from tests.mesh import Mesh
 
@@ -84,19 +83,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    parser.add_argument("--quick", action="store_true", help="one short repeat: checks the harness, not speed")
-    args = parser.parse_args(argv)
-    repeats, seconds = (1, 1.0) if args.quick else (args.repeats, args.seconds)
-    print(f"telemetry cost: {len(CONFIGS)} configurations x {repeats} repeats, {seconds:g} s per measurement")
-    records = run(repeats, seconds)
-    print(f"\n{table(records)}")
-    if not args.quick:  # quick runs check the harness; their figures are not worth keeping
-        out = write_report(RESULTS / f"telemetry-{utc_stamp()}.json", records, quick=False)
-        print(f"\nwritten to {out}")
-    return 0
+    return configurations_main(__doc__, "telemetry", len(CONFIGS), run, table, argv)
 
 
 if __name__ == "__main__":

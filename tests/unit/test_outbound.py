@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import socket
 import struct
 import tempfile
@@ -20,6 +19,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
+from tests.unit.descriptors import descriptors_exhausted
 from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.hbone import HboneClientPool
@@ -183,15 +183,7 @@ def test_out_of_descriptors_the_listener_pauses_then_serves_its_backlog(caplog: 
         loop = asyncio.get_running_loop()
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))])
         clients = [socket.socket() for _ in range(2)]
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fillers: list[int] = []
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
-        try:
-            while True:
-                fillers.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass  # EMFILE: the proxy cannot accept now
-        try:
+        with descriptors_exhausted(16):  # the proxy cannot accept now
             for client in clients:
                 client.setblocking(False)
                 client.connect_ex(address)  # completes in the listener's backlog
@@ -199,10 +191,6 @@ def test_out_of_descriptors_the_listener_pauses_then_serves_its_backlog(caplog: 
             assert bed.table.live() == []
             failures = [r.getMessage() for r in caplog.records if "listener.accept_failed" in r.getMessage()]
             assert len(failures) == 1 and "Too many open files" in failures[0], failures  # paused, not spinning
-        finally:
-            for fd in fillers:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for client in clients:  # accepted once the retry delay has passed, and served in full
             with client:
                 await loop.sock_sendall(client, b"hello")

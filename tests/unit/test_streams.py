@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import socket
 import struct
 import time
@@ -13,6 +12,7 @@ import pytest
 import uvloop
 
 from registry.model import RegistryState
+from tests.unit.descriptors import descriptors_exhausted
 from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionTable
 from ztunnel.server import CapturedListener
@@ -157,21 +157,8 @@ def test_out_of_descriptors_a_connect_fails_with_a_reason_the_ztunnel_owns() -> 
     """EMFILE when the upstream socket is made is our fault, not the upstream's: a ConnectError
     with reason "resources" (counted, the client reset), never a raw OSError escaping the path."""
     async def body() -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fillers: list[int] = []
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
-        try:
-            while True:
-                fillers.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass  # EMFILE: no descriptor left for a socket
-        try:
-            with pytest.raises(ConnectError) as failed:
-                await connect_tcp("127.0.0.1", 9, 1.0)
-        finally:
-            for fd in fillers:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with descriptors_exhausted(8), pytest.raises(ConnectError) as failed:  # no descriptor for a socket
+            await connect_tcp("127.0.0.1", 9, 1.0)
         assert failed.value.reason == "resources" and "Too many open files" in str(failed.value)
         assert failed.value.info.fault == "local"
 
