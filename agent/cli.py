@@ -51,7 +51,8 @@ def main(ctx: click.Context, admin: str) -> None:
               type=click.IntRange(1), help="TLS handshakes on the HBONE port under way at once from one address")
 @click.option("--max-handshakes", default=default("max_handshakes"), show_default=True, type=click.IntRange(1),
               help="TLS handshakes on the HBONE port under way at once in all; the excess is refused at once")
-@click.option("--mtls-mode", default=default("mtls_mode"), show_default=True, type=click.Choice(["PERMISSIVE", "STRICT"]),
+@click.option("--mtls-mode", default=default("mtls_mode"), show_default=True,
+              type=click.Choice(["PERMISSIVE", "STRICT"]),
               help="for plaintext reaching enrolled pods whose namespace has no amesh.io/mtls-mode label")
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True,
               help="SPIFFE trust domain of workload identities")

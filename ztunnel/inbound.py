@@ -150,9 +150,9 @@ class InboundHboneProxy(CapturedListener):
         record.destination_identity = workload_identity(served, self._certs.trust_domain).uri
         try:
             if request.host != served.ip:
-                raise NotLocal("wrong_authority", f"CONNECT {cut(request.authority, AUTHORITY_LIMIT)} names another address than "
-                                                  f"{served.ip} ({served.key}), whose HBONE port this "
-                                                  "connection was made to: only the port may differ")
+                raise NotLocal("wrong_authority", f"CONNECT {cut(request.authority, AUTHORITY_LIMIT)} names another "
+                                                  f"address than {served.ip} ({served.key}), whose HBONE port "
+                                                  "this connection was made to: only the port may differ")
             self.admit(state, record, Connection(source.ip if source else None, client, served, request.port,
                                                  "hbone", record.source_workload))
             upstream = await connect_tcp(served.ip, request.port, self._connect_timeout)
