@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from aiohttp import web
 
 from agent.config import ADMIN_HOST
-from registry.policies import AuthorizationPolicy
+from registry.model import AuthorizationPolicy
 from registry.registrations import RegistrationError, shown
 from ztunnel.authz import check_between
 

@@ -28,7 +28,9 @@ from registry.model import (
     ENROLL_NONE,
     MTLS_MODE_LABEL,
     MTLS_MODES,
+    AuthorizationPolicy,
     Endpoint,
+    PeerAuthentication,
     RegistryError,
     RegistryState,
     Service,
@@ -46,12 +48,7 @@ from registry.objects import (
     string_field,
 )
 from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
-from registry.policies import (
-    AuthorizationPolicy,
-    PeerAuthentication,
-    read_authorization_policy,
-    read_peer_authentication,
-)
+from registry.policies import read_authorization_policy, read_peer_authentication
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # how an EndpointSlice names its Service
 PROTOCOLS = ("TCP", "UDP", "SCTP")

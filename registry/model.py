@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
-
-if TYPE_CHECKING:  # registry.policies reads objects through registry.objects, which imports this module
-    from registry.policies import AuthorizationPolicy, PeerAuthentication
+from functools import cached_property
+from typing import Literal, Mapping
 
 ENROLL_LABEL = "amesh.io/dataplane-mode"
 ENROLL_AMBIENT = "ambient"
@@ -89,6 +87,95 @@ class Service:
     def port(self, number: int) -> ServicePort | None:
         """The service port exposed as `number`, if any."""
         return next((p for p in self.ports if p.port == number), None)
+
+
+# --- Istio's security policies, as registry/policies.py reads them and ztunnel/authz.py decides ---
+
+ALLOW, DENY = "ALLOW", "DENY"
+STRICT, PERMISSIVE, UNSET = "STRICT", "PERMISSIVE", "UNSET"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string as Istio matches it: exact, prefix ("abc*"), suffix ("*abc") or present ("*")."""
+
+    text: str
+
+    def matches(self, value: str) -> bool:
+        text = self.text
+        if text == "*":
+            return value != ""  # no identity (plaintext) has no principal or namespace to match
+        if text.endswith("*"):
+            return value.startswith(text[:-1])
+        if text.startswith("*"):
+            return value.endswith(text[1:])
+        return value == text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Match:
+    """One source, operation or condition: its fields are ANDed; each is "one of the values
+    (when listed) and none of the `not` values"."""
+
+    namespaces: tuple[Pattern, ...] = ()
+    not_namespaces: tuple[Pattern, ...] = ()
+    service_accounts: tuple[tuple[str, str], ...] = ()  # (namespace, name)
+    not_service_accounts: tuple[tuple[str, str], ...] = ()
+    principals: tuple[Pattern, ...] = ()  # "cluster.local/ns/shop/sa/web", as Istio writes them
+    not_principals: tuple[Pattern, ...] = ()
+    source_ips: tuple[Network, ...] = ()
+    not_source_ips: tuple[Network, ...] = ()
+    destination_ips: tuple[Network, ...] = ()
+    not_destination_ips: tuple[Network, ...] = ()
+    destination_ports: tuple[int, ...] = ()
+    not_destination_ports: tuple[int, ...] = ()
+
+    @cached_property
+    def empty(self) -> bool:
+        """Lists no field: such a match (an item of only HTTP attributes) matches nothing."""
+        return not any(getattr(self, name) for name in self.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of spec.rules: every clause must hold; a clause holds when one of its matches does."""
+
+    index: int  # its position in spec.rules, for explanations
+    clauses: tuple[tuple[Match, ...], ...]
+
+
+@dataclass(frozen=True)
+class AuthorizationPolicy:
+    namespace: str
+    name: str
+    action: Literal["ALLOW", "DENY"]
+    selector: Mapping[str, str] | None  # matchLabels; None: every workload of its scope
+    rules: tuple[Rule, ...]
+    warnings: tuple[str, ...] = ()
+    summary: tuple[str, ...] = ()  # each rule in short, for `ameshctl policies`
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PeerAuthentication:
+    namespace: str
+    name: str
+    selector: Mapping[str, str] | None
+    mode: str  # STRICT, PERMISSIVE or UNSET (inherit); DISABLE is read as PERMISSIVE
+    port_modes: Mapping[int, str] = field(default_factory=dict)  # workload (target) port -> mode
+    created: str = ""  # metadata.creationTimestamp: at one level, the oldest policy wins
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)

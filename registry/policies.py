@@ -1,8 +1,9 @@
-"""Istio's security policies as amesh enforces them: the L4 subset of AuthorizationPolicy and
-PeerAuthentication (security.istio.io/v1 and v1beta1) that Istio's ambient ztunnel enforces.
+"""Reading Istio's security policies: the L4 subset of AuthorizationPolicy and PeerAuthentication
+(security.istio.io/v1 and v1beta1) that Istio's ambient ztunnel enforces.
 
 `read_authorization_policy` and `read_peer_authentication` turn one object into a frozen value
-or raise a RegistryError naming the object and the field. The shape follows ztunnel's: a policy
+of registry.model or raise a RegistryError naming the object and the field. The shape follows
+ztunnel's: a policy
 is an OR of rules; a rule is an AND of clauses (all `from` items, all `to` items, each `when`
 condition); a clause is an OR of matches; a match ANDs its fields, each field being "any of the
 listed values (or no list) and none of the `not` values". A match with no field matches nothing.
@@ -18,101 +19,24 @@ are for waypoints, not the ztunnel, and are skipped.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
+from registry.model import (
+    ALLOW,
+    DENY,
+    PERMISSIVE,
+    STRICT,
+    UNSET,
+    AuthorizationPolicy,
+    Match,
+    PeerAuthentication,
+    Pattern,
+    Rule,
+)
 from registry.objects import KubeObject, labels_field, list_field, mapping_field, show, string_field
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
-ALLOW, DENY = "ALLOW", "DENY"
-STRICT, PERMISSIVE, UNSET = "STRICT", "PERMISSIVE", "UNSET"
 MAX_SERVICE_ACCOUNTS = 16  # per source, as Istio's validation allows
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A string as Istio matches it: exact, prefix ("abc*"), suffix ("*abc") or present ("*")."""
-
-    text: str
-
-    def matches(self, value: str) -> bool:
-        text = self.text
-        if text == "*":
-            return value != ""  # no identity (plaintext) has no principal or namespace to match
-        if text.endswith("*"):
-            return value.startswith(text[:-1])
-        if text.startswith("*"):
-            return value.endswith(text[1:])
-        return value == text
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclass(frozen=True)
-class Match:
-    """One source, operation or condition: its fields are ANDed; each is "one of the values
-    (when listed) and none of the `not` values"."""
-
-    namespaces: tuple[Pattern, ...] = ()
-    not_namespaces: tuple[Pattern, ...] = ()
-    service_accounts: tuple[tuple[str, str], ...] = ()  # (namespace, name)
-    not_service_accounts: tuple[tuple[str, str], ...] = ()
-    principals: tuple[Pattern, ...] = ()  # "cluster.local/ns/shop/sa/web", as Istio writes them
-    not_principals: tuple[Pattern, ...] = ()
-    source_ips: tuple[Network, ...] = ()
-    not_source_ips: tuple[Network, ...] = ()
-    destination_ips: tuple[Network, ...] = ()
-    not_destination_ips: tuple[Network, ...] = ()
-    destination_ports: tuple[int, ...] = ()
-    not_destination_ports: tuple[int, ...] = ()
-
-    @cached_property
-    def empty(self) -> bool:
-        """Lists no field: such a match (an item of only HTTP attributes) matches nothing."""
-        return not any(getattr(self, name) for name in self.__dataclass_fields__)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One entry of spec.rules: every clause must hold; a clause holds when one of its matches does."""
-
-    index: int  # its position in spec.rules, for explanations
-    clauses: tuple[tuple[Match, ...], ...]
-
-
-@dataclass(frozen=True)
-class AuthorizationPolicy:
-    namespace: str
-    name: str
-    action: Literal["ALLOW", "DENY"]
-    selector: Mapping[str, str] | None  # matchLabels; None: every workload of its scope
-    rules: tuple[Rule, ...]
-    warnings: tuple[str, ...] = ()
-    summary: tuple[str, ...] = ()  # each rule in short, for `ameshctl policies`
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class PeerAuthentication:
-    namespace: str
-    name: str
-    selector: Mapping[str, str] | None
-    mode: str  # STRICT, PERMISSIVE or UNSET (inherit); DISABLE is read as PERMISSIVE
-    port_modes: Mapping[int, str] = field(default_factory=dict)  # workload (target) port -> mode
-    created: str = ""  # metadata.creationTimestamp: at one level, the oldest policy wins
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
 
 # --- AuthorizationPolicy ---
 

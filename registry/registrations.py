@@ -27,8 +27,15 @@ from typing import Any, Callable, Collection, Iterable, Mapping
 
 import immutables
 
-from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
-from registry.policies import AuthorizationPolicy, PeerAuthentication
+from registry.model import (
+    AuthorizationPolicy,
+    Endpoint,
+    PeerAuthentication,
+    RegistryState,
+    Service,
+    ServicePort,
+    Workload,
+)
 
 SOURCE = "registration"
 DEFAULT_NAMESPACE = "default"

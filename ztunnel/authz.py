@@ -25,17 +25,19 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Callable, Literal, Mapping
 
-from registry.model import MTLS_MODES, RegistryState, Workload
-from registry.policies import (
+from registry.model import (
     ALLOW,
     DENY,
+    MTLS_MODES,
     PERMISSIVE,
     STRICT,
     UNSET,
     AuthorizationPolicy,
     Match,
     PeerAuthentication,
+    RegistryState,
     Rule,
+    Workload,
 )
 from ztunnel.errors import ProxyError
 from ztunnel.identity import Identity, workload_identity
