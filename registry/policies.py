@@ -3,10 +3,10 @@
 
 `read_authorization_policy` and `read_peer_authentication` turn one object into a frozen value
 of registry.model or raise a RegistryError naming the object and the field. The shape follows
-ztunnel's: a policy
-is an OR of rules; a rule is an AND of clauses (all `from` items, all `to` items, each `when`
-condition); a clause is an OR of matches; a match ANDs its fields, each field being "any of the
-listed values (or no list) and none of the `not` values". A match with no field matches nothing.
+ztunnel's: a policy is an OR of rules; a rule is an AND of clauses (all `from` items, all `to`
+items, each `when` condition); a clause is an OR of matches; a match ANDs its fields, each field
+being "any of the listed values (or no list) and none of the `not` values". A match with no
+field matches nothing.
 
 What cannot be enforced at L4 is treated as Istio's ambient conversion treats it, with a warning
 on the policy: a rule naming HTTP attributes (methods, paths, hosts, requestPrincipals,
