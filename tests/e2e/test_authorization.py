@@ -101,7 +101,8 @@ def test_the_same_allow_policy_decides_cross_node_and_same_node_connections(mesh
     delivered = [c["source_workload"] for c in mesh.ctl_json(2, "connections") if c["state"] == "closed"]
     assert delivered == ["shop/intruder"], delivered
     outbound = [c for c in mesh.ctl_json(1, "connections") if c["state"] == "failed"]
-    assert any("with 401" in c["reason"] for c in outbound), outbound
+    # the source side counts it as a denial too (the destination answered 401), not an upstream failure
+    assert [c["failure"] for c in outbound if "with 401" in c["reason"]] == ["policy_denied"], outbound
     explained = check(mesh, "client", "server-b")
     assert explained["tried"] == ["shop/web-from-intruder: rules[0]: principal cluster.local/ns/shop/sa/client "
                                   "is not one of [cluster.local/ns/shop/sa/intruder]"], explained

@@ -16,7 +16,8 @@ REASON_HEADER = "amesh-reason"  # response header saying why a CONNECT was not a
 
 class HboneError(ProxyError):
     """An HBONE tunnel could not be opened. `reason` is one of: connect_refused, connect_timeout,
-    connect_failed, tls, peer_rejected, status (`status` holds the answer), protocol, closed."""
+    connect_failed, tls, peer_rejected, policy_denied (answered 401), status (another answer;
+    `status` holds it), protocol, closed."""
 
     def __init__(self, reason: str, message: str, status: int | None = None) -> None:
         super().__init__(reason, message)

@@ -581,9 +581,11 @@ class H2Session(asyncio.BufferedProtocol):
         if status != "200":
             stream.abort()
             reason = response.get(REASON_HEADER, "no reason given")
+            # 401 is the destination's policy refusing (as Istio's ztunnel answers): counted as a
+            # denial on this side too, not as an upstream failure
             raise HboneError(
-                "status", f"{self.peer} answered CONNECT {authority} with {status}: {reason}",
-                status=int(status),
+                "policy_denied" if status == "401" else "status",
+                f"{self.peer} answered CONNECT {authority} with {status}: {reason}", status=int(status),
             )
         return stream
 
