@@ -50,7 +50,9 @@ class AgentConfig:
     # seconds between full datapath reconciliations, which also pick up pod interfaces that
     # appeared after the pod was registered
     resync_interval: float = 2.0
-    connect_timeout: float = 5.0  # seconds for the ztunnel's upstream TCP connect (and a TLS handshake)
+    connect_timeout: float = 5.0  # seconds for one upstream connect (TCP or HBONE), and a TLS handshake
+    # seconds a client waits in all while its upstream connect is tried and retried on other endpoints
+    connect_deadline: float = 10.0
     # TLS handshakes on the HBONE port under way at once from one source address, and in all:
     # the excess is refused at once. A handshake is the most an unauthenticated client can make
     # the ztunnel do; a peer node's pool makes one per identity pair, so 64 covers its bursts.

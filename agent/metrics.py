@@ -109,6 +109,12 @@ class AgentCollector:
         for reason, count in sorted(table.failures.items()):
             failures.add_metric([reason], count)
         yield failures
+        attempts = CounterMetricFamily("amesh_upstream_connect_attempts", "Upstream connects tried, by result: ok, "
+                                       "the failure's reason, or retry_budget_spent for a retry the budget "
+                                       "refused.", labels=["result"])
+        for result, count in sorted(table.attempts.items()):
+            attempts.add_metric([result], count)
+        yield attempts
         connect = HistogramMetricFamily("amesh_connect_duration_seconds", "Time to connect the upstream of a "
                                         "connection (TCP, or HBONE through the peer node).", labels=["security"])
         for security, histogram in sorted(self._connect.items()):

@@ -216,7 +216,7 @@ class NodeAgent:
         authorizer = self.authorizer
         self._proxies = {
             Slot.OUTBOUND: OutboundProxy(state, self.table, authorizer, transport, own_ports, NodeAddresses(),
-                                         connect_timeout=timeout),
+                                         connect_timeout=timeout, connect_deadline=config.connect_deadline),
             Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, authorizer, config.node, self.certs, handshakes,
                                                   connect_timeout=timeout),
             Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, authorizer, config.node,

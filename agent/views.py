@@ -73,6 +73,9 @@ def connections(data: list[dict]) -> str:
     for c in data:
         destination = c["original_dst"] + (f" ({c['service']})" if c["service"] else "")
         endpoint = (c["upstream"] or "-") + (f" ({c['upstream_workload']})" if c["upstream_workload"] else "")
+        failed = [f"{a['upstream']} {a['result']}" for a in c.get("attempts", []) if a["result"] != "ok"]
+        if failed and c["state"] != "failed":  # retried: say which endpoints failed before this one
+            endpoint += f" after {', '.join(failed)}"
         # the identity at the far end: proved by mTLS for inbound, checked by us for outbound
         peer = c["source_identity"] if c["direction"] == "inbound" else c["destination_identity"]
         reason = "" if c["reason"] in (None, "closed") else c["reason"]

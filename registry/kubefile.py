@@ -23,9 +23,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import yaml
 
 from registry.model import (
+    CONNECT_RETRIES_ANNOTATION,
+    DEFAULT_CONNECT_ATTEMPTS,
     ENROLL_AMBIENT,
     ENROLL_LABEL,
     ENROLL_NONE,
+    MAX_CONNECT_RETRIES,
     MTLS_MODE_LABEL,
     MTLS_MODES,
     AuthorizationPolicy,
@@ -169,7 +172,20 @@ def _read_service(obj: KubeObject, source: str) -> Service:
         ports=tuple(ports),
         selector=labels_field(obj, spec.get("selector"), "spec.selector"),
         source=source,
+        connect_attempts=1 + _connect_retries(obj),
     )
+
+
+def _connect_retries(obj: KubeObject) -> int:
+    """The Service's amesh.io/connect-retries annotation: "0" to "5"; absent, the default."""
+    annotations = labels_field(obj, obj.metadata.get("annotations"), "metadata.annotations")
+    text = annotations.get(CONNECT_RETRIES_ANNOTATION)
+    if text is None:
+        return DEFAULT_CONNECT_ATTEMPTS - 1
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_CONNECT_RETRIES):
+        problem = f"must be a number of retries 0-{MAX_CONNECT_RETRIES} (0: none), got {show(text)}"
+        raise obj.fail(f'metadata.annotations["{CONNECT_RETRIES_ANNOTATION}"]', problem)
+    return int(text)
 
 
 def _read_slice(obj: KubeObject) -> _Slice:

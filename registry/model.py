@@ -21,6 +21,10 @@ ENROLL_NONE = "none"
 # agent's default (--mtls-mode).
 MTLS_MODE_LABEL = "amesh.io/mtls-mode"
 MTLS_MODES = ("STRICT", "PERMISSIVE")
+# Service annotation: how many times a failed upstream connect is retried on another endpoint
+CONNECT_RETRIES_ANNOTATION = "amesh.io/connect-retries"
+DEFAULT_CONNECT_ATTEMPTS = 3  # the first try and two retries
+MAX_CONNECT_RETRIES = 5
 
 
 class RegistryError(ValueError):
@@ -79,6 +83,9 @@ class Service:
     selector: Mapping[str, str] = field(default_factory=dict)
     endpoints: tuple[Endpoint, ...] = ()
     source: str = "file"
+    # endpoints a connection may try before the client is reset: 1 + the annotation
+    # amesh.io/connect-retries (default 2 retries); each retry goes to another endpoint
+    connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS
 
     @property
     def key(self) -> str:

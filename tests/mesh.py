@@ -37,6 +37,7 @@ class ServiceSpec:
     target_port: int | str
     selector: dict[str, str]
     port_name: str = "http"
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Mesh:
         for svc in self.services:
             docs.append({
                 "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": svc.name, "namespace": svc.namespace},
+                "metadata": {"name": svc.name, "namespace": svc.namespace, "annotations": svc.annotations},
                 "spec": {"clusterIP": svc.cluster_ip, "selector": svc.selector,
                          "ports": [{"name": svc.port_name, "port": svc.port, "targetPort": svc.target_port,
                                     "protocol": "TCP"}]},

@@ -51,6 +51,8 @@ class ConnectionRecord:
     reason: str | None = None
     failure: str | None = None  # the reason code of a failed connection (ProxyError.reason)
     connect_duration: float | None = None  # seconds to connect upstream (incl. HBONE setup)
+    # each upstream connect tried, in order: {"upstream": "ip:port", "result": "ok" or a reason code}
+    attempts: list[dict[str, str]] = field(default_factory=list)
     # TCP_INFO of the client-facing and upstream sockets: read live while the connection is
     # open, kept as last read when it closes.
     kernel: dict[str, dict[str, Any] | None] = field(default_factory=dict)
@@ -111,6 +113,8 @@ class ConnectionTable:
         self._live: dict[int, ConnectionRecord] = {}
         self._recent: deque[ConnectionRecord] = deque(maxlen=closed_capacity)
         self.failures: Counter[str] = Counter()  # failed connections by reason code, since start
+        # upstream connect attempts by result ("ok" or a reason code), and retries the budget refused
+        self.attempts: Counter[str] = Counter()
         # The agent's log line per failed connection, at a bounded rate per reason: a flood of
         # refused connections writes a few lines and a count (the access log keeps them all).
         self.failure_log = RateLimitedLog(logging.getLogger("amesh.ztunnel"))

@@ -13,6 +13,7 @@ upstream's enrollment decides how to reach it:
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass
 from typing import Callable, Collection
@@ -20,9 +21,11 @@ from typing import Callable, Collection
 from registry.model import RegistryState, Workload
 from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable
-from ztunnel.hbone import HBONE_PORT, HboneClientPool, PoolKey, forwarded_for, hostport, traceparent
+from ztunnel.errors import ProxyError
+from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
-from ztunnel.routing import Router, captured_source, guard_self_loop
+from ztunnel.retries import RetryBudget
+from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
 from ztunnel.streams import Stream, TcpStream, connect_tcp
 
@@ -40,6 +43,11 @@ class OutboundProxy(CapturedListener):
 
     `own_ports` are the ports the agent serves on the node's addresses (`node_addresses()`):
     a captured connection to one of them is refused, as it would loop back into the ztunnel.
+
+    A connect that fails before any byte of the client's went upstream (refused, timed out,
+    HBONE answered 503 or not at all) is retried on the next endpoint of the Router's plan, while
+    the retry budget of the destination Service allows and within `connect_deadline` seconds in
+    all; the client sees a working connection, or a reset once every attempt has failed.
     """
 
     def __init__(
@@ -51,13 +59,16 @@ class OutboundProxy(CapturedListener):
         own_ports: Collection[int],
         node_addresses: Callable[[], Collection[str]],
         connect_timeout: float = 5.0,
+        connect_deadline: float = 10.0,
         original_destination: OriginalDestination = sockname_destination,
     ) -> None:
         super().__init__(state_getter, table, authorizer, connect_timeout, original_destination)
         self._transport = transport
         self._router = Router()
+        self._budget = RetryBudget()
         self._own_ports = own_ports
         self._node_addresses = node_addresses
+        self._connect_deadline = connect_deadline
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -68,19 +79,49 @@ class OutboundProxy(CapturedListener):
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> Stream:
         source = captured_source(state, self._transport.node, record.source_ip)
-        route = self._router.route(state, dst_ip, dst_port)
-        record.service = route.service
-        record.upstream = route.address
-        record.upstream_workload = route.workload
+        plan = self._router.plan(state, dst_ip, dst_port)
+        service = plan.first.service
+        if service is not None:
+            self._budget.connection(service)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_deadline
+        for attempt, route in enumerate(plan.candidates, start=1):
+            try:
+                stream = await self._attempt(state, record, source, route, deadline - loop.time())
+            except ProxyError as e:
+                record.attempts.append({"upstream": route.address, "result": e.reason})
+                self._table.attempts[e.reason] += 1
+                retry = (e.info.retriable and attempt < len(plan.candidates) and loop.time() < deadline
+                         and service is not None)
+                if retry and self._budget.try_retry(service):  # type: ignore[arg-type]
+                    continue
+                if retry:
+                    self._table.attempts["retry_budget_spent"] += 1
+                raise
+            record.attempts.append({"upstream": route.address, "result": "ok"})
+            self._table.attempts["ok"] += 1
+            return stream
+        raise AssertionError("a plan has at least one candidate")
+
+    async def _attempt(self, state: RegistryState, record: ConnectionRecord, source: Workload, route: Upstream,
+                       time_left: float) -> Stream:
+        """One connect to `route`, within the per-try timeout and what is left of the deadline."""
+        record.service, record.upstream, record.upstream_workload = route.service, route.address, route.workload
         guard_self_loop(route, self._own_ports, self._node_addresses)
+        timeout = max(0.0, min(self._connect_timeout, time_left))
         target = state.workload_by_ip(route.ip)
         if target is None or not target.enrolled:
             record.security = "plaintext"
-            return await connect_tcp(route.ip, route.port, self._connect_timeout)
-        return await self._to_enrolled(state, record, source, target, route.port)
+            return await connect_tcp(route.ip, route.port, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._to_enrolled(state, record, source, target, route.port, timeout)
+        except TimeoutError:
+            raise HboneError("connect_timeout", f"connect to {route.address} ({target.key}) did not complete "
+                                                f"within {timeout:.1f}s") from None
 
     async def _to_enrolled(self, state: RegistryState, record: ConnectionRecord, source: Workload,
-                           target: Workload, port: int) -> Stream:
+                           target: Workload, port: int, timeout: float) -> Stream:
         transport = self._transport
         trust_domain = transport.certs.trust_domain
         source_id, target_id = workload_identity(source, trust_domain), workload_identity(target, trust_domain)
@@ -89,7 +130,7 @@ class OutboundProxy(CapturedListener):
             # never crosses an inbound listener, so the destination's policies are decided here
             record.security = "same-node"
             self.admit(state, record, Connection(source.ip, source_id, target, port, "same-node", source.key))
-            return await connect_tcp(target.ip, port, self._connect_timeout)
+            return await connect_tcp(target.ip, port, timeout)
         record.security = "mtls"
 
         def verify(cert_der: bytes | None) -> None:

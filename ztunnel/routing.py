@@ -31,6 +31,20 @@ class Upstream:
         return f"{self.ip}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where a connection may go, in order: the balancer's choice first, then other endpoints of
+    the same Service (in rotation order) that a failed connect may be retried on; `attempts`
+    bounds how many of them are tried."""
+
+    candidates: tuple[Upstream, ...]
+    attempts: int = 1
+
+    @property
+    def first(self) -> Upstream:
+        return self.candidates[0]
+
+
 class RouteError(ProxyError):
     """The registry says the destination cannot be served; the client's request, not our fault."""
 
@@ -44,17 +58,19 @@ class Router:
         # instead of restarting at the first endpoint, which would overload it.
         self._turns: dict[tuple[str, int], int] = {}
 
-    def route(self, state: RegistryState, dst_ip: str, dst_port: int) -> Upstream:
-        """The upstream for a connection to `dst_ip`:`dst_port`; RouteError if none can serve it."""
+    def plan(self, state: RegistryState, dst_ip: str, dst_port: int) -> Plan:
+        """Where a connection to `dst_ip`:`dst_port` may go; RouteError if nothing can serve it.
+        A pod or an address outside the registry has one candidate; a Service its ready
+        endpoints, the balancer's choice first, at most the Service's connect attempts."""
         service = state.service_by_ip(dst_ip)
         if service is not None:
             return self._to_service(state, service, dst_port)
         workload = state.workload_by_ip(dst_ip)
         if workload is not None:
-            return Upstream(dst_ip, dst_port, "workload", workload=workload.key)
-        return Upstream(dst_ip, dst_port, "passthrough")
+            return Plan((Upstream(dst_ip, dst_port, "workload", workload=workload.key),))
+        return Plan((Upstream(dst_ip, dst_port, "passthrough"),))
 
-    def _to_service(self, state: RegistryState, service: Service, port: int) -> Upstream:
+    def _to_service(self, state: RegistryState, service: Service, port: int) -> Plan:
         service_port = service.port(port)
         if service_port is None:
             raise RouteError("no_service_port", f"service {service.key} does not expose port {port}")
@@ -67,14 +83,11 @@ class Router:
         turn_key = (service.key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
-        endpoint = candidates[turn % len(candidates)]
-        return Upstream(
-            endpoint.ip,
-            endpoint.ports[service_port.name],
-            "service",
-            service=service.key,
-            workload=_endpoint_workload(state, endpoint),
-        )
+        # the rotation from this turn on: a retry goes where the next connection would have gone
+        attempts = min(service.connect_attempts, len(candidates))
+        chosen = (candidates[(turn + i) % len(candidates)] for i in range(attempts))
+        return Plan(tuple(Upstream(endpoint.ip, endpoint.ports[service_port.name], "service", service=service.key,
+                                   workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts)
 
 
 def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:

@@ -110,6 +110,8 @@ def access_log_entry(record: ConnectionRecord) -> dict[str, Any]:
         "duration": f"{round(record.duration() * 1000)}ms",
         "connection_id": record.id,
     }
+    if len(record.attempts) > 1:  # retried on other endpoints
+        entry["upstream.attempts"] = [f"{a['upstream']} {a['result']}" for a in record.attempts]
     if record.state == "failed":
         entry["error"] = record.reason
         entry["error.code"] = record.failure

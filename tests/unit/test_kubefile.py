@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from registry.kubefile import FileSource, parse_objects
+from registry.kubefile import FileSource, build_state, parse_objects
 from registry.model import Endpoint, RegistryError, RegistryState
 
 
@@ -503,3 +503,21 @@ def test_namespace_mtls_mode_label_reaches_its_workloads_and_bad_values_are_name
         parse_objects(namespace("strictest"))
     assert str(error.value) == ('document 1 (Namespace shop): metadata.labels["amesh.io/mtls-mode"]: '
                                 'must be one of STRICT, PERMISSIVE, got "strictest"')
+
+
+@pytest.mark.parametrize("value, attempts", [(None, 3), ("0", 1), ("5", 6)])
+def test_the_connect_retries_annotation_sets_a_services_attempts(value, attempts):
+    annotations = {} if value is None else {"amesh.io/connect-retries": value}
+    state = build_state([{"apiVersion": "v1", "kind": "Service",
+                          "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+                          "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
+    assert state.services[0].connect_attempts == attempts
+
+
+@pytest.mark.parametrize("value", ["6", "-1", "three", "1.5"])
+def test_a_bad_connect_retries_annotation_names_the_service_and_annotation(value):
+    with pytest.raises(RegistryError, match=r'Service shop/web.*metadata.annotations\["amesh.io/connect-retries"\]: '
+                                            r'must be a number of retries 0-5'):
+        build_state([{"apiVersion": "v1", "kind": "Service",
+                      "metadata": {"name": "web", "namespace": "shop", "annotations": {"amesh.io/connect-retries": value}},
+                      "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])

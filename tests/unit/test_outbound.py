@@ -27,7 +27,7 @@ from ztunnel.identity import CertificateManager, FileCA
 from ztunnel.outbound import MeshTransport, OutboundProxy
 from ztunnel.listener import NodeAddresses
 from ztunnel.logbound import LOG_BURST
-from ztunnel.routing import LoopError, Router, Upstream, guard_self_loop
+from ztunnel.routing import LoopError, Plan, Router, Upstream, guard_self_loop
 
 VIP = "10.96.0.10"
 OWN_PORTS = frozenset({15000, 15001})
@@ -90,7 +90,7 @@ class Bed:
         return server.sockets[0].getsockname()[1]
 
     async def start_proxy(self, upstream_ports: list[int], dst_port: int = 80, source: Workload = CLIENT,
-                          destination: tuple[str, int] | None = None) -> tuple[str, int]:
+                          destination: tuple[str, int] | None = None, attempts: int = 3) -> tuple[str, int]:
         """The proxy's address; it sees every connection as captured from `source` (its IP is
         what the registry says about 127.0.0.1) to `destination` (default: the Service)."""
         service = Service(
@@ -102,6 +102,7 @@ class Bed:
                 Endpoint(ip="127.0.0.1", ports={"http": p}, workload=f"shop/web-{i}")
                 for i, p in enumerate(upstream_ports)
             ),
+            connect_attempts=attempts,
         )
         state = RegistryState(workloads=(source,), services=(service,))
         certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))
@@ -239,7 +240,7 @@ def test_the_agent_log_names_failed_connections_only(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO, logger="amesh.ztunnel")
 
     async def test(bed: Bed) -> None:
-        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), free_port()])
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), free_port()], attempts=1)
         outcomes = []
         for _ in range(2):  # the proxy alternates between the live upstream and the dead one
             reader, writer = await asyncio.open_connection(*address)
@@ -349,16 +350,16 @@ def guard_self_loop_allows(upstream: Upstream) -> bool:
 def test_an_unexpected_error_resets_the_client_ends_the_record_and_the_listener_serves_on(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     calls = 0
-    route = Router.route
+    plan = Router.plan
 
-    def buggy_route(self: Router, *args: object) -> Upstream:
+    def buggy_plan(self: Router, *args: object) -> Plan:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in routing")
-        return route(self, *args)
+        return plan(self, *args)
 
-    monkeypatch.setattr(Router, "route", buggy_route)
+    monkeypatch.setattr(Router, "plan", buggy_plan)
 
     async def test(bed: Bed) -> None:
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))])
@@ -373,6 +374,37 @@ def test_an_unexpected_error_resets_the_client_ends_the_record_and_the_listener_
 
     run(test)
     assert any("a bug in routing" in (r.exc_text or "") for r in caplog.records), "traceback not logged"
+
+
+def test_a_dead_endpoint_costs_the_client_nothing_its_connects_are_retried_on_the_next() -> None:
+    async def test(bed: Bed) -> None:
+        dead = free_port()
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), dead])
+        assert [await exchange(address, b"x") for _ in range(10)] == [b"x|bye"] * 10
+        records = await bed.finish()
+        retried = [r.attempts for r in records if len(r.attempts) > 1]
+        assert len(retried) == 5 and retried[0] == [{"upstream": f"127.0.0.1:{dead}", "result": "connect_refused"},
+                                                    {"upstream": retried[0][1]["upstream"], "result": "ok"}]
+        assert bed.table.attempts == {"ok": 10, "connect_refused": 5}
+
+    run(test)
+
+
+def test_when_every_endpoint_is_dead_the_retry_budget_caps_the_attempts() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([free_port(), free_port(), free_port()])
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection(*address)
+            await expect_reset(reader)
+            writer.close()
+        await bed.finish()
+        attempts = bed.table.attempts
+        # 100 first tries; retries within the floor (10/s over 10 s) and a fifth of 100: at most 220
+        # connects, not 300; the connections that came after the budget ran out were reset at once
+        assert attempts["connect_refused"] <= 100 + 100 + 20 and attempts["retry_budget_spent"] >= 30, attempts
+        assert bed.table.failures == {"connect_refused": 100}
+
+    run(test)
 
 
 def test_connections_alternate_between_two_upstreams() -> None:

@@ -1,0 +1,90 @@
+"""Connect retries end to end: a dead endpoint costs the client nothing, and the retry budget
+keeps a Service whose endpoints are all dead from a retry storm.
+
+Bed: three point-to-point nodes, agents on node-1 and node-2 only. Namespace "shop" is enrolled:
+client and server-a (serving) on node-1, server-b (serving) and server-c (nothing listening) on
+node-2, server-d on node-3, whose node runs no ztunnel (its HBONE port refuses), server-e on
+node-2 (nothing listening). Services: web = a, b, c (a closed port); api = a, b, d (a node
+without its ztunnel); down = c, d, e (all dead). Each Service also exists with retries off
+(annotation amesh.io/connect-retries: "0").
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from tests.mesh import Mesh, ServiceSpec, exchange
+
+PORT = 8080
+CONNECTIONS = 200
+SERVICES = {"web": ("10.96.0.10", "a-b-c"), "api": ("10.96.0.11", "a-b-d"), "down": ("10.96.0.12", "c-d-e")}
+
+
+@pytest.fixture
+def mesh(make_bed) -> Iterator[Mesh]:
+    bed = make_bed("p2p", nodes=3)
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
+    bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
+    for name, node in (("a", 1), ("b", 2), ("c", 2), ("d", 3), ("e", 2)):
+        labels = {f"in-{service}": "yes" for service, (_, of) in SERVICES.items() if name in of.split("-")}
+        bed.add_pod(f"server-{name}", node, namespace="shop", service_account="web", labels=labels)
+    for name in ("server-a", "server-b"):
+        bed.start_podserver(bed.pods[name], PORT)
+    for service, (ip, _) in SERVICES.items():
+        mesh.services.append(ServiceSpec(service, "shop", ip, 80, "http", {f"in-{service}": "yes"}))
+        no_retry_ip = ip.rsplit(".", 1)[0] + f".{int(ip.rsplit('.', 1)[1]) + 100}"
+        mesh.services.append(ServiceSpec(f"{service}-no-retry", "shop", no_retry_ip, 80, "http",
+                                         {f"in-{service}": "yes"}, annotations={"amesh.io/connect-retries": "0"}))
+    mesh.write_registry()
+    mesh.start_agent(1)
+    mesh.start_agent(2)
+    yield mesh
+    mesh.print_logs()
+
+
+def outcomes(mesh: Mesh, service_ip: str, count: int = CONNECTIONS) -> dict[str, int]:
+    """`count` connections in a row from the client to a Service IP: how many were served by whom,
+    and how many were reset."""
+    seen: dict[str, int] = {}
+    for _ in range(count):
+        try:
+            name, echoed = exchange(mesh.bed, mesh.bed.pods["client"], service_ip, 80, b"ping", timeout=5)
+            assert echoed == b"ping"
+        except ConnectionError:
+            name = "reset"
+        seen[name] = seen.get(name, 0) + 1
+    return seen
+
+
+def attempts(mesh: Mesh) -> dict[str, float]:
+    return {labels["result"]: value for labels, value in mesh.metrics(1)["amesh_upstream_connect_attempts_total"]}
+
+
+@pytest.mark.parametrize("service", ["web", "api"], ids=["closed port", "node without its ztunnel"])
+def test_a_dead_endpoint_costs_the_client_nothing_with_retries_and_a_share_of_connections_without(
+        mesh: Mesh, service: str):
+    ip = SERVICES[service][0]
+    served = outcomes(mesh, ip)
+    assert served == {"server-a": served.get("server-a"), "server-b": served.get("server-b")}, served
+    assert sum(served.values()) == CONNECTIONS
+    failed_first = attempts(mesh)
+    assert sum(v for k, v in failed_first.items() if k != "ok") >= CONNECTIONS / 4, failed_first
+    retried = [c for c in mesh.ctl_json(1, "connections") if len(c["attempts"]) > 1]
+    assert retried and retried[0]["state"] == "closed" and retried[0]["attempts"][-1]["result"] == "ok"
+    assert "after" in mesh.ctl(1, "connections").stdout  # the table says which endpoint failed first
+
+    no_retry_ip = ip.rsplit(".", 1)[0] + f".{int(ip.rsplit('.', 1)[1]) + 100}"
+    without = outcomes(mesh, no_retry_ip, 60)
+    assert without.get("reset", 0) >= 10 and without.get("server-a", 0) + without.get("server-b", 0) >= 20, without
+
+
+def test_the_retry_budget_caps_the_attempts_when_every_endpoint_is_dead(mesh: Mesh):
+    assert outcomes(mesh, SERVICES["down"][0], 100) == {"reset": 100}
+    counted = attempts(mesh)
+    tried = sum(v for k, v in counted.items() if k not in ("ok", "retry_budget_spent"))
+    # without a budget 300 connects (3 each); with it the first tries plus at most 10/s over 10 s
+    # and a fifth of the connections
+    assert 100 < tried <= 100 + 100 + 20, counted
+    assert counted.get("retry_budget_spent", 0) >= 30, counted
