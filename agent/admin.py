@@ -20,6 +20,8 @@ from agent.config import ADMIN_HOST
 from registry.model import AuthorizationPolicy
 from registry.registrations import RegistrationError, shown
 from ztunnel.authz import check_between
+from ztunnel.connections import iso_utc
+from ztunnel.outliers import OutlierDetector
 
 if TYPE_CHECKING:
     from agent.node import NodeAgent
@@ -72,8 +74,15 @@ class AdminServer:
         ])
 
     async def _services(self, request: web.Request) -> web.Response:
-        return web.json_response([{**_plain(s), "key": s.key}
-                                  for s in sorted(self.agent.state.services, key=lambda s: s.key)])
+        """Services with their endpoints, each with its breaker (outlier detection) state."""
+        outbound = self.agent.outbound
+        services = []
+        for service in sorted(self.agent.state.services, key=lambda s: s.key):
+            view = {**_plain(service), "key": service.key}
+            for endpoint in view["endpoints"]:
+                endpoint["breaker"] = breaker_view(outbound.outliers, service.key, endpoint) if outbound else "CLOSED"
+            services.append(view)
+        return web.json_response(services)
 
     async def _certs(self, request: web.Request) -> web.Response:
         certs = self.agent.certs
@@ -162,6 +171,19 @@ async def _registration_errors(request: web.Request, handler: Callable) -> web.S
         return await handler(request)
     except RegistrationError as e:
         return web.json_response({"error": str(e)}, status=e.status)
+
+
+def breaker_view(outliers: OutlierDetector, service: str, endpoint: dict[str, Any]) -> str:
+    """An endpoint's breaker: CLOSED, HALF-OPEN or "OPEN until <UTC time>", the worst of its ports."""
+    states = []
+    for port in endpoint["ports"].values():
+        key = (service, f"{endpoint['ip']}:{port}")
+        state = outliers.state(key)
+        if state == "OPEN":
+            until = time.time() + (outliers.ejected_until(key) or 0.0) - time.monotonic()
+            return f"OPEN until {iso_utc(until)}"
+        states.append(state)
+    return "HALF-OPEN" if "HALF-OPEN" in states else "CLOSED"
 
 
 def policy_view(policy: AuthorizationPolicy, root_namespace: str) -> dict[str, Any]:

@@ -109,6 +109,17 @@ class AgentCollector:
         for reason, count in sorted(table.failures.items()):
             failures.add_metric([reason], count)
         yield failures
+        outbound = self.agent.outbound
+        outliers = outbound.outliers if outbound else None
+        ejections = CounterMetricFamily("amesh_endpoint_ejections", "Times outlier detection ejected an endpoint "
+                                        "(its breaker opened), by destination service.", labels=["service"])
+        ejected = GaugeMetricFamily("amesh_endpoint_ejected", "Endpoints whose breaker is open or half-open now, "
+                                    "by destination service.", labels=["service"])
+        for service, count in sorted((outliers.ejections_total if outliers else {}).items()):
+            ejections.add_metric([service], count)
+            ejected.add_metric([service], outliers.ejected(service))  # type: ignore[union-attr]
+        yield ejections
+        yield ejected
         attempts = CounterMetricFamily("amesh_upstream_connect_attempts", "Upstream connects tried, by result: ok, "
                                        "the failure's reason, or retry_budget_spent for a retry the budget "
                                        "refused.", labels=["result"])

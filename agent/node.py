@@ -100,6 +100,12 @@ class NodeAgent:
         return self._merged.state(self.registry.state or EMPTY_STATE)
 
     @property
+    def outbound(self) -> OutboundProxy | None:
+        """The outbound listener, once serving (its breakers are shown and counted)."""
+        proxy = self._proxies.get(Slot.OUTBOUND)
+        return proxy if isinstance(proxy, OutboundProxy) else None
+
+    @property
     def inbound_hbone(self) -> InboundHboneProxy | None:
         """The HBONE listener, once serving (its counters are metrics)."""
         proxy = self._proxies.get(Slot.INBOUND_HBONE)

@@ -44,6 +44,8 @@ def workloads(data: list[dict]) -> str:
 
 def _endpoint(e: dict, service_source: str) -> str:
     text = e["ip"] + ("" if e["ready"] else " (not ready)")
+    if e.get("breaker", "CLOSED") != "CLOSED":
+        text += f" [{e['breaker']}]"
     source = e.get("source") or service_source
     return text + (f" [{source}]" if source != service_source else "")
 

@@ -24,6 +24,7 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
+from ztunnel.outliers import OutlierDetector
 from ztunnel.retries import RetryBudget
 from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
@@ -47,7 +48,9 @@ class OutboundProxy(CapturedListener):
     A connect that fails before any byte of the client's went upstream (refused, timed out,
     HBONE answered 503 or not at all) is retried on the next endpoint of the Router's plan, while
     the retry budget of the destination Service allows and within `connect_deadline` seconds in
-    all; the client sees a working connection, or a reset once every attempt has failed.
+    all; the client sees a working connection, or a reset once every attempt has failed. Each
+    outcome feeds the endpoint's breaker (`outliers`), which takes failing endpoints out of the
+    plans of new connections for a while.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class OutboundProxy(CapturedListener):
         self._transport = transport
         self._router = Router()
         self._budget = RetryBudget()
+        self.outliers = OutlierDetector()  # the breaker of every Service endpoint, read by views and metrics
         self._own_ports = own_ports
         self._node_addresses = node_addresses
         self._connect_deadline = connect_deadline
@@ -79,18 +83,26 @@ class OutboundProxy(CapturedListener):
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> Stream:
         source = captured_source(state, self._transport.node, record.source_ip)
-        plan = self._router.plan(state, dst_ip, dst_port)
+        plan = self._router.plan(state, dst_ip, dst_port, self.outliers.available)
         service = plan.first.service
         if service is not None:
             self._budget.connection(service)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_deadline
         for attempt, route in enumerate(plan.candidates, start=1):
+            breaker = (route.service, route.address) if route.service is not None else None
+            if breaker is not None:
+                self.outliers.begin(breaker)
             try:
                 stream = await self._attempt(state, record, source, route, deadline - loop.time())
             except ProxyError as e:
                 record.attempts.append({"upstream": route.address, "result": e.reason})
                 self._table.attempts[e.reason] += 1
+                if breaker is not None:  # only the endpoint's own failures count against it
+                    if e.info.retriable and e.info.fault in ("upstream", "peer"):
+                        self.outliers.record(breaker, False, plan.pool)
+                    else:
+                        self.outliers.release(breaker)
                 retry = (e.info.retriable and attempt < len(plan.candidates) and loop.time() < deadline
                          and service is not None)
                 if retry and self._budget.try_retry(service):  # type: ignore[arg-type]
@@ -98,6 +110,12 @@ class OutboundProxy(CapturedListener):
                 if retry:
                     self._table.attempts["retry_budget_spent"] += 1
                 raise
+            except BaseException:  # cancelled, or a bug the listener boundary reports
+                if breaker is not None:
+                    self.outliers.release(breaker)
+                raise
+            if breaker is not None:
+                self.outliers.record(breaker, True, plan.pool)
             record.attempts.append({"upstream": route.address, "result": "ok"})
             self._table.attempts["ok"] += 1
             return stream

@@ -39,6 +39,7 @@ class Plan:
 
     candidates: tuple[Upstream, ...]
     attempts: int = 1
+    pool: int = 1  # ready endpoints the Service has for the port (ejected ones included)
 
     @property
     def first(self) -> Upstream:
@@ -58,19 +59,22 @@ class Router:
         # instead of restarting at the first endpoint, which would overload it.
         self._turns: dict[tuple[str, int], int] = {}
 
-    def plan(self, state: RegistryState, dst_ip: str, dst_port: int) -> Plan:
+    def plan(self, state: RegistryState, dst_ip: str, dst_port: int,
+             available: Callable[[tuple[str, str]], bool] = lambda key: True) -> Plan:
         """Where a connection to `dst_ip`:`dst_port` may go; RouteError if nothing can serve it.
         A pod or an address outside the registry has one candidate; a Service its ready
-        endpoints, the balancer's choice first, at most the Service's connect attempts."""
+        endpoints that are `available` ((service, "ip:port"): not ejected by outlier detection),
+        the balancer's choice first, at most the Service's connect attempts."""
         service = state.service_by_ip(dst_ip)
         if service is not None:
-            return self._to_service(state, service, dst_port)
+            return self._to_service(state, service, dst_port, available)
         workload = state.workload_by_ip(dst_ip)
         if workload is not None:
             return Plan((Upstream(dst_ip, dst_port, "workload", workload=workload.key),))
         return Plan((Upstream(dst_ip, dst_port, "passthrough"),))
 
-    def _to_service(self, state: RegistryState, service: Service, port: int) -> Plan:
+    def _to_service(self, state: RegistryState, service: Service, port: int,
+                    available: Callable[[tuple[str, str]], bool]) -> Plan:
         service_port = service.port(port)
         if service_port is None:
             raise RouteError("no_service_port", f"service {service.key} does not expose port {port}")
@@ -80,6 +84,11 @@ class Router:
         )
         if not candidates:
             raise RouteError("no_endpoint", f"service {service.key} has no ready endpoint for port {port}")
+        pool = len(candidates)
+        # ejected endpoints are passed over; were all of them (never by ejection alone, which
+        # leaves half), every ready endpoint is tried rather than none
+        candidates = [ep for ep in candidates
+                      if available((service.key, f"{ep.ip}:{ep.ports[service_port.name]}"))] or candidates
         turn_key = (service.key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
@@ -87,7 +96,7 @@ class Router:
         attempts = min(service.connect_attempts, len(candidates))
         chosen = (candidates[(turn + i) % len(candidates)] for i in range(attempts))
         return Plan(tuple(Upstream(endpoint.ip, endpoint.ports[service_port.name], "service", service=service.key,
-                                   workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts)
+                                   workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts, pool)
 
 
 def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:

@@ -4,9 +4,9 @@ keeps a Service whose endpoints are all dead from a retry storm.
 Bed: three point-to-point nodes, agents on node-1 and node-2 only. Namespace "shop" is enrolled:
 client and server-a (serving) on node-1, server-b (serving) and server-c (nothing listening) on
 node-2, server-d on node-3, whose node runs no ztunnel (its HBONE port refuses), server-e on
-node-2 (nothing listening). Services: web = a, b, c (a closed port); api = a, b, d (a node
-without its ztunnel); down = c, d, e (all dead). Each Service also exists with retries off
-(annotation amesh.io/connect-retries: "0").
+node-2, server-f and server-g on node-2 (nothing listening). Services: web = a, b, c (a closed
+port); api = a, b, d (a node without its ztunnel); down = c, d, e, f, g (all dead). Each Service
+also exists with retries off (annotation amesh.io/connect-retries: "0").
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.mesh import Mesh, ServiceSpec, exchange
 
 PORT = 8080
 CONNECTIONS = 200
-SERVICES = {"web": ("10.96.0.10", "a-b-c"), "api": ("10.96.0.11", "a-b-d"), "down": ("10.96.0.12", "c-d-e")}
+SERVICES = {"web": ("10.96.0.10", "a-b-c"), "api": ("10.96.0.11", "a-b-d"), "down": ("10.96.0.12", "c-d-e-f-g")}
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def mesh(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=3)
     mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
-    for name, node in (("a", 1), ("b", 2), ("c", 2), ("d", 3), ("e", 2)):
+    for name, node in (("a", 1), ("b", 2), ("c", 2), ("d", 3), ("e", 2), ("f", 2), ("g", 2)):
         labels = {f"in-{service}": "yes" for service, (_, of) in SERVICES.items() if name in of.split("-")}
         bed.add_pod(f"server-{name}", node, namespace="shop", service_account="web", labels=labels)
     for name in ("server-a", "server-b"):
@@ -69,22 +69,29 @@ def test_a_dead_endpoint_costs_the_client_nothing_with_retries_and_a_share_of_co
     served = outcomes(mesh, ip)
     assert served == {"server-a": served.get("server-a"), "server-b": served.get("server-b")}, served
     assert sum(served.values()) == CONNECTIONS
-    failed_first = attempts(mesh)
-    assert sum(v for k, v in failed_first.items() if k != "ok") >= CONNECTIONS / 4, failed_first
+    # five failures in a row opened the dead endpoint's breaker: no connection tried it after that
+    failed = attempts(mesh)
+    assert sum(v for k, v in failed.items() if k != "ok") == 5, failed
     retried = [c for c in mesh.ctl_json(1, "connections") if len(c["attempts"]) > 1]
     assert retried and retried[0]["state"] == "closed" and retried[0]["attempts"][-1]["result"] == "ok"
-    assert "after" in mesh.ctl(1, "connections").stdout  # the table says which endpoint failed first
+    dead = [e for s in mesh.ctl_json(1, "services") if s["key"] == f"shop/{service}" for e in s["endpoints"]
+            if e["breaker"] != "CLOSED"]
+    assert len(dead) == 1 and dead[0]["breaker"].startswith("OPEN until"), dead
+    [(_, ejected)] = [(labels, v) for labels, v in mesh.metrics(1)["amesh_endpoint_ejected"]
+                      if labels["service"] == f"shop/{service}"]
+    assert ejected == 1 and "OPEN until" in mesh.ctl(1, "services").stdout
 
+    # without retries the client sees the dead endpoint until its breaker opens
     no_retry_ip = ip.rsplit(".", 1)[0] + f".{int(ip.rsplit('.', 1)[1]) + 100}"
     without = outcomes(mesh, no_retry_ip, 60)
-    assert without.get("reset", 0) >= 10 and without.get("server-a", 0) + without.get("server-b", 0) >= 20, without
+    assert without.get("reset") == 5 and without.get("server-a", 0) + without.get("server-b", 0) == 55, without
 
 
 def test_the_retry_budget_caps_the_attempts_when_every_endpoint_is_dead(mesh: Mesh):
     assert outcomes(mesh, SERVICES["down"][0], 100) == {"reset": 100}
     counted = attempts(mesh)
     tried = sum(v for k, v in counted.items() if k not in ("ok", "retry_budget_spent"))
-    # without a budget 300 connects (3 each); with it the first tries plus at most 10/s over 10 s
-    # and a fifth of the connections
+    # breakers open on two of the five (at most half), so each connection still has three; without
+    # a budget 300 connects, with it the first tries plus at most 10/s over 10 s and a fifth
     assert 100 < tried <= 100 + 100 + 20, counted
     assert counted.get("retry_budget_spent", 0) >= 30, counted

@@ -390,9 +390,21 @@ def test_a_dead_endpoint_costs_the_client_nothing_its_connects_are_retried_on_th
     run(test)
 
 
+def test_after_five_failures_in_a_row_the_breaker_keeps_new_connections_off_the_dead_endpoint() -> None:
+    async def test(bed: Bed) -> None:
+        dead = free_port()
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), dead])
+        assert [await exchange(address, b"x") for _ in range(30)] == [b"x|bye"] * 30
+        assert bed.table.attempts == {"ok": 30, "connect_refused": 5}  # then no connection tried it
+        assert bed.proxy.outliers.state(("shop/web", f"127.0.0.1:{dead}")) == "OPEN"
+
+    run(test)
+
+
 def test_when_every_endpoint_is_dead_the_retry_budget_caps_the_attempts() -> None:
     async def test(bed: Bed) -> None:
-        address = await bed.start_proxy([free_port(), free_port(), free_port()])
+        # five, so that with the breakers open on two (at most half) each connection still has three
+        address = await bed.start_proxy([free_port() for _ in range(5)])
         for _ in range(100):
             reader, writer = await asyncio.open_connection(*address)
             await expect_reset(reader)
