@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 
 from registry.model import (
     CONNECT_RETRIES_ANNOTATION,
+    CONNECTION_RATE_ANNOTATION,
     DEFAULT_CONNECT_ATTEMPTS,
     ENROLL_AMBIENT,
     ENROLL_LABEL,
@@ -173,7 +175,25 @@ def _read_service(obj: KubeObject, source: str) -> Service:
         selector=labels_field(obj, spec.get("selector"), "spec.selector"),
         source=source,
         connect_attempts=1 + _connect_retries(obj),
+        connection_rate=_connection_rate(obj),
     )
+
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)/(s|min)$")
+
+
+def _connection_rate(obj: KubeObject) -> float | None:
+    """The Service's amesh.io/connection-rate-limit annotation ("20/s", "1200/min") per second."""
+    annotations = labels_field(obj, obj.metadata.get("annotations"), "metadata.annotations")
+    text = annotations.get(CONNECTION_RATE_ANNOTATION)
+    if text is None:
+        return None
+    match = _RATE.match(text.strip())
+    rate = float(match[1]) / (60 if match[2] == "min" else 1) if match else 0.0
+    if not rate:
+        problem = f'must be connections per second or minute above 0, like "20/s" or "1200/min", got {show(text)}'
+        raise obj.fail(f'metadata.annotations["{CONNECTION_RATE_ANNOTATION}"]', problem)
+    return rate
 
 
 def _connect_retries(obj: KubeObject) -> int:

@@ -25,6 +25,8 @@ MTLS_MODES = ("STRICT", "PERMISSIVE")
 CONNECT_RETRIES_ANNOTATION = "amesh.io/connect-retries"
 DEFAULT_CONNECT_ATTEMPTS = 3  # the first try and two retries
 MAX_CONNECT_RETRIES = 5
+# Service annotation: new connections per second to it from each node, "20/s" or "1200/min"
+CONNECTION_RATE_ANNOTATION = "amesh.io/connection-rate-limit"
 
 
 class RegistryError(ValueError):
@@ -86,6 +88,8 @@ class Service:
     # endpoints a connection may try before the client is reset: 1 + the annotation
     # amesh.io/connect-retries (default 2 retries); each retry goes to another endpoint
     connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS
+    # new connections per second to it from each node (amesh.io/connection-rate-limit); None: no limit
+    connection_rate: float | None = None
 
     @property
     def key(self) -> str:

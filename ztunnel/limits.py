@@ -1,14 +1,18 @@
-"""Bounds on what a connection may cost before it has proved anything. Pure: counts, no I/O.
+"""Bounds on what connections may cost. Pure: counts and token buckets, time from a clock given.
 
-A TLS handshake is the most expensive thing an unauthenticated client can make the ztunnel do
-(key exchange, certificate signature and verification, the session's buffers), so handshakes
-under way are capped per source address and per node; the excess is refused at once rather
-than queued, so a flood costs its sender as much as the node.
+- HandshakeLimiter: a TLS handshake is the most expensive thing an unauthenticated client can
+  make the ztunnel do (key exchange, certificate signature and verification, the session's
+  buffers), so handshakes under way are capped per source address and per node; the excess is
+  refused at once rather than queued, so a flood costs its sender as much as the node.
+- ConnectionRateLimiter: new connections per second to a Service, as its owner allows them.
+- TokenBucket: the rate both of these and the HTTP/2 frame budgets are measured with.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from typing import Callable
 
 
 class HandshakeLimiter:
@@ -45,3 +49,38 @@ class HandshakeLimiter:
         if not self._by_source[source_ip]:
             del self._by_source[source_ip]
         self._under_way -= 1
+
+
+class TokenBucket:
+    """`burst` events at once, refilled at `per_second`; `take()` says whether one may happen now."""
+
+    def __init__(self, burst: int, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.per_second, self._clock = burst, per_second, clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spends a token; False (nothing spent) if none is left."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class ConnectionRateLimiter:
+    """New connections per second per destination Service on this node: a token bucket each,
+    whose burst is one second's worth; over it a connection is refused at once, never queued."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def admit(self, service: str, per_second: float) -> bool:
+        """Whether a new connection to `service`, limited to `per_second`, may go now."""
+        bucket = self._buckets.get(service)
+        if bucket is None or bucket.per_second != per_second:  # new, or its annotation changed
+            bucket = self._buckets[service] = TokenBucket(max(1, round(per_second)), per_second, self._clock)
+        return bucket.take()

@@ -14,6 +14,8 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+from ztunnel.limits import TokenBucket
+
 CUT_LIMIT = 128  # characters of peer-controlled text kept in a log line or an answer
 LOG_BURST = 5  # lines per reason written at once
 LOG_PER_SECOND = 2.0  # lines per reason per second after the burst
@@ -24,25 +26,6 @@ def cut(text: str, limit: int = CUT_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...({len(text.encode('utf-8', 'replace'))} bytes)"
-
-
-class TokenBucket:
-    """`burst` events at once, refilled at `per_second`; `take()` says whether one may happen now."""
-
-    def __init__(self, burst: int, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.burst, self.per_second, self._clock = burst, per_second, clock
-        self._tokens = float(burst)
-        self._at = clock()
-
-    def take(self) -> bool:
-        """Spends a token; False (nothing spent) if none is left."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
-        self._at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class RateLimitedLog:

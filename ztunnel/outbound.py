@@ -18,17 +18,22 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Collection
 
-from registry.model import RegistryState, Workload
+from registry.model import CONNECTION_RATE_ANNOTATION, RegistryState, Workload
 from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
+from ztunnel.limits import ConnectionRateLimiter
 from ztunnel.outliers import OutlierDetector
 from ztunnel.retries import RetryBudget
 from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
 from ztunnel.streams import Stream, TcpStream, connect_tcp
+
+class RateLimited(ProxyError):
+    """Over the destination Service's connection rate limit: refused at once, never queued."""
+
 
 @dataclass
 class MeshTransport:
@@ -69,6 +74,7 @@ class OutboundProxy(CapturedListener):
         self._transport = transport
         self._router = Router()
         self._budget = RetryBudget()
+        self._rates = ConnectionRateLimiter()
         self.outliers = OutlierDetector()  # the breaker of every Service endpoint, read by views and metrics
         self._own_ports = own_ports
         self._node_addresses = node_addresses
@@ -85,6 +91,9 @@ class OutboundProxy(CapturedListener):
         source = captured_source(state, self._transport.node, record.source_ip)
         plan = self._router.plan(state, dst_ip, dst_port, self.outliers.available)
         service = plan.first.service
+        if service is not None and plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
+            raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new connections "
+                                              f"a second from each node (annotation {CONNECTION_RATE_ANNOTATION})")
         if service is not None:
             self._budget.connection(service)
         loop = asyncio.get_running_loop()

@@ -40,6 +40,7 @@ class Plan:
     candidates: tuple[Upstream, ...]
     attempts: int = 1
     pool: int = 1  # ready endpoints the Service has for the port (ejected ones included)
+    rate_limit: float | None = None  # the Service's new connections per second from this node
 
     @property
     def first(self) -> Upstream:
@@ -96,7 +97,8 @@ class Router:
         attempts = min(service.connect_attempts, len(candidates))
         chosen = (candidates[(turn + i) % len(candidates)] for i in range(attempts))
         return Plan(tuple(Upstream(endpoint.ip, endpoint.ports[service_port.name], "service", service=service.key,
-                                   workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts, pool)
+                                   workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts, pool,
+                    service.connection_rate)
 
 
 def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:

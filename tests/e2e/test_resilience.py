@@ -6,11 +6,13 @@ client and server-a (serving) on node-1, server-b (serving) and server-c (nothin
 node-2, server-d on node-3, whose node runs no ztunnel (its HBONE port refuses), server-e on
 node-2, server-f and server-g on node-2 (nothing listening). Services: web = a, b, c (a closed
 port); api = a, b, d (a node without its ztunnel); down = c, d, e, f, g (all dead). Each Service
-also exists with retries off (annotation amesh.io/connect-retries: "0").
+also exists with retries off (annotation amesh.io/connect-retries: "0"); limited = a, b at 20
+new connections a second (annotation amesh.io/connection-rate-limit: "20/s").
 """
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import pytest
@@ -19,6 +21,7 @@ from tests.mesh import Mesh, ServiceSpec, exchange
 
 PORT = 8080
 CONNECTIONS = 200
+LIMITED_IP, RATE = "10.96.0.30", 20
 SERVICES = {"web": ("10.96.0.10", "a-b-c"), "api": ("10.96.0.11", "a-b-d"), "down": ("10.96.0.12", "c-d-e-f-g")}
 
 
@@ -37,6 +40,8 @@ def mesh(make_bed) -> Iterator[Mesh]:
         no_retry_ip = ip.rsplit(".", 1)[0] + f".{int(ip.rsplit('.', 1)[1]) + 100}"
         mesh.services.append(ServiceSpec(f"{service}-no-retry", "shop", no_retry_ip, 80, "http",
                                          {f"in-{service}": "yes"}, annotations={"amesh.io/connect-retries": "0"}))
+    mesh.services.append(ServiceSpec("limited", "shop", LIMITED_IP, 80, "http", {"in-web": "yes"},
+                                     annotations={"amesh.io/connection-rate-limit": f"{RATE}/s"}))
     mesh.write_registry()
     mesh.start_agent(1)
     mesh.start_agent(2)
@@ -52,7 +57,7 @@ def outcomes(mesh: Mesh, service_ip: str, count: int = CONNECTIONS) -> dict[str,
         try:
             name, echoed = exchange(mesh.bed, mesh.bed.pods["client"], service_ip, 80, b"ping", timeout=5)
             assert echoed == b"ping"
-        except ConnectionError:
+        except OSError:  # reset (or, reset while half-closing, "not connected")
             name = "reset"
         seen[name] = seen.get(name, 0) + 1
     return seen
@@ -95,3 +100,24 @@ def test_the_retry_budget_caps_the_attempts_when_every_endpoint_is_dead(mesh: Me
     # a budget 300 connects, with it the first tries plus at most 10/s over 10 s and a fifth
     assert 100 < tried <= 100 + 100 + 20, counted
     assert counted.get("retry_budget_spent", 0) >= 30, counted
+
+
+def test_the_rate_limit_admits_about_its_rate_and_refuses_the_rest_at_once(mesh: Mesh):
+    bed = mesh.bed
+    served, refused, slowest_refusal = 0, 0, 0.0
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:
+        began = time.monotonic()
+        try:
+            exchange(bed, bed.pods["client"], LIMITED_IP, 80, b"ping", timeout=5)
+            served += 1
+        except OSError:  # reset (or, reset while half-closing, "not connected")
+            refused += 1
+            slowest_refusal = max(slowest_refusal, time.monotonic() - began)
+    elapsed = time.monotonic() - started
+    # a second's worth at once, then the rate: 20 + 20 x 3 s, give or take the bed's pace
+    assert RATE * elapsed * 0.8 <= served <= RATE * (elapsed + 1) + 2, (served, refused, elapsed)
+    assert refused > served and slowest_refusal < 0.5, (refused, slowest_refusal)
+    assert attempts(mesh).get("ok") == served
+    failures = mesh.ctl_json(1, "status")["connections"]["failures"]
+    assert failures.get("rate_limited") == refused, failures

@@ -35,7 +35,8 @@ from ztunnel.hbone.limits import (
     FrameGuard,
 )
 from ztunnel.hbone.session import H2_FRAMES_PER_PASS, H2Session
-from ztunnel.logbound import RateLimitedLog, TokenBucket, cut
+from ztunnel.limits import TokenBucket
+from ztunnel.logbound import RateLimitedLog, cut
 
 
 class Clock:

@@ -521,3 +521,21 @@ def test_a_bad_connect_retries_annotation_names_the_service_and_annotation(value
         build_state([{"apiVersion": "v1", "kind": "Service",
                       "metadata": {"name": "web", "namespace": "shop", "annotations": {"amesh.io/connect-retries": value}},
                       "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
+
+
+@pytest.mark.parametrize("value, rate", [(None, None), ("20/s", 20.0), ("1200/min", 20.0), ("0.5/s", 0.5)])
+def test_the_connection_rate_annotation_sets_a_services_rate(value, rate):
+    annotations = {} if value is None else {"amesh.io/connection-rate-limit": value}
+    state = build_state([{"apiVersion": "v1", "kind": "Service",
+                          "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+                          "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
+    assert state.services[0].connection_rate == rate
+
+
+@pytest.mark.parametrize("value", ["20", "0/s", "20/h", "fast", "-3/s"])
+def test_a_bad_connection_rate_annotation_names_the_service_and_annotation(value):
+    with pytest.raises(RegistryError, match=r'Service shop/web.*metadata.annotations\["amesh.io/connection-rate-limit"\]'):
+        build_state([{"apiVersion": "v1", "kind": "Service",
+                      "metadata": {"name": "web", "namespace": "shop",
+                                   "annotations": {"amesh.io/connection-rate-limit": value}},
+                      "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ztunnel.limits import HandshakeLimiter
+from ztunnel.limits import ConnectionRateLimiter, HandshakeLimiter
 
 
 def test_a_source_at_its_limit_is_refused_while_others_are_admitted_until_the_node_is_full():
@@ -29,3 +29,13 @@ def test_a_finished_handshake_frees_its_place_and_done_without_admit_is_a_bug():
 def test_limits_must_be_consistent():
     with pytest.raises(ValueError, match="per_source"):
         HandshakeLimiter(per_source=10, total=5)
+
+
+def test_a_services_rate_limit_admits_a_seconds_worth_at_once_then_its_rate():
+    now = [100.0]
+    limiter = ConnectionRateLimiter(clock=lambda: now[0])
+    assert sum(limiter.admit("shop/web", 20.0) for _ in range(50)) == 20  # the burst: one second's worth
+    now[0] += 0.5
+    assert sum(limiter.admit("shop/web", 20.0) for _ in range(50)) == 10  # refilled at 20/s
+    assert limiter.admit("shop/other", 1.0) and not limiter.admit("shop/other", 1.0)  # each Service its own
+    assert sum(limiter.admit("shop/web", 100.0) for _ in range(200)) == 100  # a changed limit starts anew

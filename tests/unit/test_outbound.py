@@ -90,7 +90,8 @@ class Bed:
         return server.sockets[0].getsockname()[1]
 
     async def start_proxy(self, upstream_ports: list[int], dst_port: int = 80, source: Workload = CLIENT,
-                          destination: tuple[str, int] | None = None, attempts: int = 3) -> tuple[str, int]:
+                          destination: tuple[str, int] | None = None, attempts: int = 3,
+                          rate: float | None = None) -> tuple[str, int]:
         """The proxy's address; it sees every connection as captured from `source` (its IP is
         what the registry says about 127.0.0.1) to `destination` (default: the Service)."""
         service = Service(
@@ -103,6 +104,7 @@ class Bed:
                 for i, p in enumerate(upstream_ports)
             ),
             connect_attempts=attempts,
+            connection_rate=rate,
         )
         state = RegistryState(workloads=(source,), services=(service,))
         certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))
@@ -415,6 +417,28 @@ def test_when_every_endpoint_is_dead_the_retry_budget_caps_the_attempts() -> Non
         # connects, not 300; the connections that came after the budget ran out were reset at once
         assert attempts["connect_refused"] <= 100 + 100 + 20 and attempts["retry_budget_spent"] >= 30, attempts
         assert bed.table.failures == {"connect_refused": 100}
+
+    run(test)
+
+
+def test_over_the_services_rate_limit_a_connection_is_refused_at_once() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))], rate=5.0)
+        outcomes = []
+        for _ in range(15):
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                writer.write(b"x")
+                writer.write_eof()
+                outcomes.append(await asyncio.wait_for(reader.read(), 1.0))
+            except ConnectionResetError:
+                outcomes.append(b"reset")
+            writer.close()
+        assert outcomes.count(b"x|bye") in (5, 6) and outcomes.count(b"reset") == 15 - outcomes.count(b"x|bye")
+        records = await bed.finish()
+        refused = [r for r in records if r.state == "failed"]
+        assert {r.failure for r in refused} == {"rate_limited"} and refused[0].attempts == []
+        assert "at most 5 new connections a second" in str(refused[0].reason)
 
     run(test)
 
