@@ -158,6 +158,19 @@ async def exchange(address: tuple[str, int], payload: bytes) -> bytes:
     return reply
 
 
+async def send_or_reset(address: tuple[str, int], payload: bytes) -> bytes:
+    """One connection: send `payload`, half-close, read the reply to its end; b"reset" if reset."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 1.0)
+    except ConnectionResetError:
+        return b"reset"
+    finally:
+        writer.close()
+
+
 async def expect_reset(reader: asyncio.StreamReader) -> None:
     """The proxy aborts the connection: the client gets a reset, well within a second."""
     with pytest.raises(ConnectionResetError):
@@ -243,16 +256,8 @@ def test_the_agent_log_names_failed_connections_only(caplog: pytest.LogCaptureFi
 
     async def test(bed: Bed) -> None:
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), free_port()], attempts=1)
-        outcomes = []
-        for _ in range(2):  # the proxy alternates between the live upstream and the dead one
-            reader, writer = await asyncio.open_connection(*address)
-            try:
-                writer.write(b"ok")
-                writer.write_eof()
-                outcomes.append(await asyncio.wait_for(reader.read(), 1.0))
-            except ConnectionResetError:
-                outcomes.append(b"reset")
-            writer.close()
+        # the proxy alternates between the live upstream and the dead one
+        outcomes = [await send_or_reset(address, b"ok") for _ in range(2)]
         assert sorted(outcomes) == [b"ok|bye", b"reset"]
         await bed.finish()
 
@@ -424,16 +429,7 @@ def test_when_every_endpoint_is_dead_the_retry_budget_caps_the_attempts() -> Non
 def test_over_the_services_rate_limit_a_connection_is_refused_at_once() -> None:
     async def test(bed: Bed) -> None:
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye"))], rate=5.0)
-        outcomes = []
-        for _ in range(15):
-            reader, writer = await asyncio.open_connection(*address)
-            try:
-                writer.write(b"x")
-                writer.write_eof()
-                outcomes.append(await asyncio.wait_for(reader.read(), 1.0))
-            except ConnectionResetError:
-                outcomes.append(b"reset")
-            writer.close()
+        outcomes = [await send_or_reset(address, b"x") for _ in range(15)]
         assert outcomes.count(b"x|bye") in (5, 6) and outcomes.count(b"reset") == 15 - outcomes.count(b"x|bye")
         records = await bed.finish()
         refused = [r for r in records if r.state == "failed"]
