@@ -26,7 +26,7 @@ from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forw
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
 from ztunnel.limits import ConnectionRateLimiter
 from ztunnel.outliers import OutlierDetector
-from ztunnel.retries import RetryBudget
+from ztunnel.retries import Attempts, RetryBudget
 from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
 from ztunnel.streams import Stream, TcpStream, connect_tcp
@@ -94,39 +94,20 @@ class OutboundProxy(CapturedListener):
         if service is not None and plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
             raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new connections "
                                               f"a second from each node (annotation {CONNECTION_RATE_ANNOTATION})")
-        if service is not None:
-            self._budget.connection(service)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._connect_deadline
-        for attempt, route in enumerate(plan.candidates, start=1):
-            breaker = (route.service, route.address) if route.service is not None else None
-            if breaker is not None:
-                self.outliers.begin(breaker)
+        attempts = Attempts(plan, self._budget, self.outliers, self._table.attempts, record.attempts,
+                            self._connect_deadline, loop.time)
+        for route in attempts:
             try:
-                stream = await self._attempt(state, record, source, route, deadline - loop.time())
+                stream = await self._attempt(state, record, source, route, attempts.time_left())
             except ProxyError as e:
-                record.attempts.append({"upstream": route.address, "result": e.reason})
-                self._table.attempts[e.reason] += 1
-                if breaker is not None:  # only the endpoint's own failures count against it
-                    if e.info.retriable and e.info.fault in ("upstream", "peer"):
-                        self.outliers.record(breaker, False, plan.pool)
-                    else:
-                        self.outliers.release(breaker)
-                retry = (e.info.retriable and attempt < len(plan.candidates) and loop.time() < deadline
-                         and service is not None)
-                if retry and self._budget.try_retry(service):  # type: ignore[arg-type]
+                if attempts.failed(route, e):
                     continue
-                if retry:
-                    self._table.attempts["retry_budget_spent"] += 1
                 raise
             except BaseException:  # cancelled, or a bug the listener boundary reports
-                if breaker is not None:
-                    self.outliers.release(breaker)
+                attempts.abandoned(route)
                 raise
-            if breaker is not None:
-                self.outliers.record(breaker, True, plan.pool)
-            record.attempts.append({"upstream": route.address, "result": "ok"})
-            self._table.attempts["ok"] += 1
+            attempts.succeeded(route)
             return stream
         raise AssertionError("a plan has at least one candidate")
 

@@ -1,4 +1,5 @@
-"""The retry budget: how many failed upstream connects may be retried, per destination Service.
+"""Connect retries: the budget that bounds them per destination Service, and `Attempts`, one
+connection's walk over its plan.
 
 A retry costs the failing Service another connect; when every endpoint of a Service fails, each
 client connection would make `attempts` connects, a retry storm that keeps it down. As
@@ -10,8 +11,12 @@ quiet Service can still retry. Pure: counts in one-second buckets, time from the
 from __future__ import annotations
 
 import time
-from collections import deque
-from typing import Callable
+from collections import Counter, deque
+from typing import Callable, Iterator
+
+from ztunnel.errors import ProxyError
+from ztunnel.outliers import OutlierDetector
+from ztunnel.routing import Plan, Upstream
 
 RETRY_RATIO = 0.2  # retries at most a fifth of the connections of the window...
 RETRY_FLOOR = 10.0  # ...plus this many per second (linkerd2-proxy's default), so a quiet Service may retry
@@ -55,3 +60,76 @@ class RetryBudget:
         while buckets and buckets[0][0] < oldest:
             buckets.popleft()
         return buckets
+
+
+class Attempts:
+    """One connection's connects over its plan, sans I/O: which endpoint comes next, whether a
+    failure is tried again elsewhere, and what each outcome tells the endpoint's breaker and
+    the counters. The listener only connects:
+
+        for route in attempts:
+            try: stream = await connect(route, attempts.time_left())
+            except ProxyError as e:
+                if attempts.failed(route, e): continue
+                raise
+            except BaseException: attempts.abandoned(route); raise
+            attempts.succeeded(route)
+
+    A failure is retried when it is retriable (the failure table says so: nothing of the
+    client's reached an upstream), another candidate is left, the deadline is not over and the
+    Service's retry budget allows; only failures that are the endpoint's own count against it.
+    """
+
+    def __init__(self, plan: Plan, budget: RetryBudget, outliers: OutlierDetector, counts: Counter[str],
+                 record: list[dict[str, str]], deadline: float, clock: Callable[[], float]) -> None:
+        self._plan, self._budget, self._outliers = plan, budget, outliers
+        self._counts, self._record = counts, record
+        self._clock = clock
+        self._ends = clock() + deadline
+        self._service = plan.first.service
+        if self._service is not None:
+            budget.connection(self._service)
+
+    def __iter__(self) -> Iterator[Upstream]:
+        for route in self._plan.candidates:
+            if route.service is not None:
+                self._outliers.begin(_breaker(route))
+            yield route
+
+    def time_left(self) -> float:
+        return max(0.0, self._ends - self._clock())
+
+    def succeeded(self, route: Upstream) -> None:
+        if route.service is not None:
+            self._outliers.record(_breaker(route), True, self._plan.pool)
+        self._outcome(route, "ok")
+
+    def failed(self, route: Upstream, error: ProxyError) -> bool:
+        """Whether to try the next candidate after `error` from `route`."""
+        info = error.info
+        if route.service is not None:
+            if info.retriable and info.fault in ("upstream", "peer"):
+                self._outliers.record(_breaker(route), False, self._plan.pool)
+            else:  # not the endpoint's doing (a policy, the client, this node)
+                self._outliers.release(_breaker(route))
+        self._outcome(route, error.reason)
+        if not (info.retriable and self._service is not None and route is not self._plan.candidates[-1]
+                and self.time_left() > 0):
+            return False
+        if self._budget.try_retry(self._service):
+            return True
+        self._counts["retry_budget_spent"] += 1
+        return False
+
+    def abandoned(self, route: Upstream) -> None:
+        """The connect to `route` was cancelled: it says nothing of the endpoint."""
+        if route.service is not None:
+            self._outliers.release(_breaker(route))
+
+    def _outcome(self, route: Upstream, result: str) -> None:
+        self._record.append({"upstream": route.address, "result": result})
+        self._counts[result] += 1
+
+
+def _breaker(route: Upstream) -> tuple[str, str]:
+    return (route.service or "", route.address)

@@ -1,8 +1,14 @@
-"""The retry budget: a fifth of a Service's connections over 10 s plus a small floor, per Service."""
+"""Retries without sockets: the budget (a fifth of a Service's connections over 10 s plus a
+floor, per Service) and one connection's walk over its plan, on a fake clock."""
 
 from __future__ import annotations
 
-from ztunnel.retries import RetryBudget
+from collections import Counter
+
+from ztunnel.errors import ProxyError
+from ztunnel.outliers import OutlierDetector
+from ztunnel.retries import Attempts, RetryBudget
+from ztunnel.routing import Plan, Upstream
 
 
 class Clock:
@@ -31,3 +37,65 @@ def test_the_budget_refills_as_the_window_moves_on():
     assert not budget.try_retry("web")
     clock.now += 1  # now they are not
     assert budget.try_retry("web")
+
+
+def attempts_over(endpoints: int, budget: RetryBudget | None = None, deadline: float = 10.0,
+                  clock: Clock | None = None) -> tuple[Attempts, OutlierDetector, Counter, list]:
+    clock = clock or Clock()
+    plan = Plan(tuple(Upstream(f"10.244.2.{i}", 8080, "service", "shop/web") for i in range(endpoints)),
+                endpoints, endpoints)
+    outliers, counts, record = OutlierDetector(clock=clock), Counter(), []
+    return (Attempts(plan, budget or RetryBudget(clock=clock), outliers, counts, record, deadline, clock),
+            outliers, counts, record)
+
+
+REFUSED = ProxyError("connect_refused", "refused")
+
+
+def test_a_retriable_failure_goes_on_to_the_next_endpoint_and_a_success_ends_the_walk():
+    attempts, outliers, counts, record = attempts_over(3)
+    tried = []
+    for route in attempts:
+        tried.append(route.ip)
+        if len(tried) < 2:
+            assert attempts.failed(route, REFUSED)
+            continue
+        attempts.succeeded(route)
+        break
+    assert tried == ["10.244.2.0", "10.244.2.1"]
+    assert record == [{"upstream": "10.244.2.0:8080", "result": "connect_refused"},
+                      {"upstream": "10.244.2.1:8080", "result": "ok"}]
+    assert counts == {"connect_refused": 1, "ok": 1}
+
+
+def test_no_retry_after_a_policy_denial_the_last_candidate_or_the_deadline():
+    attempts, outliers, _, _ = attempts_over(3)
+    first = next(iter(attempts))
+    assert not attempts.failed(first, ProxyError("policy_denied", "denied"))
+    assert outliers.state(("shop/web", first.address)) == "CLOSED"
+    attempts, _, _, _ = attempts_over(1)
+    assert not attempts.failed(next(iter(attempts)), REFUSED)  # nothing else to try
+    clock = Clock()
+    attempts, _, _, _ = attempts_over(3, deadline=2.0, clock=clock)
+    route = next(iter(attempts))
+    clock.now += 2.5
+    assert attempts.time_left() == 0 and not attempts.failed(route, REFUSED)
+
+
+def test_a_spent_budget_stops_retries_and_is_counted():
+    clock = Clock()
+    budget = RetryBudget(ratio=0.0, min_per_second=0.1, window=10, clock=clock)  # one retry in 10 s
+    attempts, _, counts, _ = attempts_over(3, budget=budget, clock=clock)
+    walk = iter(attempts)
+    assert attempts.failed(next(walk), REFUSED)
+    assert not attempts.failed(next(walk), REFUSED)
+    assert counts["retry_budget_spent"] == 1
+
+
+def test_the_endpoints_own_failures_open_its_breaker():
+    clock = Clock()
+    attempts, outliers, _, _ = attempts_over(4, clock=clock)
+    route = next(iter(attempts))
+    for _ in range(5):
+        attempts.failed(route, REFUSED)
+    assert outliers.state(("shop/web", route.address)) == "OPEN"
