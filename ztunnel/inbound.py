@@ -104,7 +104,7 @@ class InboundHboneProxy(CapturedListener):
 
         async def handle(request: ConnectRequest, responder: Responder) -> None:
             # the registry (and its policies) as of this CONNECT: a pooled session outlives many
-            await self._tunnel(self._state_getter(), served, client, peer, request, responder)
+            await self._tunnel(self._state_getter(), served, served_id, client, peer, request, responder)
 
         server = HboneServer(handle, mitigations=self.mitigations)
         session = None
@@ -133,8 +133,8 @@ class InboundHboneProxy(CapturedListener):
                 self._handshakes.done(peer[0])
         await server.serve(session)
 
-    async def _tunnel(self, state: RegistryState, served: Workload, client: Identity, peer: tuple,
-                      request: ConnectRequest, responder: Responder) -> None:
+    async def _tunnel(self, state: RegistryState, served: Workload, served_id: Identity, client: Identity,
+                      peer: tuple, request: ConnectRequest, responder: Responder) -> None:
         """Carries one CONNECT out; its record ends exactly once, however the stream ends."""
         claimed = parse_forwarded_for(request.headers.get("forwarded", ""))
         # an Istio ztunnel peer dials from the client pod's own address and sends no forwarded
@@ -147,7 +147,7 @@ class InboundHboneProxy(CapturedListener):
                                   source.key if source else None, direction="inbound")
         record.security, record.source_identity = "mtls", client.uri
         record.upstream, record.upstream_workload = hostport(served.ip, request.port), served.key
-        record.destination_identity = workload_identity(served, self._certs.trust_domain).uri
+        record.destination_identity = served_id.uri
         try:
             if request.host != served.ip:
                 raise NotLocal("wrong_authority", f"CONNECT {cut(request.authority, AUTHORITY_LIMIT)} names another "
