@@ -307,6 +307,7 @@ class NodeAgent:
                 "services": len(state.services),
                 "registrations": len(self.registrations),
                 "last_error": self.registry.last_error,
+                "notice": self.registry.notice,
             },
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,

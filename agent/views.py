@@ -25,6 +25,7 @@ def status(data: dict) -> str:
         ["registry sync", ("connected" if registry["connected"] else "NOT CONNECTED")
                           + f", last current at {registry['synced_at'] or 'never'}"],
         ["registry error", registry["last_error"] or "none"],
+        *([["registry notice", registry["notice"]]] if registry.get("notice") else []),
         ["outbound listener", data["listeners"]["outbound"]],
         ["captured pods", ", ".join(datapath.get("enrolled_pod_ips", [])) or "none"],
         ["attached to", attached],

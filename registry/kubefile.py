@@ -456,6 +456,11 @@ class FileSource:
         return self._state
 
     @property
+    def notice(self) -> str | None:
+        """A file has nothing to say but its errors (`last_error`)."""
+        return None
+
+    @property
     def connected(self) -> bool:
         """True while the file's current version is the good state being served."""
         return self._state is not None and self.last_error is None

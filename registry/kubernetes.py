@@ -256,22 +256,27 @@ class KubernetesSource:
 
     @property
     def last_error(self) -> str | None:
-        """What `ameshctl status` shows: the API server problem, if any; else the objects rejected
-        and the policy kinds not served; None when there is nothing to say."""
+        """What `ameshctl status` shows as the registry's error: the API server problem, if any;
+        else the objects rejected; None when there is none."""
         if self._outage is not None:
             return self._outage
-        notes = []
-        if self._not_served:
-            kinds = [k for k in KINDS if k.kind in self._not_served]
-            versions = ", ".join(dict.fromkeys(v for k in kinds for v in k.api_versions))
-            notes.append(f"{' and '.join(k.kind for k in kinds)} not served by the Kubernetes API server "
-                         f"{self._host()} at {versions} (Istio's CRDs not installed?): no Istio policies "
-                         f"from the cluster; looking again every {self.discovery_interval:g} s")
         if self._rejected:
             first = next(iter(self._rejected.values()))
             more = f" (and {len(self._rejected) - 1} more; see the agent's log)" if len(self._rejected) > 1 else ""
-            notes.append(f"rejected {first}{more}")
-        return "; ".join(notes) or None
+            return f"rejected {first}{more}"
+        return None
+
+    @property
+    def notice(self) -> str | None:
+        """What is worth knowing but not wrong: the policy kinds the API server does not serve (a
+        cluster without Istio's CRDs), while it is so."""
+        if not self._not_served:
+            return None
+        kinds = [k for k in KINDS if k.kind in self._not_served]
+        versions = ", ".join(dict.fromkeys(v for k in kinds for v in k.api_versions))
+        return (f"{' and '.join(k.kind for k in kinds)} not served by the Kubernetes API server {self._host()} "
+                f"at {versions} (Istio's CRDs not installed?): no Istio policies from the cluster; looking "
+                f"again every {self.discovery_interval:g} s")
 
     @property
     def synced_at(self) -> float | None:

@@ -103,3 +103,19 @@ def test_ca_init_creates_a_private_root_and_shows_the_same_one_again(tmp_path):
     (tmp_path / "ca" / "ca.crt").unlink()
     broken = run("ca-init", str(tmp_path / "ca"))
     assert broken.exit_code == 1 and "ca.crt does not" in broken.output
+
+
+def test_the_status_table_shows_a_registry_notice_only_when_there_is_one():
+    from agent import views
+
+    data = {"node": "node-1", "started": "2026-12-01T00:00:00+00:00", "uptime_s": 5.0, "event_loop": "uvloop",
+            "registry": {"source": "kubernetes", "path": None, "generation": 3, "workloads": 2, "services": 1,
+                         "registrations": 0, "connected": True, "synced_at": "now", "last_error": None,
+                         "notice": "AuthorizationPolicy and PeerAuthentication not served"},
+            "listeners": {"outbound": "0.0.0.0:15001"}, "datapath": None,
+            "connections": {"live": 0, "recently_closed": 0, "failures": {}}}
+    lines = {line.split("  ")[0]: line for line in views.status(data).splitlines()}
+    assert lines["registry error"].endswith(" none")
+    assert lines["registry notice"].endswith(" AuthorizationPolicy and PeerAuthentication not served")
+    data["registry"]["notice"] = None
+    assert "registry notice" not in views.status(data)
