@@ -89,7 +89,7 @@ class OutboundProxy(CapturedListener):
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
                              dst_port: int) -> Stream:
         source = captured_source(state, self._transport.node, record.source_ip)
-        plan = self._router.plan(state, dst_ip, dst_port, self.outliers.available)
+        plan = self._router.plan(state, dst_ip, dst_port, self.outliers.unavailable)
         service = plan.first.service
         if service is not None and plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
             raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new connections "

@@ -45,25 +45,38 @@ class OutlierDetector:
         self.base_ejection_time, self.max_ejection_time = base_ejection_time, max_ejection_time
         self.max_ejection_percent = max_ejection_percent
         self._clock = clock
-        self._endpoints: dict[EndpointKey, _Endpoint] = {}
+        # service -> endpoint "ip:port" -> its breaker, for endpoints that have failed lately only
+        self._endpoints: dict[str, dict[str, _Endpoint]] = {}
         self.ejections_total: dict[str, int] = {}  # by service, ever
+
+    def _get(self, key: EndpointKey) -> _Endpoint | None:
+        service, address = key
+        return self._endpoints.get(service, {}).get(address)
 
     def state(self, key: EndpointKey) -> str:
         """CLOSED, OPEN or HALF-OPEN."""
-        endpoint = self._endpoints.get(key)
+        endpoint = self._get(key)
         if endpoint is None or endpoint.ejected_until is None:
             return "CLOSED"
         return "OPEN" if self._clock() < endpoint.ejected_until else "HALF-OPEN"
 
     def ejected_until(self, key: EndpointKey) -> float | None:
         """When an OPEN endpoint's ejection ends, on this detector's clock."""
-        endpoint = self._endpoints.get(key)
+        endpoint = self._get(key)
         return endpoint.ejected_until if endpoint is not None else None
 
     def available(self, key: EndpointKey) -> bool:
         """Whether a new connection may plan to try `key`: CLOSED, or HALF-OPEN with its trial free."""
         state = self.state(key)
-        return state == "CLOSED" or (state == "HALF-OPEN" and not self._endpoints[key].trial)
+        return state == "CLOSED" or (state == "HALF-OPEN" and not self._get(key).trial)  # type: ignore[union-attr]
+
+    def unavailable(self, service: str) -> frozenset[str]:
+        """The endpoints ("ip:port") of `service` a new connection may not plan to try now. Per
+        connection this looks only at the Service's endpoints that failed lately: usually none."""
+        tracked = self._endpoints.get(service)
+        if not tracked:
+            return frozenset()
+        return frozenset(address for address in tracked if not self.available((service, address)))
 
     def begin(self, key: EndpointKey) -> bool:
         """A connect to `key` starts: False if it may not (OPEN, or another connection holds the
@@ -71,24 +84,25 @@ class OutlierDetector:
         if not self.available(key):
             return False
         if self.state(key) == "HALF-OPEN":
-            self._endpoints[key].trial = True
+            self._get(key).trial = True  # type: ignore[union-attr]
         return True
 
     def release(self, key: EndpointKey) -> None:
         """A connect to `key` ended without saying anything of the endpoint (cancelled, or refused
         by policy): a trial it held is free again."""
-        endpoint = self._endpoints.get(key)
+        endpoint = self._get(key)
         if endpoint is not None:
             endpoint.trial = False
 
     def ejected(self, service: str) -> int:
         """Endpoints of `service` OPEN or HALF-OPEN now."""
-        return sum(1 for (s, _), e in self._endpoints.items() if s == service and e.ejected_until is not None)
+        return sum(1 for e in self._endpoints.get(service, {}).values() if e.ejected_until is not None)
 
     def record(self, key: EndpointKey, ok: bool, endpoints_in_service: int) -> None:
         """The outcome of a connect to `key`, a Service endpoint among `endpoints_in_service`."""
         now = self._clock()
-        endpoint = self._endpoints.get(key)
+        service, address = key
+        endpoint = self._get(key)
         if ok:
             if endpoint is None:
                 return
@@ -96,10 +110,12 @@ class OutlierDetector:
                 endpoint.ejected_until, endpoint.trial, endpoint.healthy_since = None, False, now
             endpoint.failures = 0
             if now - endpoint.healthy_since >= self.max_ejection_time:
-                del self._endpoints[key]  # healthy long enough: its past ejections are forgotten
+                del self._endpoints[service][address]  # healthy long enough: its past ejections are forgotten
+                if not self._endpoints[service]:
+                    del self._endpoints[service]
             return
         if endpoint is None:
-            endpoint = self._endpoints[key] = _Endpoint(healthy_since=now)
+            endpoint = self._endpoints.setdefault(service, {})[address] = _Endpoint(healthy_since=now)
         endpoint.failures += 1
         if endpoint.ejected_until is not None:  # a failed trial: open again, for longer
             endpoint.trial = False

@@ -61,21 +61,21 @@ class Router:
         self._turns: dict[tuple[str, int], int] = {}
 
     def plan(self, state: RegistryState, dst_ip: str, dst_port: int,
-             available: Callable[[tuple[str, str]], bool] = lambda key: True) -> Plan:
+             unavailable: Callable[[str], Collection[str]] = lambda service: ()) -> Plan:
         """Where a connection to `dst_ip`:`dst_port` may go; RouteError if nothing can serve it.
         A pod or an address outside the registry has one candidate; a Service its ready
-        endpoints that are `available` ((service, "ip:port"): not ejected by outlier detection),
-        the balancer's choice first, at most the Service's connect attempts."""
+        endpoints but those `unavailable(service key)` names ("ip:port": ejected by outlier
+        detection), the balancer's choice first, at most the Service's connect attempts."""
         service = state.service_by_ip(dst_ip)
         if service is not None:
-            return self._to_service(state, service, dst_port, available)
+            return self._to_service(state, service, dst_port, unavailable)
         workload = state.workload_by_ip(dst_ip)
         if workload is not None:
             return Plan((Upstream(dst_ip, dst_port, "workload", workload=workload.key),))
         return Plan((Upstream(dst_ip, dst_port, "passthrough"),))
 
     def _to_service(self, state: RegistryState, service: Service, port: int,
-                    available: Callable[[tuple[str, str]], bool]) -> Plan:
+                    unavailable: Callable[[str], Collection[str]]) -> Plan:
         service_port = service.port(port)
         if service_port is None:
             raise RouteError("no_service_port", f"service {service.key} does not expose port {port}")
@@ -88,8 +88,9 @@ class Router:
         pool = len(candidates)
         # ejected endpoints are passed over; were all of them (never by ejection alone, which
         # leaves half), every ready endpoint is tried rather than none
-        candidates = [ep for ep in candidates
-                      if available((service.key, f"{ep.ip}:{ep.ports[service_port.name]}"))] or candidates
+        if excluded := unavailable(service.key):
+            candidates = [ep for ep in candidates
+                          if f"{ep.ip}:{ep.ports[service_port.name]}" not in excluded] or candidates
         turn_key = (service.key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1

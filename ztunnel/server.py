@@ -128,8 +128,9 @@ class CapturedListener:
         except Exception:
             # A bug, or a failure no path expected (the paths end their own records): the
             # client must not wait on a half-served connection.
-            self._table.failure_log.log(logging.ERROR, "conn.unexpected_error", "conn.unexpected_error src=%s dst=%s",
-                            hostport(*peer), hostport(*destination), exc_info=True)
+            self._table.failure_log.log(logging.ERROR, "conn.unexpected_error",
+                                        "conn.unexpected_error src=%s dst=%s", hostport(*peer),
+                                        hostport(*destination), exc_info=True)
             reset_socket(conn)
             self._table.failures["internal"] += 1
 
@@ -215,14 +216,15 @@ class CapturedListener:
         # Every connection is in the access log and the metrics; the agent's own log says only
         # what failed, unless asked for more (--log-level debug).
         if state == "failed":
-            self._table.failure_log.log(logging.INFO, f"conn.close {record.failure}", "conn.close %s", LazyFields(record))
+            self._table.failure_log.log(logging.INFO, f"conn.close {record.failure}", "conn.close %s",
+                                        LazyFields(record))
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("conn.close %s", log_fields(record))
 
     def end_unexpected(self, record: ConnectionRecord, error: Exception) -> None:
         """Ends a connection that an unexpected exception broke, with the traceback in the log."""
-        self._table.failure_log.log(logging.ERROR, "conn.unexpected_error", "conn.unexpected_error conn=%d", record.id,
-                        exc_info=error)
+        self._table.failure_log.log(logging.ERROR, "conn.unexpected_error", "conn.unexpected_error conn=%d",
+                                    record.id, exc_info=error)
         self.end(record, "failed", f"internal error in the ztunnel: {type(error).__name__}: {error}", "internal")
 
 

@@ -13,6 +13,7 @@ from h2.connection import H2Connection
 from hyperframe.frame import SettingsFrame
 
 from tests.unit.h2peer import FakeTransport, frame_header
+from tests.unit.clock import Clock
 from ztunnel.hbone import HboneStream
 from ztunnel.hbone.limits import (
     BUDGETS,
@@ -37,14 +38,6 @@ from ztunnel.hbone.limits import (
 from ztunnel.hbone.session import H2_FRAMES_PER_PASS, H2Session
 from ztunnel.limits import TokenBucket
 from ztunnel.logbound import RateLimitedLog, cut
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize("kind, flags, name", [

@@ -505,37 +505,32 @@ def test_namespace_mtls_mode_label_reaches_its_workloads_and_bad_values_are_name
                                 'must be one of STRICT, PERMISSIVE, got "strictest"')
 
 
+def annotated_service(annotations: dict[str, str]) -> list[dict]:
+    return [{"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+             "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}]
+
+
 @pytest.mark.parametrize("value, attempts", [(None, 3), ("0", 1), ("5", 6)])
 def test_the_connect_retries_annotation_sets_a_services_attempts(value, attempts):
     annotations = {} if value is None else {"amesh.io/connect-retries": value}
-    state = build_state([{"apiVersion": "v1", "kind": "Service",
-                          "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
-                          "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
-    assert state.services[0].connect_attempts == attempts
+    assert build_state(annotated_service(annotations)).services[0].connect_attempts == attempts
 
 
 @pytest.mark.parametrize("value", ["6", "-1", "three", "1.5"])
 def test_a_bad_connect_retries_annotation_names_the_service_and_annotation(value):
     with pytest.raises(RegistryError, match=r'Service shop/web.*metadata.annotations\["amesh.io/connect-retries"\]: '
                                             r'must be a number of retries 0-5'):
-        build_state([{"apiVersion": "v1", "kind": "Service",
-                      "metadata": {"name": "web", "namespace": "shop", "annotations": {"amesh.io/connect-retries": value}},
-                      "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
+        build_state(annotated_service({"amesh.io/connect-retries": value}))
 
 
 @pytest.mark.parametrize("value, rate", [(None, None), ("20/s", 20.0), ("1200/min", 20.0), ("0.5/s", 0.5)])
 def test_the_connection_rate_annotation_sets_a_services_rate(value, rate):
     annotations = {} if value is None else {"amesh.io/connection-rate-limit": value}
-    state = build_state([{"apiVersion": "v1", "kind": "Service",
-                          "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
-                          "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
-    assert state.services[0].connection_rate == rate
+    assert build_state(annotated_service(annotations)).services[0].connection_rate == rate
 
 
 @pytest.mark.parametrize("value", ["20", "0/s", "20/h", "fast", "-3/s"])
 def test_a_bad_connection_rate_annotation_names_the_service_and_annotation(value):
     with pytest.raises(RegistryError, match=r'Service shop/web.*metadata.annotations\["amesh.io/connection-rate-limit"\]'):
-        build_state([{"apiVersion": "v1", "kind": "Service",
-                      "metadata": {"name": "web", "namespace": "shop",
-                                   "annotations": {"amesh.io/connection-rate-limit": value}},
-                      "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}])
+        build_state(annotated_service({"amesh.io/connection-rate-limit": value}))

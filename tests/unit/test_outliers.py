@@ -3,17 +3,10 @@ ejection times, one half-open trial, and max_ejection_percent."""
 
 from __future__ import annotations
 
+from tests.unit.clock import Clock
 from ztunnel.outliers import OutlierDetector
 
 A, B, C, D = (("shop/web", f"10.244.2.{i}:8080") for i in range(1, 5))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def detector(clock: Clock) -> OutlierDetector:
@@ -71,6 +64,7 @@ def test_never_more_than_max_ejection_percent_of_a_services_endpoints_is_ejected
         fail(outliers, key, 5)
     assert [outliers.state(k) for k in (A, B, C, D)] == ["OPEN", "OPEN", "CLOSED", "CLOSED"]
     assert outliers.ejected("shop/web") == 2
+    assert outliers.unavailable("shop/web") == {A[1], B[1]} and outliers.unavailable("shop/other") == set()
     lone = ("shop/db", "10.244.3.1:5432")
     fail(outliers, lone, 20, endpoints=1)
     assert outliers.state(lone) == "CLOSED"  # a Service's only endpoint is never ejected

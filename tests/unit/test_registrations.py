@@ -11,19 +11,12 @@ from registry.kubefile import build_state
 from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
 from registry.registrations import (SOURCE, MergedRegistry, Registration, RegistrationError, RegistrationStore,
                                     parse_ttl)
+from tests.unit.clock import Clock
 
 VM = {"name": "billing", "address": "192.168.7.20", "port": 8443, "version": "v3", "namespace": "shop", "ttl": "30s"}
 WEB = Service("billing", "shop", "10.96.0.20", (ServicePort(80, "https", "https"),),
               endpoints=(Endpoint("10.244.1.10", {"https": 8443}),), source="file")
 POD = Workload("web-1", "shop", "10.244.1.10", "node-1", enrolled=True)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_registration_expires_after_its_ttl_and_a_heartbeat_revives_it():

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tests.unit.clock import Clock
 from ztunnel.errors import ProxyError
 from ztunnel.outliers import OutlierDetector
 from ztunnel.retries import Attempts, RetryBudget
 from ztunnel.routing import Plan, Upstream
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_retries_stay_within_the_floor_plus_a_fifth_of_the_connections_of_the_window():
