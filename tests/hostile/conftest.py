@@ -46,6 +46,7 @@ class Target:
     canary: Canary | None = None
     baseline: dict[str, Vitals] = field(default_factory=dict)  # node name -> before the attack
     log_offsets: dict[str, int] = field(default_factory=dict)  # node name -> agent log size before
+    live_records: dict[str, int] = field(default_factory=dict)  # node name -> live connections before (the canary's)
     started: float = 0.0  # monotonic, when the attack could begin
 
     @property
@@ -57,6 +58,10 @@ class Target:
 
     def vitals(self, node: Node | int | str) -> Vitals:
         return Vitals.of(self.pid(node))
+
+    def live(self, node: Node | int | str) -> int:
+        """Connection records the node's ztunnel holds as live (connecting or open)."""
+        return sum(1 for c in self.mesh.ctl_json(node, "connections") if c["state"] in ("connecting", "open"))
 
     def context(self, identity: str = ATTACKER_IDENTITY) -> ssl.SSLContext:
         """An mTLS client context with a valid mesh certificate, as a compromised node holds."""
@@ -75,6 +80,7 @@ class Target:
             self.canary = self._start_canary()
         for node in self.bed.nodes:
             self.baseline[node.name] = self.vitals(node)
+            self.live_records[node.name] = self.live(node)
             self.log_offsets[node.name] = self.mesh.agent_log(node).stat().st_size
         self.started = time.monotonic()
 
@@ -108,8 +114,9 @@ class Target:
                 stall_limit: float = CANARY_STALL_LIMIT, fd_timeout: float = SETTLE_TIMEOUT) -> None:
         """Fails with every problem at once: each message of `expected` whose check is False (what
         the attack itself must cause), then what must hold after any attack on `node`'s agent: it
-        runs, its descriptors are back to the baseline within `fd_timeout`, the canary never broke
-        nor waited over `stall_limit`, no task exception went unretrieved. Figures go in `figures`."""
+        runs, its descriptors and live connection records are back to the baseline within
+        `fd_timeout`, the canary never broke nor waited over `stall_limit`, no task exception went
+        unretrieved. Figures go in `figures`."""
         problems = [message for message, held in (expected or {}).items() if not held]
         name = self.bed.node(node).name
         proc = self.mesh.agents[name]
@@ -128,6 +135,14 @@ class Target:
         if not back:
             problems.append(f"{name}'s agent holds {fds} descriptors {fd_timeout}s after the attack "
                             f"(baseline {base.fds})")
+        # every connection the attack made ended its record: only the canary's stay live
+        deadline = time.monotonic() + fd_timeout
+        while (live := self.live(node)) > self.live_records[name] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        figures["live_records_after"] = live
+        if live > self.live_records[name]:
+            problems.append(f"{name}'s ztunnel still holds {live} live connection records "
+                            f"(before the attack {self.live_records[name]})")
         if figures["canary_error"] is not None:
             problems.append(f"the canary through the mesh broke: {figures['canary_error']}")
         if figures["canary_longest_wait_ms"] > stall_limit * 1000:
