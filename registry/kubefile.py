@@ -40,6 +40,7 @@ from registry.model import (
     RegistryState,
     Service,
     ServicePort,
+    TrafficPolicy,
     Workload,
 )
 from registry.objects import (
@@ -174,8 +175,7 @@ def _read_service(obj: KubeObject, source: str) -> Service:
         ports=tuple(ports),
         selector=labels_field(obj, spec.get("selector"), "spec.selector"),
         source=source,
-        connect_attempts=1 + _connect_retries(obj),
-        connection_rate=_connection_rate(obj),
+        traffic=TrafficPolicy(connect_attempts=1 + _connect_retries(obj), connection_rate=_connection_rate(obj)),
     )
 
 

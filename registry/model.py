@@ -72,6 +72,56 @@ class Endpoint:
     ready: bool = True
     workload: str | None = None  # "namespace/name" of the pod behind it, when known
     source: str = ""  # where it came from when not from its Service's source ("registration")
+    # where it runs, for locality (Service.spec.trafficDistribution: PreferClose): the
+    # EndpointSlice endpoint's nodeName and zone; None when the source does not say
+    node: str | None = None
+    zone: str | None = None
+
+
+LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
+LOAD_BALANCERS: tuple[LoadBalancer, ...] = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    """When an endpoint is ejected from new connections (Envoy's outlier detection; its defaults)."""
+
+    consecutive_failures: int = 5  # connect failures in a row that eject an endpoint
+    base_ejection_time: float = 30.0  # seconds; multiplied by the endpoint's number of ejections
+    max_ejection_time: float = 300.0  # seconds: the cap on one ejection
+    max_ejection_percent: int = 50  # at most this share of a Service's endpoints ejected at once
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One share of a weighted split: the Service whose endpoints take `weight` of the connections."""
+
+    service: str  # "namespace/name"
+    weight: int  # relative to the other backends' weights; 0 takes nothing
+    port: int | None = None  # the backend Service's port; None: the port the client dialled
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """How connections to one Service are shaped, from the objects users write about it: the
+    Service's annotations (retries, rate), an Istio DestinationRule (limits, timeouts, outlier
+    detection, balancer), a Gateway API TCPRoute or SMI TrafficSplit (weighted split) and
+    spec.trafficDistribution (locality). Every field's default is the behaviour without them."""
+
+    # endpoints a connection may try before the client is reset: 1 + the annotation
+    # amesh.io/connect-retries (default 2 retries); each retry goes to another endpoint
+    connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS
+    # new connections per second to it from each node (amesh.io/connection-rate-limit); None: no limit
+    connection_rate: float | None = None
+    # live connections to it from each node at once (DestinationRule maxConnections); None: no limit
+    max_connections: int | None = None
+    connect_timeout: float | None = None  # seconds per connect attempt; None: the agent's
+    outlier: OutlierSettings = OutlierSettings()
+    load_balancer: LoadBalancer = "ROUND_ROBIN"
+    prefer_close: bool = False  # same node first, then same zone, then the rest
+    split: tuple[Backend, ...] = ()  # empty: the Service's own endpoints serve it
+    # the objects that set any of the above ("DestinationRule shop/reviews"), for status
+    configured_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,11 +135,7 @@ class Service:
     selector: Mapping[str, str] = field(default_factory=dict)
     endpoints: tuple[Endpoint, ...] = ()
     source: str = "file"
-    # endpoints a connection may try before the client is reset: 1 + the annotation
-    # amesh.io/connect-retries (default 2 retries); each retry goes to another endpoint
-    connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS
-    # new connections per second to it from each node (amesh.io/connection-rate-limit); None: no limit
-    connection_rate: float | None = None
+    traffic: TrafficPolicy = TrafficPolicy()
 
     @property
     def key(self) -> str:

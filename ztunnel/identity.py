@@ -141,10 +141,15 @@ class Issuer(Protocol):
     """Signs workload certificates; the CertificateManager's only view of a CA."""
 
     @property
-    def root_pem(self) -> bytes: ...
+    def trust_bundle(self) -> bytes:
+        """PEM of every root CA certificate peers may be signed by (during a root rotation the
+        old and the new); the certificates it issues chain to one of them."""
+        ...
 
     @property
-    def root_fingerprint(self) -> str: ...
+    def root_fingerprint(self) -> str:
+        """SHA-256 fingerprint of the root it signs with now."""
+        ...
 
     def issue(
         self, identity: Identity, public_key: CertificatePublicKeyTypes, lifetime: timedelta
@@ -176,6 +181,7 @@ class FileCA:
         self._clock = clock
         self._aki = _authority_key_identifier(certificate)
         self.root_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        self.trust_bundle = self.root_pem
         self.root_fingerprint = fingerprint(certificate)
 
     def __repr__(self) -> str:
@@ -579,14 +585,14 @@ class CertificateManager:
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        root = self._issuer.root_pem
+        roots = self._issuer.trust_bundle
         # Half-life from when we received it rather than from not_before: issuers backdate
         # not_before for clock skew, which for short lifetimes would put the half-life in the past.
         return _Held(
             issued=issued,
             renew_at=now + (not_after - now) / 2,
-            server=_tls_context(True, root, issued.chain_pem + key_pem),
-            client=_tls_context(False, root, issued.chain_pem + key_pem),
+            server=_tls_context(True, roots, issued.chain_pem + key_pem),
+            client=_tls_context(False, roots, issued.chain_pem + key_pem),
         )
 
     def _retry_delay(self, failures: int) -> float:
@@ -671,15 +677,15 @@ def _state(slot: _Slot, now: float) -> str:
     return "valid"
 
 
-def _tls_context(server_side: bool, root_pem: bytes, chain_and_key_pem: bytes) -> ssl.SSLContext:
-    """A mutual-TLS 1.3 context speaking h2 that trusts only `root_pem`."""
+def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: bytes) -> ssl.SSLContext:
+    """A mutual-TLS 1.3 context speaking h2 that trusts only the roots in `trust_bundle`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.set_alpn_protocols(["h2"])
     # Peers are identified by the SPIFFE ID in their certificate (peer_identity), not a hostname.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED  # on the server side: a client certificate is required
-    context.load_verify_locations(cadata=root_pem.decode("ascii"))
+    context.load_verify_locations(cadata=trust_bundle.decode("ascii"))
     # ssl can only load a key from a path; an anonymous memory file keeps the key off the disk.
     fd = os.memfd_create("amesh-workload-cert", os.MFD_CLOEXEC)
     try:

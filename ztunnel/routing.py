@@ -95,11 +95,11 @@ class Router:
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
         # the rotation from this turn on: a retry goes where the next connection would have gone
-        attempts = min(service.connect_attempts, len(candidates))
+        attempts = min(service.traffic.connect_attempts, len(candidates))
         chosen = (candidates[(turn + i) % len(candidates)] for i in range(attempts))
         return Plan(tuple(Upstream(endpoint.ip, endpoint.ports[service_port.name], "service", service=service.key,
                                    workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts, pool,
-                    service.connection_rate)
+                    service.traffic.connection_rate)
 
 
 def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:

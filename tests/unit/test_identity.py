@@ -65,7 +65,7 @@ class FlakyIssuer:
     def __init__(self, ca: FileCA) -> None:
         self.ca = ca
         self.failing = False
-        self.root_pem = ca.root_pem
+        self.trust_bundle = ca.trust_bundle
         self.root_fingerprint = ca.root_fingerprint
 
     def issue(self, identity: Identity, public_key: object, lifetime: timedelta) -> IssuedCertificate:

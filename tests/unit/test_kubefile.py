@@ -514,7 +514,7 @@ def annotated_service(annotations: dict[str, str]) -> list[dict]:
 @pytest.mark.parametrize("value, attempts", [(None, 3), ("0", 1), ("5", 6)])
 def test_the_connect_retries_annotation_sets_a_services_attempts(value, attempts):
     annotations = {} if value is None else {"amesh.io/connect-retries": value}
-    assert build_state(annotated_service(annotations)).services[0].connect_attempts == attempts
+    assert build_state(annotated_service(annotations)).services[0].traffic.connect_attempts == attempts
 
 
 @pytest.mark.parametrize("value", ["6", "-1", "three", "1.5"])
@@ -527,7 +527,7 @@ def test_a_bad_connect_retries_annotation_names_the_service_and_annotation(value
 @pytest.mark.parametrize("value, rate", [(None, None), ("20/s", 20.0), ("1200/min", 20.0), ("0.5/s", 0.5)])
 def test_the_connection_rate_annotation_sets_a_services_rate(value, rate):
     annotations = {} if value is None else {"amesh.io/connection-rate-limit": value}
-    assert build_state(annotated_service(annotations)).services[0].connection_rate == rate
+    assert build_state(annotated_service(annotations)).services[0].traffic.connection_rate == rate
 
 
 @pytest.mark.parametrize("value", ["20", "0/s", "20/h", "fast", "-3/s"])

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
+from registry.model import Endpoint, RegistryState, Service, ServicePort, TrafficPolicy, Workload
 from tests.unit.descriptors import descriptors_exhausted
 from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionRecord, ConnectionTable
@@ -103,8 +103,7 @@ class Bed:
                 Endpoint(ip="127.0.0.1", ports={"http": p}, workload=f"shop/web-{i}")
                 for i, p in enumerate(upstream_ports)
             ),
-            connect_attempts=attempts,
-            connection_rate=rate,
+            traffic=TrafficPolicy(connect_attempts=attempts, connection_rate=rate),
         )
         state = RegistryState(workloads=(source,), services=(service,))
         certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))

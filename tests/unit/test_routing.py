@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from registry.model import Endpoint, RegistryState, Service, ServicePort, Workload
+from registry.model import Endpoint, RegistryState, Service, ServicePort, TrafficPolicy, Workload
 from ztunnel.routing import RouteError, Router, Upstream
 
 VIP = "10.96.0.10"
@@ -125,7 +125,7 @@ def test_a_plan_offers_other_endpoints_in_rotation_order_up_to_the_services_atte
     assert first.attempts == 3
     single = Router().plan(state(ep("10.244.1.1")), VIP, 80)
     assert (len(single.candidates), single.attempts) == (1, 1)  # a retry must go to another endpoint
-    no_retries = RegistryState(services=(replace(web(*endpoints), connect_attempts=1),))
+    no_retries = RegistryState(services=(replace(web(*endpoints), traffic=TrafficPolicy(connect_attempts=1)),))
     assert len(Router().plan(no_retries, VIP, 80).candidates) == 1
     pod = Router().plan(state(), "10.244.9.9", 80)
     assert (len(pod.candidates), pod.attempts) == (1, 1)
