@@ -250,7 +250,12 @@ def lookup(admin: str, name: str, namespace: str, output: str) -> None:
     _show(admin, f"/lookup/{namespace}/{name}", output, views.lookup)
 
 
-@main.command(name="ca-init")
+@main.group()
+def ca() -> None:
+    """The mesh's certificate authority: create its root."""
+
+
+@ca.command(name="init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
 def ca_init(directory: Path, trust_domain: str) -> None:

@@ -96,12 +96,12 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
 
 
 def test_ca_init_creates_a_private_root_and_shows_the_same_one_again(tmp_path):
-    first = run("ca-init", str(tmp_path / "ca"))
+    first = run("ca", "init", str(tmp_path / "ca"))
     assert first.exit_code == 0, first.output
     assert (tmp_path / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
-    assert run("ca-init", str(tmp_path / "ca")).output == first.output
+    assert run("ca", "init", str(tmp_path / "ca")).output == first.output
     (tmp_path / "ca" / "ca.crt").unlink()
-    broken = run("ca-init", str(tmp_path / "ca"))
+    broken = run("ca", "init", str(tmp_path / "ca"))
     assert broken.exit_code == 1 and "ca.crt does not" in broken.output
 
 
