@@ -461,13 +461,15 @@ def test_security_istio_io_is_served_only_in_the_versions_installed() -> None:
 
 
 TRAFFIC_OBJECTS = [
-    {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "web", "namespace": "shop"},
+    {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+     "metadata": {"name": "web", "namespace": "shop"},
      "spec": {"host": "web", "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 10}}}}},
     {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
      "metadata": {"name": "web-canary", "namespace": "shop"},
      "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
               "rules": [{"backendRefs": [{"name": "web", "port": 80, "weight": 90}]}]}},
-    {"apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit", "metadata": {"name": "web", "namespace": "shop"},
+    {"apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
+     "metadata": {"name": "web", "namespace": "shop"},
      "spec": {"service": "web", "backends": [{"service": "web", "weight": 1}]}},
     {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "a"}},
      "status": {"conditions": [{"type": "Ready", "status": "True"}], "nodeInfo": {"kubeletVersion": "v1.32.0"}}},
