@@ -379,20 +379,23 @@ def shape_services(services: Iterable[Service], rules: Iterable[DestinationRule]
 
     DestinationRules as Istio merges those of one host: an exact host before a wildcard, then
     the oldest first; the first with a trafficPolicy gives the whole of it, a later one's
-    trafficPolicy is shadowed (a warning). Splits: the oldest TCPRoute or TrafficSplit wins."""
+    trafficPolicy is shadowed (a warning). Splits: the oldest TCPRoute or TrafficSplit wins; a
+    backend naming no Service of the registry is a warning."""
+    services = tuple(services)
+    known = {s.key for s in services}
     ordered_rules = sorted(rules, key=lambda r: (r.host.startswith("*"), r.created, r.namespace, r.name))
     splits_by_service: dict[str, list[Split]] = {}
     for split in sorted(splits, key=lambda s: (s.created, s.label)):
         splits_by_service.setdefault(split.service, []).append(split)
-    return tuple(_shaped(s, [r for r in ordered_rules if _selects(r.host, s)], splits_by_service.get(s.key, []))
-                 for s in services)
+    return tuple(_shaped(s, [r for r in ordered_rules if _selects(r.host, s)], splits_by_service.get(s.key, []),
+                         known) for s in services)
 
 
 def _selects(host: str, service: Service) -> bool:
     return fnmatch.fnmatchcase(service_fqdn(service), host) if host.startswith("*") else host == service_fqdn(service)
 
 
-def _shaped(service: Service, rules: list[DestinationRule], splits: list[Split]) -> Service:
+def _shaped(service: Service, rules: list[DestinationRule], splits: list[Split], known: set[str]) -> Service:
     traffic = service.traffic
     configured = list(traffic.configured_by)
     warnings = list(traffic.warnings)
@@ -413,5 +416,7 @@ def _shaped(service: Service, rules: list[DestinationRule], splits: list[Split])
         configured.append(first.label)
         warnings += first.warnings
         warnings += [f"{s.label}: not applied: the older {first.label} splits {service.key}" for s in splits[1:]]
+        warnings += [f"{first.label}: backend {b.service} is no Service of the registry" for b in first.backends
+                     if b.service not in known]
         traffic = replace(traffic, split=first.backends)
     return replace(service, traffic=replace(traffic, configured_by=tuple(configured), warnings=tuple(warnings)))
