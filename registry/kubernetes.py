@@ -261,7 +261,7 @@ class KubernetesSource:
         self._healthy_at: float | None = None  # wall clock when last seen all-healthy
         self._changed = asyncio.Event()
         self._rejected: dict[ObjectKey, str] = {}  # the message reported for each
-        # each policy object as it was last built into the state: its last good version
+        # each object of _LAST_GOOD_KINDS as it was last built into the state: its last good version
         self._in_force: dict[ObjectKey, dict[str, Any]] = {}
         # ADDED/MODIFIED/DELETED events applied, by kind (not bookmarks, not list items)
         self.event_counts: dict[str, int] = {k.kind: 0 for k in self._kinds}
