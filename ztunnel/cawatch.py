@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ztunnel.connections import iso_utc
 from ztunnel.identity import CA_CERT_FILE, CA_KEY_FILE, TRUST_BUNDLE_FILE, CAError, CAFiles, FileCA, fingerprint
 
 log = logging.getLogger("amesh.ztunnel")
@@ -106,8 +107,11 @@ class CADirectoryWatch:
             return None
         try:
             ca = FileCA.from_files(files, self.trust_domain, self._clock)
-        except CAError as e:
-            self._refuse(str(e), files.digest)
+        # Anything else a strange file makes the loader raise is refused too: the agent keeps
+        # serving with the last good CA rather than lose the watch (and, with it, the agent).
+        except Exception as e:
+            self._refuse(str(e) if isinstance(e, CAError) else f"{self.directory}: {type(e).__name__}: {e}",
+                         files.digest)
             return None
         self._digest, self._refused_digest, self.last_error = files.digest, None, None
         self.reloads += 1
@@ -126,7 +130,7 @@ class CADirectoryWatch:
         """For `ameshctl certs`: the directory, when its CA was loaded, and why a change was refused."""
         return {
             "directory": str(self.directory),
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)) if self.loaded_at else None,
+            "loaded_at": iso_utc(self.loaded_at) if self.loaded_at is not None else None,
             "reloads": self.reloads,
             "refusals": self.refusals,
             "last_error": self.last_error,

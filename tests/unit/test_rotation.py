@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
+from agent import views
 from agent.cli import main
 from tests.unit.test_identity import ALICE, BOB, T0, FakeClock, connect, ping, refused, serving
 from ztunnel.cawatch import CADirectoryWatch
@@ -377,3 +378,22 @@ def test_old_and_new_roots_talk_during_the_rotation_and_the_old_is_refused_after
     step(ca_dir, clock, "finish", force=True)
     follow(current, BOB)
     refused(current.server_context(BOB), lagging.client_context(ALICE))  # fails unless refused
+
+
+def test_certs_table_shows_the_bundle_each_certificates_root_and_a_refused_directory(
+    ca_dir: Path, clock: FakeClock
+) -> None:
+    step(ca_dir, clock, "prepare")
+    step(ca_dir, clock, "activate")
+    watch = CADirectoryWatch(ca_dir, "cluster.local", clock=clock)
+    manager = CertificateManager(watch.load_or_create(), clock=clock)
+    manager.set_identities([ALICE])
+    (ca_dir / "ca.crt").write_bytes(b"")  # refused: the table says so
+    watch.poll()
+    table = views.certs({"trust_domain": manager.trust_domain, "root_fingerprint": manager.root_fingerprint,
+                         "trust_bundle": manager.roots(), "ca": watch.status(),
+                         "certificates": manager.certificates()})
+    old, new = (r["fingerprint"] for r in manager.roots())
+    assert f"trust bundle: {short(old)} trusted" in table and f"trust bundle: {short(new)} signs" in table
+    assert f"valid    {short(new)}" in table
+    assert f"CA directory {ca_dir} refused, last good CA kept: {ca_dir / 'ca.crt'} is not a PEM certificate" in table
