@@ -150,7 +150,8 @@ NewRoot = Callable[[], tuple[bytes, x509.Certificate]]  # a fresh root: its key 
 
 def prepare(files: RotationFiles, now: float, new_root: NewRoot) -> Plan:
     """Step 1: a new root in next-ca.key/next-ca.crt, added to the bundle; the old one still signs."""
-    if files.record is not None and files.step == ACTIVATED:
+    if files.step == ACTIVATED:
+        assert files.record is not None
         raise RotationError(f"the rotation activated at {_iso(files.record.activated_at)} is not finished: "
                             f"run `ameshctl ca rotate finish {files.directory}` before preparing another")
     if files.step == PREPARED:
@@ -217,8 +218,8 @@ def activate(files: RotationFiles, now: float, lifetime: timedelta = DEFAULT_LIF
     return Plan(
         f"the new root {_fp(new)} signs now ({CA_KEY_FILE}, {CA_CERT_FILE}; the old key is gone): "
         "agents renew every certificate with it as they re-read the directory; the old root "
-        f"{', '.join(map(short, record.retiring))} stays in {TRUST_BUNDLE_FILE}, so the certificates it signed keep "
-        "being accepted",
+        f"{', '.join(map(short, record.retiring))} stays in {TRUST_BUNDLE_FILE}, so the certificates it signed "
+        "keep being accepted",
         _after_activate(files.directory, new, record, now, lifetime),
         writes=writes, removes=(NEXT_KEY_FILE, NEXT_CERT_FILE),
     )
@@ -246,13 +247,13 @@ def finish(files: RotationFiles, now: float, lifetime: timedelta = DEFAULT_LIFET
     if now < expired_by and not force:
         raise RotationError(
             f"certificates signed by the retiring root may still be in use until {_iso(expired_by)} "
-            f"(activated at {_iso(record.activated_at)}, certificates live {lifetime.total_seconds() / 3600:g} h): once `ameshctl certs` "
-            f"on every node shows ROOT {short(fingerprint(files.signing))} for every certificate, run finish "
-            f"with --force; or run finish after {_iso(expired_by)}")
+            f"(activated at {_iso(record.activated_at)}, certificates live {lifetime.total_seconds() / 3600:g} h): "
+            f"once `ameshctl certs` on every node shows ROOT {_fp(files.signing)} for every certificate, run "
+            f"finish with --force; or run finish after {_iso(expired_by)}")
     kept = tuple(root for root in files.bundle if fingerprint(root) not in record.retiring)
     return Plan(
-        f"dropped the retiring root {', '.join(map(short, record.retiring))} from {TRUST_BUNDLE_FILE}: certificates it "
-        f"signed are refused as agents re-read the directory; the bundle holds {_fingerprints(kept)}",
+        f"dropped the retiring root {', '.join(map(short, record.retiring))} from {TRUST_BUNDLE_FILE}: "
+        f"certificates it signed are refused as agents re-read the directory; the bundle holds {_fingerprints(kept)}",
         f"nothing: the rotation is complete once every agent's `ameshctl certs` lists only "
         f"{_fingerprints(kept)} in its trust bundle",
         # the bundle first: a crash before rotation.json is removed leaves it activated, finish again
@@ -302,8 +303,9 @@ def _after_prepare(directory: Path, new: x509.Certificate) -> str:
 def _after_activate(directory: Path, new: x509.Certificate, record: RotationRecord, now: float,
                     lifetime: timedelta) -> str:
     expired_by = _expired_by(record, lifetime)
-    when = "now" if now >= expired_by else f"after {_iso(expired_by)}, when every certificate the old root signed has expired"
-    return (f"check that `ameshctl certs` on every node shows ROOT {short(fingerprint(new))} for every "
+    when = ("now" if now >= expired_by
+            else f"after {_iso(expired_by)}, when every certificate the old root signed has expired")
+    return (f"check that `ameshctl certs` on every node shows ROOT {_fp(new)} for every "
             f"certificate; then run `ameshctl ca rotate finish --force {directory}`, or "
             f"`ameshctl ca rotate finish {directory}` {when}")
 

@@ -194,6 +194,12 @@ def test_a_long_transfer_and_new_connections_run_through_the_whole_rotation(mesh
         rotate(mesh, "finish", "--force")
         wait_for_agents(mesh, new_root, [new_root])
         time.sleep(0.5)  # new connections keep being made under the finished rotation
+        # the long transfer is still the one tunnel it was before the rotation, open on both nodes
+        server_b = mesh.bed.pods["server-b"].ip
+        for node, direction in ((1, "outbound"), (2, "inbound")):
+            long = [c for c in mesh.ctl_json(node, "connections") if c["direction"] == direction
+                    and c["security"] == "mtls" and c["state"] == "open" and c["bytes_sent"] > len(CHUNK) * 20]
+            assert len(long) == 1 and long[0]["upstream"].startswith(server_b), long
     finally:
         prober.stop()
         transfer.close()
