@@ -397,3 +397,34 @@ def test_certs_table_shows_the_bundle_each_certificates_root_and_a_refused_direc
     assert f"trust bundle: {short(old)} trusted" in table and f"trust bundle: {short(new)} signs" in table
     assert f"valid    {short(new)}" in table
     assert f"CA directory {ca_dir} refused, last good CA kept: {ca_dir / 'ca.crt'} is not a PEM certificate" in table
+
+
+def test_the_watch_sees_a_secret_volume_swap_its_files_at_once(
+    tmp_path: Path, ca_dir: Path, clock: FakeClock
+) -> None:
+    """A Kubernetes Secret volume as kubelet writes it: each file a symlink through ..data to a
+    timestamped directory, and an update a new directory that ..data is renamed to point at."""
+    volume = tmp_path / "secret"
+    volume.mkdir()
+
+    def publish(version: str) -> None:
+        (volume / version).mkdir()
+        for source in ca_dir.iterdir():
+            (volume / version / source.name).write_bytes(source.read_bytes())
+            (volume / version / source.name).chmod(0o400)
+            if not (volume / source.name).is_symlink():
+                (volume / source.name).symlink_to(Path("..data") / source.name)
+        (volume / "..data_tmp").symlink_to(version)
+        os.replace(volume / "..data_tmp", volume / "..data")
+
+    publish("..v1")
+    watch = CADirectoryWatch(volume, "cluster.local", clock=clock)
+    first = watch.load_or_create()
+    step(ca_dir, clock, "prepare")  # the operator's copy, then put back into the Secret
+    publish("..v2")
+    prepared = watch.poll()
+    assert prepared is not None and len(prepared.roots) == 2 and prepared.root_fingerprint == first.root_fingerprint
+    step(ca_dir, clock, "activate")  # the symlinks stay as they are; only what ..data points at changes
+    publish("..v3")
+    activated = watch.poll()
+    assert activated is not None and activated.root_fingerprint == fingerprint(prepared.roots[1])
