@@ -109,7 +109,7 @@ def certs(data: dict) -> str:
     lines = [f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}"]
     lines += [f"  trust bundle: {_short(r['fingerprint'])} {'signs' if r['signing'] else 'trusted'} "
               f"({r['fingerprint']}, until {r['not_after']})" for r in data.get("trust_bundle", [])]
-    ca = data.get("ca")
+    ca = data.get("ca_directory")
     if ca and ca.get("last_error"):
         lines.append(f"  CA directory {ca['directory']} refused, last good CA kept: {ca['last_error']}")
     return "\n".join(lines) + f"\n\n{table}"

@@ -218,11 +218,11 @@ def test_a_broken_ca_directory_is_refused_and_the_last_good_ca_keeps_serving(mes
     good = (mesh.ca_dir / "ca.crt").read_bytes()
     (mesh.ca_dir / "trust-bundle.pem").write_bytes(good[:-40])  # an operator's copy cut short
     certs = mesh.wait_for("node-1 to refuse the directory",
-                          lambda: (c := mesh.ctl_json(1, "certs"))["ca"]["last_error"] and c, timeout=10)
-    assert str(mesh.ca_dir / "trust-bundle.pem") in certs["ca"]["last_error"]
+                          lambda: (c := mesh.ctl_json(1, "certs"))["ca_directory"]["last_error"] and c, timeout=10)
+    assert str(mesh.ca_dir / "trust-bundle.pem") in certs["ca_directory"]["last_error"]
     assert [r["fingerprint"] for r in certs["trust_bundle"]] == [certs["root_fingerprint"]]
     assert "ca.refused" in mesh.agent_log(1).read_text()
     assert exchange(bed, bed.pods["client"], bed.pods["server-b"].ip, TARGET_PORT, b"still") == ("server-b", b"still")
     (mesh.ca_dir / "trust-bundle.pem").write_bytes(good)  # fixed: taken, the error gone
     mesh.wait_for("node-1 to take the fixed directory",
-                  lambda: mesh.ctl_json(1, "certs")["ca"]["last_error"] is None, timeout=10)
+                  lambda: mesh.ctl_json(1, "certs")["ca_directory"]["last_error"] is None, timeout=10)

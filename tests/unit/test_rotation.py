@@ -391,7 +391,7 @@ def test_certs_table_shows_the_bundle_each_certificates_root_and_a_refused_direc
     (ca_dir / "ca.crt").write_bytes(b"")  # refused: the table says so
     watch.poll()
     table = views.certs({"trust_domain": manager.trust_domain, "root_fingerprint": manager.root_fingerprint,
-                         "trust_bundle": manager.roots(), "ca": watch.status(),
+                         "trust_bundle": manager.roots(), "ca_directory": watch.status(),
                          "certificates": manager.certificates()})
     old, new = (r["fingerprint"] for r in manager.roots())
     assert f"trust bundle: {short(old)} trusted" in table and f"trust bundle: {short(new)} signs" in table
