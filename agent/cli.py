@@ -59,7 +59,9 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--root-namespace", default=default("root_namespace"), show_default=True,
               help="namespace whose AuthorizationPolicies and PeerAuthentications apply mesh-wide")
 @click.option("--ca-dir", default=DEFAULT_CA_DIR, show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="directory of the root CA (ca.key, ca.crt); created there when absent")
+              help="directory of the root CA (ca.key, ca.crt, trust-bundle.pem); created there when absent")
+@click.option("--ca-poll-interval", default=default("ca_poll_interval"), show_default=True,
+              type=click.FloatRange(0.1), help="seconds between checks of --ca-dir for a new root or trust bundle")
 @click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
               type=click.IntRange(60), help="seconds a workload certificate is valid (renewed at half-life)")
 @click.option("--metrics-port", default=METRICS_PORT, show_default=True, type=click.IntRange(1, 65535),
@@ -267,6 +269,81 @@ def ca_init(directory: Path, trust_domain: str) -> None:
     except CAError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"root CA in {directory}: SHA-256 fingerprint {ca.root_fingerprint}")
+
+
+@ca.group(name="rotate")
+def ca_rotate() -> None:
+    """Replace the root CA without dropping a connection: prepare, activate, finish (status shows where
+    a rotation stands). DIRECTORY is the agents' --ca-dir; on Kubernetes, the Secret's files (README)."""
+
+
+ROTATION_DIRECTORY = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+CERT_LIFETIME = click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
+                             type=click.IntRange(60), help="seconds the agents' certificates live (their "
+                             "--cert-lifetime): finish waits that long after activate")
+
+
+def _rotation_step(directory: Path, decide) -> None:
+    """Carries out one rotation step on DIRECTORY; prints what it did, the bundle, and what comes next."""
+    from ztunnel.identity import CAError, fingerprint
+    from ztunnel.rotation import RotationError, run_step, short
+
+    try:
+        plan, ca = run_step(directory, lambda files: decide(files, time.time()), time.time)
+    except (CAError, RotationError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(plan.done)
+    for root in ca.roots:
+        role = "signs" if fingerprint(root) == ca.root_fingerprint else "trusted"
+        click.echo(f"  {role:8} {fingerprint(root)} (ROOT {short(fingerprint(root))})")
+    click.echo(f"next: {plan.next}")
+
+
+@ca_rotate.command(name="prepare")
+@ROTATION_DIRECTORY
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True, help="named in the new root")
+def ca_rotate_prepare(directory: Path, trust_domain: str) -> None:
+    """Step 1: make a new root and add it to the trust bundle; the old root still signs."""
+    from ztunnel import rotation
+    from ztunnel.identity import new_root, private_pem
+
+    def new_pair() -> tuple[bytes, Any]:
+        key, root = new_root(trust_domain, time.time())
+        return private_pem(key), root
+
+    _rotation_step(directory, lambda files, now: rotation.prepare(files, now, new_pair))
+
+
+def _add_rotation_command(name: str, help: str) -> None:
+    """`ca rotate NAME DIRECTORY [--cert-lifetime]`: the step of ztunnel/rotation.py by that name."""
+
+    @ca_rotate.command(name=name, help=help)
+    @ROTATION_DIRECTORY
+    @CERT_LIFETIME
+    def command(directory: Path, cert_lifetime: int) -> None:
+        from ztunnel import rotation
+
+        decide = getattr(rotation, name)
+        _rotation_step(directory, lambda files, now: decide(files, now, timedelta(seconds=cert_lifetime)))
+
+
+_add_rotation_command("activate", "Step 2: sign with the new root (agents renew at once); the old root stays trusted.")
+
+
+@ca_rotate.command(name="finish")
+@ROTATION_DIRECTORY
+@CERT_LIFETIME
+@click.option("--force", is_flag=True, help="finish before the old root's certificates can have expired "
+              "(after checking that `ameshctl certs` on every node shows only the new ROOT)")
+def ca_rotate_finish(directory: Path, cert_lifetime: int, force: bool) -> None:
+    """Step 3: drop the old root from the trust bundle; certificates it signed are refused."""
+    from ztunnel import rotation
+
+    lifetime = timedelta(seconds=cert_lifetime)
+    _rotation_step(directory, lambda files, now: rotation.finish(files, now, lifetime, force))
+
+
+_add_rotation_command("status", "Where a rotation in DIRECTORY stands and what to run next (changes nothing).")
 
 
 @main.command(name="renew-certs")

@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ztunnel.authz import DEFAULT_ROOT_NAMESPACE
+from ztunnel.cawatch import POLL_INTERVAL
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -39,6 +40,8 @@ class AgentConfig:
     # agent of a cluster must use the same root
     ca_dir: Path = DEFAULT_CA_DIR
     cert_lifetime: timedelta = DEFAULT_LIFETIME  # workload certificates; renewed at half-life
+    # seconds between checks of ca_dir for a new signing root or trust bundle (a root rotation)
+    ca_poll_interval: float = POLL_INTERVAL
     metrics_port: int = METRICS_PORT
     readiness_port: int = READINESS_PORT
     access_log: bool = True  # one JSON line per closed connection on stdout

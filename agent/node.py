@@ -39,7 +39,8 @@ from registry.registrations import MergedRegistry, RegistrationStore
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
-from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
+from ztunnel.cawatch import CADirectoryWatch
+from ztunnel.identity import CertificateManager, Identity, workload_identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
 from ztunnel.limits import HandshakeLimiter
 from ztunnel.listener import NodeAddresses, transparent_listener
@@ -80,6 +81,8 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
         self.certs: CertificateManager | None = None
+        # the local CA's directory, re-read for a new signing root or trust bundle (a root rotation)
+        self.ca_watch = CADirectoryWatch(config.ca_dir, config.trust_domain, config.ca_poll_interval)
         self.pool = HboneClientPool()
         self.registry_errors = 0
         self._telemetry: TelemetryServer | None = None
@@ -183,7 +186,8 @@ class NodeAgent:
             assert self.certs is not None
             tasks = [asyncio.create_task(self.registry.run(), name="registry"),
                      asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-                     asyncio.create_task(self.certs.run(), name="certificates")]
+                     asyncio.create_task(self.certs.run(), name="certificates"),
+                     asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory")]
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
@@ -203,7 +207,7 @@ class NodeAgent:
             log.info("event=registry_loaded source=%s generation=%d workloads=%d services=%d",
                      self._registry_name(), state.generation, len(state.workloads), len(state.services))
         config = self.config
-        ca = FileCA.load_or_create(config.ca_dir, config.trust_domain)
+        ca = self.ca_watch.load_or_create()
         self.certs = CertificateManager(ca, config.trust_domain, config.cert_lifetime)
         self.certs.set_identities(self.local_identities())
         sockets = {}

@@ -7,6 +7,7 @@ import dataclasses
 from tabulate import tabulate
 
 from registry.model import TrafficPolicy
+from ztunnel.rotation import short
 
 
 def _table(headers: list[str], rows: list[list[object]], empty: str) -> str:
@@ -140,9 +141,20 @@ def _kernel(kernel: dict) -> tuple[str, str]:
 
 def certs(data: dict) -> str:
     rows = [[c["identity"], c["serial"] or "-", c["not_before"] or "-", c["not_after"] or "-", c["state"],
-             c["last_error"] or ""] for c in data["certificates"]]
-    table = _table(["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "STATE", "LAST ERROR"], rows, "no certificates")
-    return f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}\n\n{table}"
+             _short(c.get("root")), c["last_error"] or ""] for c in data["certificates"]]
+    table = _table(["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "STATE", "ROOT", "LAST ERROR"], rows,
+                   "no certificates")
+    lines = [f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}"]
+    lines += [f"  trust bundle: {_short(r['fingerprint'])} {'signs' if r['signing'] else 'trusted'} "
+              f"({r['fingerprint']}, until {r['not_after']})" for r in data.get("trust_bundle", [])]
+    ca = data.get("ca_directory")
+    if ca and ca.get("last_error"):
+        lines.append(f"  CA directory {ca['directory']} refused, last good CA kept: {ca['last_error']}")
+    return "\n".join(lines) + f"\n\n{table}"
+
+
+def _short(fingerprint: str | None) -> str:
+    return short(fingerprint) if fingerprint else "-"
 
 
 def flows(data: list[dict]) -> str:

@@ -1,10 +1,14 @@
 """Workload identities for the ztunnel: SPIFFE IDs, the node's CA, certificate rotation, TLS contexts.
 
 - `Identity` is a SPIFFE ID, spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
-- `FileCA` is the root CA kept in two files (ca.key, ca.crt); it signs workload certificates for
-  public keys it is handed and never sees a workload's private key.
+- `FileCA` is the root CA of a directory: the signing root (ca.key, ca.crt) and the trust bundle,
+  every root peers may be signed by (trust-bundle.pem; absent, ca.crt alone; during a root
+  rotation, ztunnel/rotation.py, the old and the new). It signs workload certificates for public
+  keys it is handed and never sees a workload's private key. `CAFiles` is that directory read at
+  one moment (ztunnel/cawatch.py compares them to notice a change).
 - `CertificateManager` holds one key and certificate per identity the node serves, renews them at
-  half-life (backing off when the issuer fails) and hands out mutual-TLS 1.3 `ssl.SSLContext`s.
+  half-life (backing off when the issuer fails) and hands out mutual-TLS 1.3 `ssl.SSLContext`s
+  that trust every root of the issuer's bundle; a new issuer (`set_issuer`) renews them all.
   Its timing decisions (`renew_due`, `next_wakeup`) are pure and take `now`, so tests drive them
   with a fake clock; `run()` only sleeps and calls them.
 - `peer_identity` / `expect_identity` turn the peer's certificate into an `Identity` once OpenSSL has
@@ -17,6 +21,7 @@ memory file (memfd) and never written to disk.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -56,6 +62,7 @@ JITTER = (0.8, 1.2)  # retry delays are multiplied by a factor in this range so 
 ORGANIZATION = "amesh"
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
+TRUST_BUNDLE_FILE = "trust-bundle.pem"  # every root peers may be signed by; absent: ca.crt alone
 
 # SPIFFE ID syntax (spiffe/spiffe standards/SPIFFE-ID.md): the trust domain is lowercase letters,
 # digits, dots, dashes and underscores; path segments also allow uppercase, and may not be . or ..
@@ -163,8 +170,49 @@ def fingerprint(certificate: x509.Certificate) -> str:
     return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+@dataclass(frozen=True)
+class CAFiles:
+    """A CA directory's files as read at one moment: what a FileCA is loaded from, and what a
+    watch of the directory compares to tell a real change from a touch."""
+
+    directory: Path
+    key_pem: bytes = field(repr=False)  # the signing root's private key: never shown
+    key_mode: int  # permission bits of ca.key
+    cert_pem: bytes
+    bundle_pem: bytes | None  # trust-bundle.pem; None when absent (the bundle is then ca.crt alone)
+
+    @classmethod
+    def read(cls, directory: Path) -> CAFiles:
+        """The files of the CA in `directory`; CAError naming the file that cannot be read."""
+        directory = Path(directory)
+        key_path = directory / CA_KEY_FILE
+        try:
+            with open(key_path, "rb") as f:  # mode and bytes of the same file, even mid-replace
+                key_mode = os.fstat(f.fileno()).st_mode & 0o777
+                key_pem = f.read()
+        except OSError as e:
+            raise CAError(f"cannot read {key_path}: {e.strerror}") from None
+        cert_pem = _read(directory / CA_CERT_FILE)
+        bundle_path = directory / TRUST_BUNDLE_FILE
+        bundle_pem = _read(bundle_path) if bundle_path.exists() else None
+        return cls(directory, key_pem, key_mode, cert_pem, bundle_pem)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over everything a FileCA is made of: equal digests load the same CA."""
+        h = hashlib.sha256(b"%o" % self.key_mode)
+        for part in (self.key_pem, self.cert_pem, self.bundle_pem):
+            h.update(b"-" if part is None else b"%d:" % len(part) + part)
+        return h.hexdigest()
+
+
 class FileCA:
-    """A root CA whose key and certificate live in `directory` (ca.key, ca.crt), created if absent."""
+    """A root CA whose key and certificate live in `directory` (ca.key, ca.crt), created if absent,
+    with the bundle of every root peers may be signed by (trust-bundle.pem; absent: ca.crt alone).
+
+    During a root rotation (ztunnel/rotation.py) the bundle holds the old and the new root while
+    ca.key and ca.crt are one of them: every agent accepts both, each signs with one.
+    """
 
     def __init__(
         self,
@@ -173,6 +221,7 @@ class FileCA:
         certificate: x509.Certificate,
         trust_domain: str,
         clock: Callable[[], float],
+        roots: tuple[x509.Certificate, ...] = (),  # the trust bundle; empty: the signing root alone
     ) -> None:
         self.directory = directory
         self.trust_domain = trust_domain
@@ -181,13 +230,14 @@ class FileCA:
         self._clock = clock
         self._aki = _authority_key_identifier(certificate)
         self.root_pem = certificate.public_bytes(serialization.Encoding.PEM)
-        self.trust_bundle = self.root_pem
         self.root_fingerprint = fingerprint(certificate)
+        self.roots = roots or (certificate,)
+        self.trust_bundle = b"".join(root.public_bytes(serialization.Encoding.PEM) for root in self.roots)
 
     def __repr__(self) -> str:
         return (
             f"FileCA(directory={str(self.directory)!r}, trust_domain={self.trust_domain!r}, "
-            f"root_fingerprint={self.root_fingerprint!r})"
+            f"root_fingerprint={self.root_fingerprint!r}, roots={len(self.roots)})"
         )
 
     @classmethod
@@ -203,7 +253,14 @@ class FileCA:
         key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
         have_key, have_cert = key_path.exists(), cert_path.exists()
         if not have_key and not have_cert:
-            key, certificate = _create_root(directory, trust_domain, clock())
+            bundle_path = directory / TRUST_BUNDLE_FILE
+            if bundle_path.exists():  # a new root would not be in it: restoring is what was meant
+                raise CAError(
+                    f"{bundle_path} exists but {key_path.name} and {cert_path.name} do not: restore "
+                    f"them, or remove {bundle_path.name} too to create a new root CA"
+                )
+            key, certificate = new_root(trust_domain, clock())
+            write_ca_files(directory, [(CA_KEY_FILE, private_pem(key)), (CA_CERT_FILE, certificate_pem(certificate))])
             log.info(
                 "ca.created dir=%s trust_domain=%s fingerprint=%s",
                 directory, trust_domain, fingerprint(certificate),
@@ -215,7 +272,17 @@ class FileCA:
                 f"{present} exists but {missing} does not: restore {missing.name}, or remove "
                 f"{present.name} to create a new root CA (every workload certificate will change)"
             )
-        return cls(directory, *_load_root(key_path, cert_path, clock()), trust_domain, clock)
+        return cls.from_files(CAFiles.read(directory), trust_domain, clock)
+
+    @classmethod
+    def from_files(
+        cls, files: CAFiles, trust_domain: str = DEFAULT_TRUST_DOMAIN, clock: Callable[[], float] = time.time
+    ) -> FileCA:
+        """The CA these files hold, checked: a private, matching, unexpired signing pair, and a
+        bundle of whole CA certificates that holds the signing root; CAError naming the file."""
+        check_trust_domain(trust_domain)
+        key, certificate = _load_root(files, clock())
+        return cls(files.directory, key, certificate, trust_domain, clock, _load_bundle(files, certificate))
 
     def issue(
         self, identity: Identity, public_key: CertificatePublicKeyTypes, lifetime: timedelta
@@ -280,10 +347,8 @@ def _authority_key_identifier(root: x509.Certificate) -> x509.AuthorityKeyIdenti
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
-def _create_root(
-    directory: Path, trust_domain: str, now_s: float
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new self-signed root, written to `directory` as ca.key and ca.crt (both 0600)."""
+def new_root(trust_domain: str, now_s: float) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new self-signed ECDSA P-256 root for `trust_domain`, valid from `now_s` for ROOT_LIFETIME."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.fromtimestamp(now_s, timezone.utc)
     name = x509.Name([
@@ -304,26 +369,36 @@ def _create_root(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
+    return key, certificate
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM, the form ca.key holds."""
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def certificate_pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def write_ca_files(directory: Path, files: Iterable[tuple[str, bytes]], remove: Iterable[str] = ()) -> None:
+    """Writes `files` (name, bytes) into `directory` (made 0700 if absent), each 0600, then removes
+    the names in `remove`: renames and removals happen in the order given, after every file is
+    whole on disk, so a crash leaves the directory at a step boundary of the caller's choosing."""
     # mode applies only to directories we create; umask can only remove bits from 0700
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Both files are complete on disk before either gets its real name, so a crash leaves
-    # either no CA or a whole one (or, between the two renames, a pair load_or_create reports).
-    staged = [
-        (_stage(directory / CA_KEY_FILE, key_pem), directory / CA_KEY_FILE),
-        (_stage(directory / CA_CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM)),
-         directory / CA_CERT_FILE),
-    ]
+    staged = [(_stage(directory / name, data), directory / name) for name, data in files]
     for temporary, final in staged:
         os.rename(temporary, final)
+    for name in remove:
+        (directory / name).unlink(missing_ok=True)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the renames themselves durable
+        os.fsync(dir_fd)  # make the renames and removals themselves durable
     finally:
         os.close(dir_fd)
-    return key, certificate
 
 
 def _stage(path: Path, data: bytes) -> Path:
@@ -350,34 +425,30 @@ def _read(path: Path) -> bytes:
 
 
 def _load_root(
-    key_path: Path, cert_path: Path, now_s: float
+    files: CAFiles, now_s: float
 ) -> tuple[ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, x509.Certificate]:
-    """The key and certificate from the CA files, checked to be a usable, private, matching pair."""
-    mode = key_path.stat().st_mode & 0o777
-    if mode & 0o077:
+    """The signing key and certificate of the CA files, checked to be a private, usable, matching pair."""
+    key_path = files.directory / CA_KEY_FILE
+    if files.key_mode & 0o077:
         raise CAError(
-            f"{key_path} is accessible by group or others (mode {mode:04o}); the root key must be "
-            f"private: run chmod 600 {key_path}"
+            f"{key_path} is accessible by group or others (mode {files.key_mode:04o}); the root key "
+            f"must be private: run chmod 600 {key_path}"
         )
+    return load_signing_pair(files.key_pem, key_path, files.cert_pem, files.directory / CA_CERT_FILE, now_s)
+
+
+def load_signing_pair(
+    key_pem: bytes, key_path: Path, cert_pem: bytes, cert_path: Path, now_s: float
+) -> tuple[ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, x509.Certificate]:
+    """A root key and its CA certificate from PEM, checked to be usable, matching and unexpired;
+    CAError naming the file at fault (the paths are only for the messages)."""
+    certificate = load_ca_certificate(cert_pem, cert_path)
     try:
-        certificate = x509.load_pem_x509_certificate(_read(cert_path))
-    except ValueError as e:
-        raise CAError(f"{cert_path} is not a PEM certificate: {e}") from None
-    try:
-        key = serialization.load_pem_private_key(_read(key_path), password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as e:  # TypeError: the key is encrypted
         raise CAError(f"{key_path} is not an unencrypted PEM private key: {e}") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise CAError(f"{key_path} holds a {type(key).__name__}; amesh signs with ECDSA or RSA keys")
-    try:
-        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
-        raise CAError(
-            f"{cert_path} is not a CA certificate (its BasicConstraints do not say CA:true), "
-            "so peers would not accept certificates it signs"
-        )
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
         raise CAError(
@@ -390,6 +461,65 @@ def _load_root(
             f"and {cert_path.name} to create a new root CA"
         )
     return key, certificate
+
+
+def load_ca_certificate(pem: bytes, path: Path) -> x509.Certificate:
+    """The one CA certificate in `pem` (the contents of `path`); CAError naming `path` otherwise."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise CAError(f"{path} is not a PEM certificate: {e}") from None
+    _check_is_ca(certificate, str(path))
+    return certificate
+
+
+def load_roots(pem: bytes, path: Path) -> tuple[x509.Certificate, ...]:
+    """The CA certificates of a PEM bundle (the contents of `path`), in order, duplicates dropped;
+    CAError naming `path` for anything else in it, a certificate cut short, or no certificate."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise CAError(f"{path} holds no PEM certificate: {e}") from None
+    # The parser skips a block cut short at the end (a file caught half-written) without a word,
+    # and text between blocks: every BEGIN must have given one whole certificate.
+    blocks = pem.count(b"-----BEGIN ")
+    if blocks != len(certificates) or pem.count(b"-----END ") != blocks:
+        raise CAError(
+            f"{path} has {blocks} PEM blocks but {len(certificates)} whole certificates: it is cut "
+            "short or holds something else (a key?); it must hold only root CA certificates"
+        )
+    roots: dict[str, x509.Certificate] = {}
+    for certificate in certificates:
+        _check_is_ca(certificate, f"{path} ({certificate.subject.rfc4514_string()}, {fingerprint(certificate)})")
+        roots.setdefault(fingerprint(certificate), certificate)
+    return tuple(roots.values())
+
+
+def _check_is_ca(certificate: x509.Certificate, what: str) -> None:
+    try:
+        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CAError(
+            f"{what} is not a CA certificate (its BasicConstraints do not say CA:true), "
+            "so peers would not accept certificates it signs"
+        )
+
+
+def _load_bundle(files: CAFiles, signing: x509.Certificate) -> tuple[x509.Certificate, ...]:
+    """The roots of trust-bundle.pem, which must hold the signing root; (signing,) without the file."""
+    if files.bundle_pem is None:
+        return (signing,)
+    path = files.directory / TRUST_BUNDLE_FILE
+    roots = load_roots(files.bundle_pem, path)
+    if fingerprint(signing) not in {fingerprint(root) for root in roots}:
+        raise CAError(
+            f"{path} does not hold the signing root {files.directory / CA_CERT_FILE} "
+            f"({fingerprint(signing)}), so peers would refuse every certificate it signs: add "
+            f"{CA_CERT_FILE} to it, or remove {path.name} to trust {CA_CERT_FILE} alone"
+        )
+    return roots
 
 
 def _iso(moment: datetime) -> str:
@@ -454,6 +584,8 @@ class _Held:
 
     issued: IssuedCertificate
     renew_at: float  # wall-clock seconds: half-way from issue to not_after
+    root: str  # fingerprint of the root of the trust bundle the certificate's chain leads to
+    trusts: tuple[str, ...]  # fingerprints of the roots the two contexts accept peers from
     server: ssl.SSLContext = field(repr=False)
     client: ssl.SSLContext = field(repr=False)
 
@@ -512,6 +644,31 @@ class CertificateManager:
     @property
     def root_fingerprint(self) -> str:
         return self._issuer.root_fingerprint
+
+    def set_issuer(self, issuer: Issuer) -> None:
+        """Issue from `issuer` from now on (a new signing root or trust bundle): every held
+        certificate is renewed at once, so new connections present its chain and trust its
+        bundle; live connections keep the TLS sessions they have."""
+        self._issuer = issuer
+        for slot in self._slots.values():
+            slot.due_at = -math.inf
+        log.info(
+            "cert.issuer_changed signing_root=%s trust_bundle=%s renewing=%d",
+            issuer.root_fingerprint, ",".join(r["fingerprint"] for r in self.roots()), len(self._slots),
+        )
+        self._poke()
+
+    def roots(self) -> list[dict[str, Any]]:
+        """The roots of the issuer's trust bundle for people: fingerprint, subject, expiry, signing."""
+        return [
+            {
+                "fingerprint": fingerprint(root),
+                "subject": root.subject.rfc4514_string(),
+                "not_after": _iso(root.not_valid_after_utc),
+                "signing": fingerprint(root) == self._issuer.root_fingerprint,
+            }
+            for root in x509.load_pem_x509_certificates(self._issuer.trust_bundle)
+        ]
 
     def set_identities(self, identities: Iterable[Identity]) -> None:
         """Hold certificates for exactly these identities: issue the new ones now, drop the rest."""
@@ -585,14 +742,23 @@ class CertificateManager:
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        roots = self._issuer.trust_bundle
+        bundle = self._issuer.trust_bundle
+        roots = x509.load_pem_x509_certificates(bundle)
+        root = _issuing_root(issued.chain_pem, roots)
+        if root is None:  # peers trusting only the bundle would refuse it: keep the one we have
+            raise IssueError(
+                f"issuer returned a certificate for {identity} whose chain leads to none of the "
+                f"roots of its trust bundle ({', '.join(fingerprint(r) for r in roots)})"
+            )
         # Half-life from when we received it rather than from not_before: issuers backdate
         # not_before for clock skew, which for short lifetimes would put the half-life in the past.
         return _Held(
             issued=issued,
             renew_at=now + (not_after - now) / 2,
-            server=_tls_context(True, roots, issued.chain_pem + key_pem),
-            client=_tls_context(False, roots, issued.chain_pem + key_pem),
+            root=fingerprint(root),
+            trusts=tuple(fingerprint(r) for r in roots),
+            server=_tls_context(True, bundle, issued.chain_pem + key_pem),
+            client=_tls_context(False, bundle, issued.chain_pem + key_pem),
         )
 
     def _retry_delay(self, failures: int) -> float:
@@ -626,6 +792,8 @@ class CertificateManager:
                 "not_before": _iso(certificate.not_valid_before_utc) if certificate else None,
                 "not_after": _iso(certificate.not_valid_after_utc) if certificate else None,
                 "state": _state(slot, now),
+                "root": held.root if held else None,
+                "trusts": list(held.trusts) if held else [],
                 "issue_failures": slot.failures,
                 "last_error": slot.last_error,
             })
@@ -675,6 +843,21 @@ def _state(slot: _Slot, now: float) -> str:
     if now >= slot.due_at or slot.failures:
         return "renewing"
     return "valid"
+
+
+def _issuing_root(chain_pem: bytes, roots: Iterable[x509.Certificate]) -> x509.Certificate | None:
+    """The root among `roots` that a chain (leaf first) leads to: its last certificate is that
+    root, or was signed by it; None when no root fits."""
+    last = x509.load_pem_x509_certificates(chain_pem)[-1]
+    for root in roots:
+        if root == last:
+            return root
+        try:
+            last.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):  # another issuer, key type or signature
+            continue
+        return root
+    return None
 
 
 def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: bytes) -> ssl.SSLContext:
