@@ -206,6 +206,7 @@ class KubernetesSource:
         list_timeout: float = 60.0,  # seconds for one page of a list
         list_page: int = 500,  # objects per page of a list
         discovery_interval: float = 30.0,  # seconds between looks for policy kinds not served
+        kinds: tuple[str, ...] | None = None,  # the kinds to follow (e.g. ("Pod",)); None: all of KINDS
     ) -> None:
         self.kubeconfig = kubeconfig
         self.context = context
@@ -223,13 +224,14 @@ class KubernetesSource:
         self._on_state = on_state
         self._on_error = on_error
         self._configuration = configuration
+        self._kinds = tuple(k for k in KINDS if kinds is None or k.kind in kinds)
         self._state: RegistryState | None = None
         self._generation = 0
-        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k.kind: {} for k in KINDS}
-        self._rv: dict[str, str | None] = {k.kind: None for k in KINDS}
-        self._watching: dict[str, bool] = {k.kind: False for k in KINDS}
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k.kind: {} for k in self._kinds}
+        self._rv: dict[str, str | None] = {k.kind: None for k in self._kinds}
+        self._watching: dict[str, bool] = {k.kind: False for k in self._kinds}
         self._listed: set[str] = set()
-        self._api_version: dict[str, str] = {k.kind: k.api_versions[0] for k in KINDS}  # the one read
+        self._api_version: dict[str, str] = {k.kind: k.api_versions[0] for k in self._kinds}  # the one read
         self._not_served: set[str] = set()  # policy kinds the server serves at none of their versions
         self._healthy_at: float | None = None  # wall clock when last seen all-healthy
         self._changed = asyncio.Event()
@@ -237,7 +239,7 @@ class KubernetesSource:
         # each policy object as it was last built into the state: its last good version
         self._in_force: dict[ObjectKey, dict[str, Any]] = {}
         # ADDED/MODIFIED/DELETED events applied, by kind (not bookmarks, not list items)
-        self.event_counts: dict[str, int] = {k.kind: 0 for k in KINDS}
+        self.event_counts: dict[str, int] = {k.kind: 0 for k in self._kinds}
         self._outage_reported = False
 
     # --- what the agent reads ---
@@ -251,7 +253,7 @@ class KubernetesSource:
     def connected(self) -> bool:
         """True when the initial sync is done and every kind's watch is open (a policy kind the
         server does not serve has nothing to watch)."""
-        return len(self._listed) == len(KINDS) and all(
+        return len(self._listed) == len(self._kinds) and all(
             watching or kind in self._not_served for kind, watching in self._watching.items())
 
     @property
@@ -272,7 +274,7 @@ class KubernetesSource:
         cluster without Istio's CRDs), while it is so."""
         if not self._not_served:
             return None
-        kinds = [k for k in KINDS if k.kind in self._not_served]
+        kinds = [k for k in self._kinds if k.kind in self._not_served]
         versions = ", ".join(dict.fromkeys(v for k in kinds for v in k.api_versions))
         return (f"{' and '.join(k.kind for k in kinds)} not served by the Kubernetes API server {self._host()} "
                 f"at {versions} (Istio's CRDs not installed?): no Istio policies from the cluster; looking "
@@ -302,14 +304,14 @@ class KubernetesSource:
             apis = {"core": k8s.CoreV1Api(api_client), "discovery": k8s.DiscoveryV1Api(api_client),
                     "custom": k8s.CustomObjectsApi(api_client)}
             tasks = [asyncio.create_task(self._publisher(), name="k8s-publish")]
-            tasks += [asyncio.create_task(self._follow(kind, apis), name=f"k8s-{kind.kind}") for kind in KINDS]
+            tasks += [asyncio.create_task(self._follow(kind, apis), name=f"k8s-{kind.kind}") for kind in self._kinds]
             try:
                 await asyncio.gather(*tasks)
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                for kind in KINDS:
+                for kind in self._kinds:
                     self._set_watching(kind.kind, False)
 
     async def _follow(self, kind: _Kind, apis: dict[str, Any]) -> None:
@@ -534,7 +536,7 @@ class KubernetesSource:
             await self._changed.wait()
             await asyncio.sleep(self.publish_interval)  # let the rest of the burst arrive
             self._changed.clear()
-            if len(self._listed) < len(KINDS):
+            if len(self._listed) < len(self._kinds):
                 continue  # not every kind listed yet: a partial state would drop workloads
             self._publish()
 
@@ -562,7 +564,7 @@ class KubernetesSource:
         """The state of every cached object the rules accept; each rejected one is reported, and
         for a rejected policy its last good version stands in."""
         objects: dict[ObjectKey, dict[str, Any]] = {}
-        for kind in KINDS:
+        for kind in self._kinds:
             for (namespace, name), obj in self._objects[kind.kind].items():
                 if kind.kind == "Pod" and (obj.get("status") or {}).get("phase") in _TERMINAL_PHASES:
                     continue
