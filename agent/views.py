@@ -47,6 +47,8 @@ def ca_line(ca: dict) -> str:
         return ca["mode"]
     if ca["last_error"] is None:
         return f"cluster CA {ca['address']}: ok, last certificate at {_iso(ca['last_success'])}"
+    if not ca["unanswered"]:  # the CA answers, and refused the latest request (see ameshctl certs)
+        return f"cluster CA {ca['address']}: answering; the latest request was refused: {ca['last_error']}"
     return (f"cluster CA {ca['address']}: FAILING since {_iso(ca['failing_since'])}: {ca['last_error']}; the "
             f"certificates held keep serving until they expire (first at {ca['first_expiry'] or 'none held'})")
 

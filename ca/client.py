@@ -35,6 +35,8 @@ from ztunnel.identity import (
 )
 
 REQUEST_TIMEOUT = 10.0  # seconds for connect, TLS handshake and answer of one request
+# results of requests the CA did not answer (as opposed to its refusals, which name a reason)
+UNANSWERED = ("unreachable", "bad_response", "local_files")
 _SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
 
@@ -57,6 +59,7 @@ class ClusterCAClient:
         self.results: Counter[str] = Counter()  # by result: "signed", the CA's refusal reason, or ours
         self.last_success: float | None = None
         self.last_error: str | None = None  # of the latest request, None when it got a certificate
+        self.last_result: str | None = None  # the latest request's result label
         self.failing_since: float | None = None  # the first failure since the last success
         self._bundle = self._read_bundle()
 
@@ -79,13 +82,13 @@ class ClusterCAClient:
         except _Failed as e:
             with self._lock:
                 self.results[e.result] += 1
-                self.last_error = str(e)
+                self.last_result, self.last_error = e.result, str(e)
                 if self.failing_since is None:
                     self.failing_since = self._clock()
             raise IssueError(str(e)) from None
         with self._lock:
             self.results["signed"] += 1
-            self.last_success = self._clock()
+            self.last_result, self.last_success = "signed", self._clock()
             self.last_error = self.failing_since = None
         return issued
 
@@ -162,7 +165,8 @@ class ClusterCAClient:
         """For `ameshctl status`: where the CA is and how the latest requests went."""
         with self._lock:
             return {"mode": "cluster", "address": self.address, "last_success": self.last_success,
-                    "last_error": self.last_error, "failing_since": self.failing_since,
+                    "last_result": self.last_result, "last_error": self.last_error,
+                    "failing_since": self.failing_since, "unanswered": self.last_result in UNANSWERED,
                     "requests": dict(self.results)}
 
 

@@ -85,7 +85,11 @@ class Mesh:
         return docs + self.policies
 
     def write_registry(self, text: str | None = None) -> None:
-        """Replaces the registry file at once (write and rename), as kubectl-driven tooling does."""
+        """Replaces the registry file at once (write and rename), as kubectl-driven tooling does;
+        with a control plane, makes the API server hold exactly these objects instead."""
+        if self.control_plane is not None:
+            self.control_plane.publish(list(yaml.safe_load_all(text)) if text is not None else self.objects())
+            return
         path = self.registry_path
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text if text is not None else yaml.safe_dump_all(self.objects(), sort_keys=False))
@@ -181,18 +185,19 @@ class ControlPlane:
     mesh: Mesh
     api: KubeAPIServer
     ca: subprocess.Popen | None = None
+    published: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, namespace, name) of the mesh's objects
 
     @classmethod
     def start(cls, mesh: Mesh) -> ControlPlane:
         """The API server (holding the mesh's objects) and the CA, listening on CONTROL_PLANE_IP."""
         bed = mesh.bed
         bed.run(bed.fabric, ["ip", "addr", "replace", f"{CONTROL_PLANE_IP}/24", "dev", "br0"])
-        objects = mesh.objects() + [_agent_pod(node) for node in bed.nodes]
         with in_netns(bed.fabric):  # the server's thread, and so its sockets, live in the fabric namespace
-            api = KubeAPIServer(CONTROL_PLANE_IP, API_PORT, objects=objects)
+            api = KubeAPIServer(CONTROL_PLANE_IP, API_PORT, objects=[_agent_pod(node) for node in bed.nodes])
             api.start()
         plane = cls(mesh, api)
         try:
+            plane.publish(mesh.objects())
             mesh.kubeconfig = api.write_kubeconfig(bed.logdir / "kubeconfig")
             mesh.control_plane = plane
             bed.run(bed.fabric, [AMESHCTL, "ca", "init", str(plane.secret_dir)])
@@ -254,6 +259,32 @@ class ControlPlane:
         return ["--ca-address", self.ca_address, "--ca-token-file", str(self.token_file(node)),
                 "--trust-bundle", str(self.trust_bundle)]
 
+    def wait_synced(self, timeout: float = 10.0) -> None:
+        """Until every running agent has synced from the API server and holds a valid certificate
+        for each identity it serves (the cluster CA answered)."""
+        mesh = self.mesh
+
+        def synced(node: str) -> bool:
+            if not mesh.ctl_json(node, "status")["registry"]["connected"]:
+                return False
+            serves = {(w["namespace"], w["service_account"]) for w in mesh.ctl_json(node, "workloads")
+                      if w["local"] and w["enrolled"]}
+            states = [c["state"] for c in mesh.ctl_json(node, "certs")["certificates"]]
+            return states == ["valid"] * len(serves)
+
+        for node in mesh.agents:
+            mesh.wait_for(f"{node}'s sync and certificates", lambda: synced(node), timeout)
+
+    def publish(self, objects: list[dict]) -> None:
+        """The API server holds exactly `objects` of the mesh (besides the agent pods) from now on."""
+        keys = set()
+        for obj in objects:
+            stored = self.api.apply(obj)
+            keys.add((stored["kind"], stored["metadata"].get("namespace", ""), stored["metadata"]["name"]))
+        for kind, namespace, name in self.published - keys:
+            self.api.delete(kind, name, namespace or None)
+        self.published = keys
+
     def ca_metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         """The CA's Prometheus samples by name."""
         sock = netns_socket(self.mesh.bed.fabric)
@@ -293,6 +324,16 @@ def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+def claimed_pod(mesh: Mesh, like: str, name: str, service_account: str, ip: str) -> dict:
+    """A pod object as bed pod `like`'s (its node) but named `name`, running as `service_account`
+    at `ip`: what a compromised node's registry may claim."""
+    pod = _pod_object(mesh.bed.pods[like], mesh.container_port)
+    pod["metadata"]["name"] = name
+    pod["spec"]["serviceAccountName"] = service_account
+    pod["status"]["podIP"] = ip
+    return pod
 
 
 def _pod_object(pod: Pod, container_port: int) -> dict:

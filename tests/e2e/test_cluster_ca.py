@@ -22,7 +22,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from tests.kubeapi import KubeAPIServer
-from tests.mesh import ADMIN_PORT, METRICS_PORT, ControlPlane, Mesh, _pod_object, exchange
+from tests.mesh import ADMIN_PORT, METRICS_PORT, ControlPlane, Mesh, claimed_pod, exchange
 
 RENEW_DEADLINE = 10.0  # seconds for renew-certs to reach the CA and come back (retries back off from 1 s)
 ADMIN_VIEWS = ("/status", "/certs", "/workloads", "/services", "/connections", "/policies", "/flows",
@@ -42,10 +42,7 @@ def cluster(make_bed) -> Iterator[tuple[Mesh, ControlPlane]]:
     try:
         for node in (1, 2):
             mesh.start_agent(node)
-        for node, count in ((1, 2), (2, 1)):
-            mesh.wait_for(f"node-{node}'s sync and certificates", lambda: (
-                mesh.ctl_json(node, "status")["registry"]["connected"]
-                and [c["state"] for c in certificates(mesh, node).values()] == ["valid"] * count), RENEW_DEADLINE)
+        plane.wait_synced(RENEW_DEADLINE)
         yield mesh, plane
         mesh.print_logs()
         print((bed.logdir / "ca.log").read_text(errors="replace")[-4000:])
@@ -164,11 +161,8 @@ def test_the_ca_refuses_identities_of_pods_not_on_the_asking_node(cluster):
     web, client, ghost = (f"spiffe://cluster.local/ns/shop/sa/{sa}" for sa in ("web", "client", "ghost"))
     # node-2's agent lies (a compromised node): its own registry says client and a pod of a service
     # account no pod runs as are on node-2; the CA goes by the API server
-    lie = [obj for obj in mesh.objects() if obj["kind"] != "Pod"] + [_pod_object(bed.pods["server-b"], 8080)]
-    for name, account, ip in (("client-copy", "client", "10.244.2.50"), ("ghost", "ghost", "10.244.2.51")):
-        pod = copy.deepcopy(_pod_object(bed.pods["server-b"], 8080))
-        pod["metadata"]["name"], pod["spec"]["serviceAccountName"], pod["status"]["podIP"] = name, account, ip
-        lie.append(pod)
+    lie = mesh.objects() + [claimed_pod(mesh, "server-b", "client-copy", "client", "10.244.2.50"),
+                            claimed_pod(mesh, "server-b", "ghost", "ghost", "10.244.2.51")]
     lie_file = bed.logdir / "node-2-lies.yaml"
     lie_file.write_text(yaml.safe_dump_all(lie))
     mesh.stop_agent(2)
