@@ -32,6 +32,7 @@ from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
 from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
+from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
 from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
@@ -39,7 +40,7 @@ from registry.registrations import MergedRegistry, RegistrationStore
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
-from ztunnel.identity import CAError, CertificateManager, FileCA, Identity, Issuer, RemoteIssuer, workload_identity
+from ztunnel.identity import CAError, CertificateManager, FileCA, Identity, workload_identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
 from ztunnel.limits import HandshakeLimiter
 from ztunnel.listener import NodeAddresses, transparent_listener
@@ -80,7 +81,7 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
         self.certs: CertificateManager | None = None
-        self.issuer: Issuer | RemoteIssuer | None = None
+        self.issuer: FileCA | ClusterCAClient | None = None
         self.pool = HboneClientPool()
         self.registry_errors = 0
         self._telemetry: TelemetryServer | None = None
@@ -236,13 +237,11 @@ class NodeAgent:
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
 
-    def _issuer(self) -> Issuer | RemoteIssuer:
+    def _issuer(self) -> FileCA | ClusterCAClient:
         """The cluster CA's client with --ca-address; else the local root CA (the weaker trust model)."""
         config = self.config
         if config.ca_address is None:
             return FileCA.load_or_create(config.ca_dir, config.trust_domain)
-        from ca.client import ClusterCAClient
-
         assert config.ca_token_file is not None and config.trust_bundle is not None
         try:
             return ClusterCAClient(config.ca_address, config.ca_token_file, config.trust_bundle, config.trust_domain)
@@ -253,7 +252,9 @@ class NodeAgent:
         """Where this node's certificates come from, and (cluster CA) how its requests go."""
         if isinstance(self.issuer, FileCA):
             return {"mode": "local", "path": str(self.issuer.directory)}
-        status = self.issuer.status() if self.issuer is not None else {"mode": "starting"}
+        if self.issuer is None:
+            return {"mode": "starting"}
+        status = self.issuer.status()
         certificates = self.certs.certificates() if self.certs else []
         expiries = sorted(c["not_after"] for c in certificates if c["not_after"])
         return {**status, "first_expiry": expiries[0] if expiries else None}

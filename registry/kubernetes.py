@@ -187,7 +187,8 @@ async def load_configuration(
 
 
 class KubernetesSource:
-    """A registry source that lists and watches the Kubernetes API server."""
+    """A registry source that lists and watches the Kubernetes API server (every kind of KINDS,
+    or those named in `kinds`: the cluster CA follows Pods only)."""
 
     def __init__(
         self,

@@ -60,6 +60,8 @@ def test_the_ca_deployment_serves_with_the_key_from_the_secret() -> None:
     options = params(container, "ca")
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert str(options["ca_dir"]) == mounts["ca"] and deployment["spec"]["replicas"] == 2
+    [secret] = [v["secret"] for v in spec["volumes"] if v["name"] == "ca"]
+    assert secret["defaultMode"] & 0o077 == 0  # the CA refuses a root key group or others may read
     assert (spec["serviceAccountName"], deployment["metadata"]["namespace"]) == (CA_SERVICE_ACCOUNT, CA_NAMESPACE)
     assert options["listen"].endswith(f":{CA_PORT}") and options["metrics_port"] == METRICS_PORT
     assert options["agent_service_account"] == f"{AGENT_NAMESPACE}/{AGENT_SERVICE_ACCOUNT}"
