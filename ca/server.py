@@ -27,16 +27,17 @@ import ssl
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Iterator
 
 import aiohttp
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from kubernetes_asyncio import client as k8s
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ca.admission import AdmissionPolicy, Decision, PodsByNode, Review, admit
 from ca.config import CA_NAMESPACE, CA_SERVICE_ACCOUNT, MAX_BODY, PATH, CAConfig
@@ -78,7 +79,7 @@ class SigningRequest:
     """One parsed request: the identity asked for, the CSR's verified public key, the lifetime."""
 
     identity: Identity
-    public_key: ec.EllipticCurvePublicKey
+    public_key: CertificatePublicKeyTypes
     lifetime: timedelta
 
     @classmethod
@@ -104,9 +105,19 @@ class SigningRequest:
             raise RequestError("bad_csr", f"the CSR for {identity} cannot be read: {e}") from None
         except IssueError as e:
             raise RequestError("bad_csr", str(e)) from None
+        if not _strong(public_key):
+            raise RequestError("bad_csr", f"the CSR for {identity} carries a {type(public_key).__name__} key: send "
+                               "ECDSA P-256/P-384 or RSA of at least 2048 bits")
         if lifetime_s <= 0:
             raise RequestError("bad_request", f"lifetime_s must be positive, got {lifetime_s:g}")
-        return cls(identity, public_key, min(max_lifetime, timedelta(seconds=lifetime_s)))  # type: ignore[arg-type]
+        return cls(identity, public_key, min(max_lifetime, timedelta(seconds=lifetime_s)))
+
+
+def _strong(key: CertificatePublicKeyTypes) -> bool:
+    """Whether the CA signs certificates over `key`: ECDSA P-256 or P-384, or RSA >= 2048 bits."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return isinstance(key.curve, (ec.SECP256R1, ec.SECP384R1))
+    return isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048
 
 
 class ClusterCA:
@@ -251,7 +262,7 @@ class _Collector:
     def __init__(self, ca: ClusterCA) -> None:
         self.ca = ca
 
-    def collect(self) -> Any:
+    def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("amesh_ca_server_requests", "Certificate requests the cluster CA answered, "
                                        "by result: signed, or the reason it refused.", labels=["result"])
         for result, count in sorted(self.ca.results.items()):

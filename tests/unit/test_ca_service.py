@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -16,12 +17,14 @@ from typing import Iterator
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca.client import ClusterCAClient
 from ca.config import CAConfig
-from ca.server import ClusterCA
+from ca.server import ClusterCA, RequestError, SigningRequest
 from tests.kubeapi import KubeAPIServer
+from tests.unit.clock import Clock
 from ztunnel.identity import (
     CA_CERT_FILE,
     CertificateManager,
@@ -203,18 +206,58 @@ def test_a_remote_issue_does_not_stall_the_event_loop(tmp_path: Path) -> None:
     assert ticks >= 20  # 0.5 s of issuing (both at once) while the loop kept running every 10 ms
 
 
-def test_a_failing_remote_issuer_keeps_the_certificate_held(tmp_path: Path) -> None:
+def test_a_failing_remote_issuer_keeps_the_certificate_held_and_backs_off(tmp_path: Path) -> None:
     issuer = SlowRemoteIssuer(FileCA.load_or_create(tmp_path / "ca"), delay=0.0)
-    manager = CertificateManager(issuer)
+    clock = Clock(time.time())
+    manager = CertificateManager(issuer, clock=clock, retry_initial=1.0, retry_max=4.0, rng=random.Random(7))
 
     async def scenario() -> None:
         manager.set_identities([WEB])
         await manager.renew_due_now()
         serial = manager.serial(WEB)
         issuer.failing = True
-        assert await manager.renew_in_thread(WEB) is False
+        delays = []
+        for _ in range(4):
+            clock.now = manager.next_wakeup(clock.now)
+            await manager.renew_due_now()
+            delays.append(manager.next_wakeup(clock.now) - clock.now)
         assert manager.serial(WEB) == serial  # still serving the one it has
         [row] = manager.certificates()
-        assert (row["state"], row["issue_failures"], row["last_error"]) == ("renewing", 1, "CA unreachable")
+        assert (row["state"], row["issue_failures"], row["last_error"]) == ("renewing", 4, "CA unreachable")
+        # doubling from 1 s up to the 4 s cap, each jittered by 0.8-1.2
+        for delay, base in zip(delays, (1.0, 2.0, 4.0, 4.0)):
+            assert 0.8 * base <= delay <= 1.2 * base
+        issuer.failing = False
+        clock.now = manager.next_wakeup(clock.now)
+        await manager.renew_due_now()
+        assert manager.serial(WEB) != serial and manager.certificates()[0]["state"] == "valid"
 
     asyncio.run(scenario())
+
+
+def csr_body(identity: str, request: x509.CertificateSigningRequest, **extra: object) -> bytes:
+    pem = request.public_bytes(serialization.Encoding.PEM).decode()
+    return json.dumps({"identity": identity, "csr": pem, **extra}).encode()
+
+
+@pytest.mark.parametrize("body, reason, message", [
+    (b"{", "bad_request", "must be JSON with identity, csr"),
+    (b'{"identity": "spiffe://cluster.local/ns/shop/sa/web"}', "bad_request", "'csr'"),
+    (b'{"identity": "web", "csr": "x"}', "bad_request", "is not a workload SPIFFE ID"),
+    (b'{"identity": "spiffe://cluster.local/ns/shop/sa/web", "csr": "x"}', "bad_csr", "cannot be read"),
+])
+def test_unreadable_requests_are_refused_before_any_review(body: bytes, reason: str, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as refused:
+        SigningRequest.parse(body, timedelta(hours=24))
+    assert refused.value.reason == reason
+
+
+def test_a_request_gets_at_most_the_cas_lifetime_and_a_strong_key_only() -> None:
+    parsed = SigningRequest.parse(csr_body(WEB.uri, request_for(WEB), lifetime_s=7 * 86400), timedelta(hours=24))
+    assert (parsed.identity, parsed.lifetime) == (WEB, timedelta(hours=24))
+    weak = signing_request(WEB, ec.generate_private_key(ec.SECP192R1()))  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="ECDSA P-256/P-384 or RSA of at least 2048 bits"):
+        SigningRequest.parse(csr_body(WEB.uri, weak), timedelta(hours=24))
+    small = signing_request(WEB, rsa.generate_private_key(65537, 1024))  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="RSA of at least 2048 bits"):
+        SigningRequest.parse(csr_body(WEB.uri, small), timedelta(hours=24))
