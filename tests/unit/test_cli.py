@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from agent import views
 from agent.cli import main
-from registry.model import Endpoint, Service, ServicePort, Workload
+from registry.model import Backend, Endpoint, OutlierSettings, Service, ServicePort, TrafficPolicy, Workload
 from ztunnel.connections import ConnectionTable
 
 GOOD_NAMESPACE = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"
@@ -73,6 +74,21 @@ def test_services_table_counts_ready_endpoints():
         assert cell in row
 
 
+def test_services_table_shows_the_configured_traffic_policy_in_short_and_what_is_not_applied():
+    traffic = TrafficPolicy(connect_attempts=2, connection_rate=20.0, max_connections=100, connect_timeout=0.5,
+                            outlier=OutlierSettings(consecutive_failures=3, base_ejection_time=60.0),
+                            load_balancer="LEAST_REQUEST", prefer_close=True,
+                            split=(Backend("shop/web", 90, 80), Backend("shop/web-canary", 10, 80)),
+                            warnings=("DestinationRule shop/web: spec.subsets: not applied at L4",))
+    service = Service("web", "shop", "10.96.0.10", (ServicePort(80, "http", "http"),), traffic=traffic)
+    lines = views.services([dataclasses.asdict(service)]).splitlines()
+    assert ("attempts 2, rate 20/s, max 100 conns, timeout 500ms, eject after 3 for 60s (max 50%), least-request, "
+            "prefer close, split web 90 / web-canary 10") in lines[1]
+    assert lines[-2:] == ["not applied:", "  shop/web: DestinationRule shop/web: spec.subsets: not applied at L4"]
+    plain = views.services([dataclasses.asdict(replace(service, traffic=TrafficPolicy()))]).splitlines()
+    assert plain[1].split()[-2:] == ["-", "file"] and len(plain) == 2
+
+
 def test_workloads_table_marks_enrollment_and_capture():
     workload = Workload("client", "shop", "10.244.1.10", "node-1", "client", enrolled=True)
     row = views.workloads([{**dataclasses.asdict(workload), "captured": True}]).splitlines()[1]
@@ -92,8 +108,11 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     assert params["ca_address"] == "amesh-ca.amesh-system.svc:15012"  # no root key on the node: the cluster CA
     rules = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ClusterRole"][0]["rules"]
     granted = {(group, resource) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]}
-    assert granted == {("", "namespaces"), ("", "pods"), ("", "services"), ("discovery.k8s.io", "endpointslices"),
-                       ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications")}
+    assert granted == {("", "namespaces"), ("", "pods"), ("", "services"), ("", "nodes"),
+                       ("discovery.k8s.io", "endpointslices"),
+                       ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications"),
+                       ("networking.istio.io", "destinationrules"), ("gateway.networking.k8s.io", "tcproutes"),
+                       ("split.smi-spec.io", "trafficsplits")}
 
 
 def test_ca_init_creates_a_private_root_and_shows_the_same_one_again(tmp_path):
