@@ -21,6 +21,7 @@ from agent import views
 from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig, default
 from ca.config import CA_PORT
 from ca.config import METRICS_PORT as CA_METRICS_PORT
+from ztunnel.cawatch import POLL_INTERVAL as CA_POLL_INTERVAL
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -63,7 +64,8 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--ca-dir", default=DEFAULT_CA_DIR, show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="directory of the root CA (ca.key, ca.crt, trust-bundle.pem); created there when absent")
 @click.option("--ca-poll-interval", default=default("ca_poll_interval"), show_default=True,
-              type=click.FloatRange(0.1), help="seconds between checks of --ca-dir for a new root or trust bundle")
+              type=click.FloatRange(0.1), help="seconds between checks of --ca-dir (with --ca-address: of "
+              "--trust-bundle) for a new root or trust bundle")
 @click.option("--ca-address", default=None, help="the cluster CA (ameshctl ca serve) as HOST:PORT; without it the "
               "agent signs with the local root CA in --ca-dir (the weaker trust model: the node holds the root key)")
 @click.option("--ca-token-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -369,10 +371,12 @@ _add_rotation_command("status", "Where a rotation in DIRECTORY stands and what t
               type=click.IntRange(60), help="the longest a workload certificate may be valid, seconds")
 @click.option("--agent-service-account", default="amesh-system/amesh-agent", show_default=True,
               help="NAMESPACE/NAME of the agents' service account: only its pod-bound tokens may ask")
+@click.option("--ca-poll-interval", default=CA_POLL_INTERVAL, show_default=True, type=click.FloatRange(0.1),
+              help="seconds between checks of --ca-dir for a root rotation step (a new signing root or bundle)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def ca_serve(ca_dir: Path, listen: str, metrics_port: int, kubeconfig: str | None, trust_domain: str,
-             cert_lifetime: int, agent_service_account: str, log_level: str) -> None:
+             cert_lifetime: int, agent_service_account: str, ca_poll_interval: float, log_level: str) -> None:
     """Run the cluster CA: sign CSRs of agents for identities of pods on their own node."""
     from agent.logs import setup_logging
     from ca.config import CAConfig
@@ -385,7 +389,7 @@ def ca_serve(ca_dir: Path, listen: str, metrics_port: int, kubeconfig: str | Non
     if not host or not port.isdigit() or not agent_account:
         raise click.UsageError("--listen is HOST:PORT and --agent-service-account NAMESPACE/NAME")
     config = CAConfig(ca_dir, host, int(port), metrics_port, kubeconfig, trust_domain,
-                      timedelta(seconds=cert_lifetime), agent_namespace, agent_account)
+                      timedelta(seconds=cert_lifetime), agent_namespace, agent_account, ca_poll_interval)
     try:
         server = ClusterCA(config)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -172,6 +172,9 @@ def certs(data: dict) -> str:
     ca = data.get("ca_directory")
     if ca and ca.get("last_error"):
         lines.append(f"  CA directory {ca['directory']} refused, last good CA kept: {ca['last_error']}")
+    bundle = (data.get("ca") or {}).get("trust_bundle")
+    if bundle and bundle.get("last_error"):
+        lines.append(f"  trust bundle {bundle['file']} refused, last good bundle kept: {bundle['last_error']}")
     return "\n".join(lines) + f"\n\n{table}"
 
 

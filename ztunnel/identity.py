@@ -690,6 +690,7 @@ class CertificateManager:
         self._slots: dict[Identity, _Slot] = {}
         self._wake: asyncio.Event | None = None  # made by run(), on the loop that runs it
         self._remote = isinstance(issuer, RemoteIssuer)
+        self._issuer_changes = 0  # set_issuer calls: an issue begun before one is renewed again
         self.issued_count = 0
 
     def __repr__(self) -> str:
@@ -703,11 +704,13 @@ class CertificateManager:
     def root_fingerprint(self) -> str:
         return self._issuer.root_fingerprint
 
-    def set_issuer(self, issuer: Issuer) -> None:
-        """Issue from `issuer` from now on (a new signing root or trust bundle): every held
-        certificate is renewed at once, so new connections present its chain and trust its
-        bundle; live connections keep the TLS sessions they have."""
+    def set_issuer(self, issuer: Issuer | RemoteIssuer) -> None:
+        """Issue from `issuer` from now on (a new signing root or trust bundle; the same remote
+        issuer again once its bundle changed): every held certificate is renewed at once, so new
+        connections present its chain and trust its bundle; live connections keep the TLS
+        sessions they have."""
         self._issuer = issuer
+        self._issuer_changes += 1
         for slot in self._slots.values():
             slot.due_at = -math.inf
         log.info(
@@ -777,13 +780,17 @@ class CertificateManager:
         timeout) never stalls the connections on the event loop."""
         slot = self._slot(identity)
         now = self._clock()
+        changes = self._issuer_changes
         try:
             held = await asyncio.to_thread(self._issue, identity, now)
         except Exception as e:
             return self._failed(identity, slot, now, e)
         if self._slots.get(identity) is not slot:
             return False  # dropped (set_identities) while the CA was asked
-        return self._issued(identity, held)
+        self._issued(identity, held)
+        if changes != self._issuer_changes:  # asked under the old bundle: its contexts may trust it
+            self.renew_now(identity)
+        return True
 
     async def renew_due_now(self) -> None:
         """Renews every identity due now: remote ones concurrently in worker threads."""

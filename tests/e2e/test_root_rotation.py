@@ -185,7 +185,7 @@ def test_a_long_transfer_and_new_connections_run_through_the_whole_rotation(mesh
         assert "trust bundle: " in mesh.ctl(1, "certs").stdout
 
         rotate(mesh, "activate")
-        wait_for_agents(mesh, new_root, [old_root, new_root])  # renewed at once with the new root
+        wait_for_agents(mesh, new_root, [new_root, old_root])  # renewed at once with the new root, listed first
         assert old_root_peer_accepted(mesh, old)  # an old-root certificate is still accepted
 
         finishing = subprocess.run([AMESHCTL, "ca", "rotate", "finish", str(mesh.ca_dir)],
