@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -290,13 +291,24 @@ def ca_rotate() -> None:
 
 
 ROTATION_DIRECTORY = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+TRUST_BUNDLE_OUT = click.option("--trust-bundle-out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                                help="also write DIRECTORY's trust bundle (root certificates only) to this file, "
+                                "for the agents of the cluster CA (the ConfigMap amesh-trust-bundle's ca.crt)")
+# With the cluster CA, after each step that changed DIRECTORY: the order of the two updates, and why
+KUBERNETES_ORDER = {
+    "prepare": "the Secret, then the ConfigMap; wait until every agent trusts the new root before activate",
+    "activate": "the Secret first; once the CA signs with the new root (its log: event=ca_root_changed; metric "
+                "amesh_ca_server_signing_root), the ConfigMap, whose change makes every agent renew from the CA",
+    "finish": "the Secret, then the ConfigMap: agents refuse the old root once their bundle drops it",
+}
 CERT_LIFETIME = click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
                              type=click.IntRange(60), help="seconds the agents' certificates live (their "
                              "--cert-lifetime): finish waits that long after activate")
 
 
-def _rotation_step(directory: Path, decide) -> None:
-    """Carries out one rotation step on DIRECTORY; prints what it did, the bundle, and what comes next."""
+def _rotation_step(directory: Path, step: str, decide, trust_bundle_out: Path | None) -> None:
+    """Carries out one rotation step on DIRECTORY; prints what it did, the bundle, how to publish
+    it on Kubernetes, and what comes next; writes the bundle to `trust_bundle_out` when given."""
     from ztunnel.identity import CAError, fingerprint
     from ztunnel.rotation import RotationError, run_step, short
 
@@ -308,13 +320,34 @@ def _rotation_step(directory: Path, decide) -> None:
     for root in ca.roots:
         role = "signs" if fingerprint(root) == ca.root_fingerprint else "trusted"
         click.echo(f"  {role:8} {fingerprint(root)} (ROOT {short(fingerprint(root))})")
+    if trust_bundle_out is not None:
+        _write_replacing(trust_bundle_out, ca.trust_bundle)
+        click.echo(f"trust bundle written to {trust_bundle_out}")
+    if (plan.writes or plan.removes) and step in KUBERNETES_ORDER:
+        click.echo(f"with the cluster CA on Kubernetes, update {KUBERNETES_ORDER[step]}:")
+        click.echo(f"  kubectl -n amesh-system create secret generic amesh-ca --from-file={directory}/ "
+                   "--dry-run=client -o yaml | kubectl replace -f -")
+        click.echo(f"  kubectl -n amesh-system create configmap amesh-trust-bundle --from-file=ca.crt={directory}/"
+                   "trust-bundle.pem --dry-run=client -o yaml | kubectl replace -f -")
     click.echo(f"next: {plan.next}")
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file renamed over it: readers see all or nothing."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write the trust bundle to {path}: {exc.strerror}") from exc
 
 
 @ca_rotate.command(name="prepare")
 @ROTATION_DIRECTORY
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True, help="named in the new root")
-def ca_rotate_prepare(directory: Path, trust_domain: str) -> None:
+@TRUST_BUNDLE_OUT
+def ca_rotate_prepare(directory: Path, trust_domain: str, trust_bundle_out: Path | None) -> None:
     """Step 1: make a new root and add it to the trust bundle; the old root still signs."""
     from ztunnel import rotation
     from ztunnel.identity import new_root, private_pem
@@ -323,7 +356,7 @@ def ca_rotate_prepare(directory: Path, trust_domain: str) -> None:
         key, root = new_root(trust_domain, time.time())
         return private_pem(key), root
 
-    _rotation_step(directory, lambda files, now: rotation.prepare(files, now, new_pair))
+    _rotation_step(directory, "prepare", lambda files, now: rotation.prepare(files, now, new_pair), trust_bundle_out)
 
 
 def _add_rotation_command(name: str, help: str) -> None:
@@ -332,11 +365,13 @@ def _add_rotation_command(name: str, help: str) -> None:
     @ca_rotate.command(name=name, help=help)
     @ROTATION_DIRECTORY
     @CERT_LIFETIME
-    def command(directory: Path, cert_lifetime: int) -> None:
+    @TRUST_BUNDLE_OUT
+    def command(directory: Path, cert_lifetime: int, trust_bundle_out: Path | None) -> None:
         from ztunnel import rotation
 
         decide = getattr(rotation, name)
-        _rotation_step(directory, lambda files, now: decide(files, now, timedelta(seconds=cert_lifetime)))
+        _rotation_step(directory, name, lambda files, now: decide(files, now, timedelta(seconds=cert_lifetime)),
+                       trust_bundle_out)
 
 
 _add_rotation_command("activate", "Step 2: sign with the new root (agents renew at once); the old root stays trusted.")
@@ -347,12 +382,14 @@ _add_rotation_command("activate", "Step 2: sign with the new root (agents renew 
 @CERT_LIFETIME
 @click.option("--force", is_flag=True, help="finish before the old root's certificates can have expired "
               "(after checking that `ameshctl certs` on every node shows only the new ROOT)")
-def ca_rotate_finish(directory: Path, cert_lifetime: int, force: bool) -> None:
+@TRUST_BUNDLE_OUT
+def ca_rotate_finish(directory: Path, cert_lifetime: int, force: bool, trust_bundle_out: Path | None) -> None:
     """Step 3: drop the old root from the trust bundle; certificates it signed are refused."""
     from ztunnel import rotation
 
     lifetime = timedelta(seconds=cert_lifetime)
-    _rotation_step(directory, lambda files, now: rotation.finish(files, now, lifetime, force))
+    _rotation_step(directory, "finish", lambda files, now: rotation.finish(files, now, lifetime, force),
+                   trust_bundle_out)
 
 
 _add_rotation_command("status", "Where a rotation in DIRECTORY stands and what to run next (changes nothing).")

@@ -186,23 +186,24 @@ class ControlPlane:
     api: KubeAPIServer
     ca: subprocess.Popen | None = None
     published: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, namespace, name) of the mesh's objects
+    ca_options: tuple[str, ...] = ()  # more `ameshctl ca serve` flags
+    bundle_versions: int = 0  # versions of the ConfigMap volume written so far
 
     @classmethod
-    def start(cls, mesh: Mesh) -> ControlPlane:
+    def start(cls, mesh: Mesh, ca_options: tuple[str, ...] = ()) -> ControlPlane:
         """The API server (holding the mesh's objects) and the CA, listening on CONTROL_PLANE_IP."""
         bed = mesh.bed
         bed.run(bed.fabric, ["ip", "addr", "replace", f"{CONTROL_PLANE_IP}/24", "dev", "br0"])
         with in_netns(bed.fabric):  # the server's thread, and so its sockets, live in the fabric namespace
             api = KubeAPIServer(CONTROL_PLANE_IP, API_PORT, objects=[_agent_pod(node) for node in bed.nodes])
             api.start()
-        plane = cls(mesh, api)
+        plane = cls(mesh, api, ca_options=ca_options)
         try:
             plane.publish(mesh.objects())
             mesh.kubeconfig = api.write_kubeconfig(bed.logdir / "kubeconfig")
             mesh.control_plane = plane
             bed.run(bed.fabric, [AMESHCTL, "ca", "init", str(plane.secret_dir)])
-            plane.trust_bundle.parent.mkdir(exist_ok=True)
-            plane.trust_bundle.write_bytes((plane.secret_dir / "ca.crt").read_bytes())  # the certificate only
+            plane.publish_trust_bundle((plane.secret_dir / "ca.crt").read_bytes())  # the certificate only
             plane.start_ca()
         except BaseException:
             plane.close()
@@ -219,6 +220,20 @@ class ControlPlane:
         """The ConfigMap amesh-trust-bundle (ca.crt only), mounted into every agent."""
         return self.mesh.bed.logdir / "amesh-trust-bundle" / "ca.crt"
 
+    def publish_trust_bundle(self, pem: bytes) -> None:
+        """Makes `pem` the ConfigMap's ca.crt as kubelet updates a ConfigMap volume: the files in a
+        new timestamped directory, the ..data symlink renamed to point at it (ca.crt is a symlink
+        through ..data), so agents see the whole new file at once."""
+        volume = self.trust_bundle.parent
+        self.bundle_versions += 1
+        version = f"..v{self.bundle_versions}"
+        (volume / version).mkdir(parents=True)
+        (volume / version / self.trust_bundle.name).write_bytes(pem)
+        if not self.trust_bundle.is_symlink():
+            self.trust_bundle.symlink_to(Path("..data") / self.trust_bundle.name)
+        (volume / "..data_tmp").symlink_to(version)
+        os.replace(volume / "..data_tmp", volume / "..data")
+
     @property
     def ca_address(self) -> str:
         return f"{CONTROL_PLANE_IP}:{CA_PORT}"
@@ -227,7 +242,7 @@ class ControlPlane:
         """Runs `ameshctl ca serve` in the fabric namespace; returns once it listens."""
         bed = self.mesh.bed
         argv = [AMESHCTL, "ca", "serve", "--ca-dir", str(self.secret_dir), "--listen", self.ca_address,
-                "--metrics-port", str(CA_METRICS_PORT), "--kubeconfig", str(self.mesh.kubeconfig)]
+                "--metrics-port", str(CA_METRICS_PORT), "--kubeconfig", str(self.mesh.kubeconfig), *self.ca_options]
         self.ca = bed.spawn(bed.fabric, argv, bed.logdir / "ca.log")
         bed.wait_listening(bed.fabric, CA_PORT, timeout=AGENT_START_TIMEOUT, proc=self.ca)
         return self.ca

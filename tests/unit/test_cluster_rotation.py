@@ -13,7 +13,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
+
+from agent.cli import main
 
 from ca.client import ClusterCAClient
 from tests.unit.test_ca_service import WEB, client_for, cluster, request_for  # noqa: F401 (cluster: a fixture)
@@ -26,6 +29,7 @@ from ztunnel.identity import (
     IssueError,
     certificate_pem,
     fingerprint,
+    load_roots,
     new_root,
     private_pem,
 )
@@ -176,3 +180,30 @@ def test_the_ca_and_its_agents_follow_a_rotation_and_a_broken_directory_is_refus
     assert fingerprint(x509.load_pem_x509_certificates(issued.chain_pem)[-1]) == new
     metrics = ca_metrics(server.config.metrics_port)
     assert "amesh_ca_server_root_refusals_total 1.0" in metrics and "amesh_ca_server_root_reloads_total 2.0" in metrics
+
+
+def test_each_step_writes_the_bundle_for_the_agents_and_says_how_to_publish_it(tmp_path: Path) -> None:
+    (old,) = roots(tmp_path, "ca")
+    out = tmp_path / "configmap" / "ca.crt"
+    out.parent.mkdir()
+    runner = CliRunner()
+
+    def rotate(*args: str) -> str:
+        result = runner.invoke(main, ["ca", "rotate", *args, "--trust-bundle-out", str(out), str(old.directory)])
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes() == (old.directory / "trust-bundle.pem").read_bytes()
+        return result.output
+
+    prepared = rotate("prepare")
+    assert fingerprints(load_roots(out.read_bytes(), out))[0] == old.root_fingerprint
+    assert f"trust bundle written to {out}" in prepared
+    assert "update the Secret, then the ConfigMap; wait until every agent trusts the new root" in prepared
+    assert (f"kubectl -n amesh-system create configmap amesh-trust-bundle --from-file=ca.crt={old.directory}/"
+            "trust-bundle.pem --dry-run=client -o yaml | kubectl replace -f -") in prepared
+    activated = rotate("activate")
+    new = FileCA.load_or_create(old.directory).root_fingerprint
+    assert fingerprints(load_roots(out.read_bytes(), out)) == [new, old.root_fingerprint]  # the signer first
+    assert "update the Secret first; once the CA signs with the new root" in activated
+    assert "kubectl" not in rotate("status")  # changes nothing: nothing to publish
+    finished = rotate("finish", "--force")
+    assert fingerprints(load_roots(out.read_bytes(), out)) == [new] and "kubectl" in finished
