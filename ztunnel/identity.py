@@ -773,7 +773,7 @@ class CertificateManager:
         # renewal of other identities or end run().
         except Exception as e:
             return self._failed(identity, slot, now, e)
-        return self._issued(identity, held)
+        return self._issued(identity, held, slot, now)
 
     async def renew_in_thread(self, identity: Identity) -> bool:
         """renew(), with the issuer called in a worker thread: a remote CA's round trip (or its
@@ -787,7 +787,7 @@ class CertificateManager:
             return self._failed(identity, slot, now, e)
         if self._slots.get(identity) is not slot:
             return False  # dropped (set_identities) while the CA was asked
-        self._issued(identity, held)
+        self._issued(identity, held, slot, now)
         if changes != self._issuer_changes:  # asked under the old bundle: its contexts may trust it
             self.renew_now(identity)
         return True
@@ -814,8 +814,20 @@ class CertificateManager:
         )
         return False
 
-    def _issued(self, identity: Identity, held: _Held) -> bool:
-        self._slots[identity] = _Slot(held=held, due_at=held.renew_at)
+    def _issued(self, identity: Identity, held: _Held, slot: _Slot, now: float) -> bool:
+        """Holds the new certificate; one from another root than the issuer's signing root (a
+        cluster CA that has not yet taken the root its agents' bundle lists first, mid-rotation)
+        serves, as its root is trusted, but is asked for again with backoff until that root signs."""
+        signing = self._issuer.root_fingerprint
+        if held.root == signing:
+            self._slots[identity] = _Slot(held=held, due_at=held.renew_at)
+        else:
+            failures = slot.failures + 1
+            delay = self._retry_delay(failures)
+            error = (f"issued by root {held.root}, not by {signing}, the signing root of the trust bundle: "
+                     f"asking again in {delay:.1f}s (the CA may not have taken the new root yet)")
+            self._slots[identity] = _Slot(held=held, due_at=now + delay, failures=failures, last_error=error)
+            log.warning("cert.issued_by_other_root identity=%s failures=%d error=%r", identity, failures, error)
         self.issued_count += 1
         log.info(
             "cert.issued identity=%s serial=%x not_after=%s",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import urllib.request
 from datetime import timedelta
@@ -130,28 +131,41 @@ def ca_metrics(port: int) -> str:
         return response.read().decode()
 
 
-def test_the_ca_and_its_agents_follow_a_rotation_and_a_broken_directory_is_refused(cluster, tmp_path: Path) -> None:
-    api, server, bundle = cluster
-    secret = server.config.ca_dir
+def new_pair() -> tuple[bytes, x509.Certificate]:
+    key, root = new_root("cluster.local", time.time())
+    return private_pem(key), root
+
+
+def rotate_secret(secret: Path, name: str, *args: object) -> FileCA:
+    """One `ameshctl ca rotate` step on the CA's Secret; returns the CA it leaves."""
+    _, ca = rotation.run_step(secret, lambda files: getattr(rotation, name)(files, time.time(), *args), time.time)
+    return ca
+
+
+def agent_of(api, server, bundle: Path, tmp_path: Path) -> tuple[ClusterCAClient, CertificateManager]:
+    """node-1's client of the CA and its certificate manager, holding WEB's certificate."""
     token = api.request_token("amesh-system", "amesh-agent", "agent-1", ["amesh-ca"])
     client = client_for(server, bundle, token, tmp_path)
     certs = CertificateManager(client)
     certs.set_identities([WEB])
     asyncio.run(certs.renew_due_now())
+    return client, certs
+
+
+def test_the_ca_and_its_agents_follow_a_rotation_and_a_broken_directory_is_refused(cluster, tmp_path: Path) -> None:
+    api, server, bundle = cluster
+    secret = server.config.ca_dir
+    client, certs = agent_of(api, server, bundle, tmp_path)
     old = server.root.root_fingerprint
     assert [(c["root"], c["trusts"]) for c in certs.certificates()] == [(old, [old])]
 
     def step(name: str, *args: object) -> FileCA:
-        """One `ameshctl ca rotate` step on the Secret, and its bundle into the ConfigMap."""
-        _, ca = rotation.run_step(secret, lambda files: getattr(rotation, name)(files, time.time(), *args), time.time)
+        """One rotation step on the Secret, and its bundle into the ConfigMap."""
+        ca = rotate_secret(secret, name, *args)
         bundle.write_bytes(ca.trust_bundle)
         assert client.trust.poll() is not None  # the agent's watch: then certs.set_issuer, as the agent does
         certs.set_issuer(client)
         return ca
-
-    def new_pair() -> tuple[bytes, x509.Certificate]:
-        key, root = new_root("cluster.local", time.time())
-        return private_pem(key), root
 
     prepared = step("prepare", new_pair)
     new = fingerprint(prepared.roots[1])
@@ -207,3 +221,68 @@ def test_each_step_writes_the_bundle_for_the_agents_and_says_how_to_publish_it(t
     assert "kubectl" not in rotate("status")  # changes nothing: nothing to publish
     finished = rotate("finish", "--force")
     assert fingerprints(load_roots(out.read_bytes(), out)) == [new] and "kubectl" in finished
+
+
+def test_a_certificate_from_another_root_than_the_bundles_first_serves_and_is_asked_for_again(
+    cluster, tmp_path: Path
+) -> None:
+    api, server, bundle = cluster
+    secret = server.config.ca_dir
+    old, new = rotate_secret(secret, "prepare", new_pair).roots
+    bundle.write_bytes(certificate_pem(new) + certificate_pem(old))  # the ConfigMap of activate, too early
+    wait_until("the CA to take the prepared bundle", lambda: server.watch.reloads == 1)
+    client, certs = agent_of(api, server, bundle, tmp_path)
+    [row] = certs.certificates()
+    assert (row["root"], row["state"], row["issue_failures"]) == (fingerprint(old), "renewing", 1)
+    assert f"not by {fingerprint(new)}, the signing root of the trust bundle: asking again" in row["last_error"]
+    assert certs.next_wakeup(time.time()) <= time.time() + 1.2  # the first retry: 1 s, jittered
+    certs.client_context(WEB)  # it serves meanwhile: its root is trusted
+
+    rotate_secret(secret, "activate")
+    wait_until("the CA to sign with the new root", lambda: server.root.root_fingerprint == fingerprint(new))
+    certs.renew_now(WEB)  # the retry's time come
+    asyncio.run(certs.renew_due_now())
+    [row] = certs.certificates()
+    assert (row["root"], row["state"], row["issue_failures"], row["last_error"]) == (fingerprint(new), "valid", 0, None)
+
+
+class BundleReadBeforeAChange:
+    """A remote issuer over a FileCA whose bundle, read in the worker thread, is the one of just
+    before a change: the change lands while that issue is still on its way back to the loop."""
+
+    def __init__(self, ca: FileCA) -> None:
+        self.ca, self.bundle, self.root_fingerprint = ca, ca.trust_bundle, ca.root_fingerprint
+        self.asked, self.read, self.changed = threading.Event(), threading.Event(), threading.Event()
+
+    @property
+    def trust_bundle(self) -> bytes:
+        bundle = self.bundle
+        if self.asked.is_set() and not self.read.is_set():  # the issue's read, once the CA answered
+            self.read.set()
+            self.changed.wait(5)  # the test changes the bundle meanwhile
+        return bundle
+
+    def issue_request(self, identity, request: x509.CertificateSigningRequest, lifetime: timedelta):
+        self.asked.set()
+        return self.ca.issue(identity, request.public_key(), lifetime)
+
+
+def test_an_issue_under_way_when_the_bundle_changes_is_renewed_again(tmp_path: Path) -> None:
+    old, new = roots(tmp_path, "old", "new")
+    issuer = BundleReadBeforeAChange(old)
+    certs = CertificateManager(issuer)
+
+    async def scenario() -> None:
+        certs.set_identities([WEB])
+        issuing = asyncio.create_task(certs.renew_due_now())
+        assert await asyncio.to_thread(issuer.read.wait, 5)
+        issuer.bundle = old.root_pem + new.root_pem
+        certs.set_issuer(issuer)
+        issuer.changed.set()
+        await issuing
+        assert certs.certificates()[0]["trusts"] == [old.root_fingerprint]  # the bundle it was issued under
+        assert certs.next_wakeup(time.time()) <= time.time()  # so it is due again at once
+        await certs.renew_due_now()
+
+    asyncio.run(scenario())
+    assert certs.certificates()[0]["trusts"] == [old.root_fingerprint, new.root_fingerprint]
