@@ -171,7 +171,7 @@ class NodeAgent:
             loop.add_signal_handler(sig, self._stopping.set)
         try:
             await self._start()
-            # What is loaded by now (BCC and LLVM bindings, Kubernetes client models, the
+            # What is loaded by now (the Kubernetes client models, the aiohttp and TLS code, the
             # registry) lives as long as the agent: frozen out of the collector's full passes,
             # which would otherwise walk ~100,000 objects (about 50 ms, a stall for every
             # connection in flight) each time.
