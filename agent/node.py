@@ -26,14 +26,13 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
 from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
 from registry.kubefile import FileSource
-from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
 from registry.registrations import MergedRegistry, RegistrationStore
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
@@ -46,6 +45,9 @@ from ztunnel.listener import NodeAddresses, transparent_listener
 from ztunnel.outbound import MeshTransport, OutboundProxy
 from ztunnel.server import CapturedListener
 from ztunnel.telemetry import access_log_entry
+
+if TYPE_CHECKING:
+    from registry.kubernetes import KubernetesSource
 
 log = logging.getLogger("amesh.agent")
 
@@ -72,6 +74,10 @@ class NodeAgent:
             self.registry = FileSource(config.registry_file, self._on_registry_state, self._on_registry_error,
                                        poll_interval=config.registry_poll_interval)
         else:
+            # imported only here: the Kubernetes client's models hold about 36 MiB, which an agent
+            # reading a registry file has no use for
+            from registry.kubernetes import KubernetesSource
+
             self.registry = KubernetesSource(self._on_registry_state, self._on_registry_error,
                                              kubeconfig=config.kubeconfig)
         self.datapath: NodeDatapath | None = None

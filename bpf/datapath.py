@@ -105,10 +105,12 @@ class CaptureProgram:
     def __init__(self, hbone_port: int, flow_accounting: bool = True) -> None:
         cflags = (f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
                   f"-DFLOW_ACCOUNTING={int(flow_accounting)}", *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot))
+        started = time.monotonic()
         try:
             self._loaded = load(LoadRequest(str(SOURCE), cflags, PROGRAMS, tuple(MAP_LAYOUTS)))
         except LoadError as exc:
             raise DatapathError(str(exc)) from exc
+        log.info("event=bpf_loaded source=%s seconds=%.3f", SOURCE.name, time.monotonic() - started)
         try:
             self._maps = {name: BpfMap(self._loaded.maps[name], key, value, name)
                           for name, (key, value) in MAP_LAYOUTS.items()}
