@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,7 +26,10 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
+log = logging.getLogger("amesh.bpf")
+
 LOAD_TIMEOUT = 30.0  # seconds; compiling bpf/capture.c takes about 1 s on an idle node
+KILL_GRACE = 1.0  # seconds to collect a killed child's last output
 ERROR_TAIL_LINES = 60  # of the child's stderr in a LoadError: a verifier log runs to thousands
 _HEADER_MAX = 4096  # bytes; the child's reply names its fds in JSON
 
@@ -96,7 +100,11 @@ def load(request: LoadRequest, timeout: float = LOAD_TIMEOUT, command: tuple[str
             _, stderr = child.communicate(request.to_json(), timeout=timeout)
         except subprocess.TimeoutExpired:
             child.kill()
-            _, stderr = child.communicate()
+            try:
+                _, stderr = child.communicate(timeout=KILL_GRACE)
+            except subprocess.TimeoutExpired:  # its stderr is held open elsewhere (a process it started)
+                child.wait()
+                stderr = ""
             raise LoadError(f"the BPF loader (pid {child.pid}) did not load {name} within {timeout:g} s and was "
                             f"stopped; is the node overloaded?{_tail(stderr)}") from None
         if child.returncode != 0:
@@ -107,6 +115,8 @@ def load(request: LoadRequest, timeout: float = LOAD_TIMEOUT, command: tuple[str
                    else f"exited with code {child.returncode}")
             raise LoadError(f"the BPF loader (pid {child.pid}) {how} before handing over {name}'s programs"
                             f"{_tail(stderr)}")
+        if stderr.strip():  # loaded, with the compiler's warnings: shown as BCC in-process showed them
+            log.warning("event=bpf_loader_output source=%s output=%r", name, stderr.strip())
         return _receive(ours, request, name)
 
 

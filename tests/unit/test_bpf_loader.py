@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import sys
+import time
 
 import pytest
 
@@ -118,6 +119,14 @@ def test_a_hanging_child_is_stopped_at_the_timeout():
         load(REQUEST, timeout=0.5, command=python_child("import time; time.sleep(30)"))
 
 
+def test_a_hanging_child_whose_output_another_process_holds_is_still_stopped_in_time():
+    started = time.monotonic()
+    code = "import subprocess, time; subprocess.Popen(['sleep', '3']); time.sleep(30)"
+    with pytest.raises(LoadError, match=r"did not load counter.c within 0.5 s and was stopped"):
+        load(REQUEST, timeout=0.5, command=python_child(code))
+    assert time.monotonic() - started < 2.5
+
+
 def test_a_child_killed_by_a_signal_is_named_so():
     with pytest.raises(LoadError, match="was killed by SIGKILL before handing over counter.c's programs"):
         load(REQUEST, command=python_child("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
@@ -140,3 +149,17 @@ def test_a_reply_with_the_wrong_fds_is_refused():
             "socket.send_fds(s, [b'[\"count_packets\", \"counts\"]'], [0])")
     with pytest.raises(LoadError, match=r"reply for counter.c is not the 2 fds asked for"):
         load(REQUEST, command=python_child(code))
+
+
+def test_a_childs_warnings_are_logged_and_its_fds_are_the_callers(caplog):
+    code = ("import os, socket, sys; s = socket.socket(fileno=int(sys.argv[-1])); "
+            "print('counter.c:3: warning: unused variable', file=sys.stderr); "
+            "socket.send_fds(s, [b'[\"count_packets\", \"counts\"]'], [os.open('/dev/null', os.O_RDONLY)] * 2)")
+    with caplog.at_level("WARNING", logger="amesh.bpf"):
+        loaded = load(REQUEST, command=python_child(code))
+    try:
+        assert set(loaded.programs) == {"count_packets"} and set(loaded.maps) == {"counts"}
+        assert all(fd > 2 for fd in (*loaded.programs.values(), *loaded.maps.values()))  # copies, not ours
+    finally:
+        loaded.close()
+    assert "event=bpf_loader_output source=counter.c output='counter.c:3: warning: unused variable'" in caplog.text
