@@ -2,12 +2,12 @@
 
 `NodeDatapath` is the one place that changes kernel state for amesh: it has bpf/capture.c
 compiled and loaded by BCC in a short-lived child process (bpf/loader.py: the agent never maps
-LLVM) and drives the programs and maps by their fds (bpf/syscalls.py), attaches the tc program
-(pyroute2) at tc ingress of the interfaces packets enter
-the node by, and its sk_lookup program to the node's network namespace (a link that goes away
-with the agent), keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
-listeners, and installs the policy rule and local route that deliver marked packets to them. Everything it adds carries a
-fixed priority or table number, so a later agent finds and replaces what a killed one left.
+LLVM) and drives the programs and maps by their fds (bpf/syscalls.py). It attaches the tc
+program (pyroute2) at tc ingress of the interfaces packets enter the node by, and its sk_lookup
+program to the node's network namespace (a link that goes away with the agent), keeps the map
+of enrolled pod addresses and the sockmap of the ztunnel's listeners, and installs the policy
+rule and local route that deliver marked packets to them. Everything it adds carries a fixed
+priority or table number, so a later agent finds and replaces what a killed one left.
 It also reads the program's per-flow counters back (`flows()`), through pure conversion helpers.
 """
 
@@ -117,7 +117,7 @@ class CaptureProgram:
         except BpfError as exc:
             self.close()
             raise DatapathError(f"loading {SOURCE.name} failed: {exc.strerror}") from exc
-        self.fd = self._loaded.programs[TC_PROGRAM]
+        self.tc_program_fd = self._loaded.programs[TC_PROGRAM]
         self.flows = self._maps["flows"]
 
     def set_listener(self, slot: Slot, sock: socket.socket) -> None:
@@ -309,9 +309,8 @@ class NodeDatapath:
         try:
             if not any(q.get_attr("TCA_KIND") == "clsact" for q in self._ipr.get_qdiscs(attachment.ifindex)):
                 self._ipr.tc("add", "clsact", attachment.ifindex)
-            self._ipr.tc("replace-filter", "bpf", attachment.ifindex, ":1", fd=self.program.fd,
-                         name=TC_PROGRAM, parent=TC_INGRESS, classid=1, direct_action=True,
-                         prio=FILTER_PRIORITY)
+            self._ipr.tc("replace-filter", "bpf", attachment.ifindex, ":1", fd=self.program.tc_program_fd,
+                         name=TC_PROGRAM, parent=TC_INGRESS, classid=1, direct_action=True, prio=FILTER_PRIORITY)
         except NetlinkError as exc:
             raise DatapathError(f"attaching to {attachment.ifname} failed: {exc}") from exc
         self._attached[attachment.ifindex] = attachment
