@@ -73,7 +73,10 @@ class MapInfo(ctypes.Structure):
 
 def bpf(cmd: int, attr: ctypes.Structure) -> int:
     """Runs one bpf(2) command on `attr`; returns its result, raises BpfError on failure."""
-    result = _libc.syscall(SYS_BPF[platform.machine()], cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    number = SYS_BPF.get(platform.machine())
+    if number is None:
+        raise BpfError(errno.ENOSYS, f"amesh does not know the bpf(2) system call's number on {platform.machine()}")
+    result = _libc.syscall(number, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if result < 0:
         err = ctypes.get_errno()
         raise BpfError(err, os.strerror(err))
