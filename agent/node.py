@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
@@ -34,7 +34,6 @@ from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
 from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
-from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
 from registry.registrations import MergedRegistry, RegistrationStore
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
@@ -48,6 +47,9 @@ from ztunnel.listener import NodeAddresses, transparent_listener
 from ztunnel.outbound import MeshTransport, OutboundProxy
 from ztunnel.server import CapturedListener
 from ztunnel.telemetry import access_log_entry
+
+if TYPE_CHECKING:
+    from registry.kubernetes import KubernetesSource
 
 log = logging.getLogger("amesh.agent")
 
@@ -74,6 +76,10 @@ class NodeAgent:
             self.registry = FileSource(config.registry_file, self._on_registry_state, self._on_registry_error,
                                        poll_interval=config.registry_poll_interval)
         else:
+            # imported only here: the Kubernetes client's models hold about 36 MiB, which an agent
+            # reading a registry file has no use for
+            from registry.kubernetes import KubernetesSource
+
             self.registry = KubernetesSource(self._on_registry_state, self._on_registry_error,
                                              kubeconfig=config.kubeconfig, node=config.node)
         self.datapath: NodeDatapath | None = None
@@ -176,7 +182,7 @@ class NodeAgent:
             loop.add_signal_handler(sig, self._stopping.set)
         try:
             await self._start()
-            # What is loaded by now (BCC and LLVM bindings, Kubernetes client models, the
+            # What is loaded by now (the Kubernetes client models, the aiohttp and TLS code, the
             # registry) lives as long as the agent: frozen out of the collector's full passes,
             # which would otherwise walk ~100,000 objects (about 50 ms, a stall for every
             # connection in flight) each time.

@@ -6,6 +6,7 @@ of Kubernetes objects, `ameshctl agent` in each node's namespace, `ameshctl ... 
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -369,7 +370,14 @@ def exchange(bed: Bed, pod: Pod, ip: str, port: int, payload: bytes, timeout: fl
     """
     with bed.connect(pod, ip, port, timeout=timeout) as sock:
         sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            # a reset that arrived between the send and the half-close leaves the socket
+            # unconnected: it is the same refusal as a reset seen while reading
+            if exc.errno != errno.ENOTCONN:
+                raise
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset before the half-close") from exc
         received = bytearray()
         while chunk := sock.recv(65536):
             received += chunk
