@@ -52,7 +52,7 @@ echo "buildah bud: $image"
 # the build machine's CA bundle, mounted for the RUN steps only (not in the image): pip reaches
 # the package index with the trust this machine has, a TLS-inspecting proxy's CA included
 host_ca=/etc/ssl/certs/ca-certificates.crt
-buildah bud --isolation chroot --network host --layers --build-arg "BASE=$base" \
+buildah bud --isolation chroot --network host --layers --force-rm --build-arg "BASE=$base" \
   --volume "$host_ca:/run/build-ca.crt:ro" --build-arg PIP_CERT=/run/build-ca.crt -t "$image" -f Containerfile .
 rm -f "$archive"
 buildah push -q "$image" "oci-archive:$archive:amesh:$version"

@@ -15,7 +15,7 @@ import resource
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -47,7 +47,7 @@ def container_name(node: Node) -> str:
     return f"amesh-agent-{node.netns}"
 
 
-def podman_agent(mesh: Mesh):
+def podman_agent(mesh: Mesh) -> Callable[[Node], list[str]]:
     """`podman run` of the image's ameshctl for a node, with the bed's files at the same paths.
     Mesh starts it in the node's network namespace, so `--network host` is the node's network, as
     hostNetwork is (`--network ns:PATH` would set podman's default net.* sysctls, which runc
