@@ -1,7 +1,7 @@
 """daemonset/: the agents and the cluster CA with the split Secret. Every manifest parses, the
 commands are ones the CLI accepts, and the root key is mounted into the CA only. The kustomize base
 renders and validates against the Kubernetes 1.32 schemas (kubernetes-validate ships them: no
-download), and grants the agent every kind it watches."""
+download). (That the ClusterRole grants every kind the agent watches: test_kubernetes_source.py.)"""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from agent.config import METRICS_PORT as AGENT_METRICS_PORT
 from ca.admission import AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, AUDIENCE
 from ca.config import CA_NAMESPACE, CA_PORT, CA_SERVICE_ACCOUNT, METRICS_PORT
 
-from registry.kubernetes import KINDS
 from tests.kubeapi import KubeAPIServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,22 +149,6 @@ def test_a_broken_daemonset_fails_the_validation(breakage: str) -> None:
         spec["template"]["spec"]["containers"][0]["securityContext"]["privileged"] = "yes"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(daemonset, KUBERNETES_VERSION, strict=True)
-
-
-def granted(role: dict) -> set[tuple[str, str, str]]:
-    """(API group, resource, verb) for every permission a ClusterRole's rules give."""
-    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-            for resource in rule["resources"] for verb in rule["verbs"]}
-
-
-def test_the_agent_may_list_and_watch_every_kind_it_watches() -> None:
-    permissions = granted(one("ClusterRole", "amesh-agent"))
-    for kind in KINDS:
-        groups = {v.rpartition("/")[0] for v in kind.api_versions}  # "v1" is the core group ""
-        resource = kind.method if kind.api == "custom" else f"{kind.kind.lower()}s"
-        for group in groups:
-            for verb in ("list", "watch"):
-                assert (group, resource, verb) in permissions, (kind.kind, group, resource, verb)
 
 
 def test_the_daemonset_upgrades_with_a_surge_and_declares_no_host_port() -> None:
