@@ -4,7 +4,8 @@
 #     build/image/rootfs.tar (delete it to make a fresh one);
 #  2. that tree as the base image localhost/amesh-base:bookworm (buildah from scratch);
 #  3. the Containerfile on that base (buildah bud, chroot isolation: no daemon, no runtime);
-#  4. the OCI archive build/amesh-$VERSION.oci.tar, which `podman load -i` and `ctr import` take.
+#  4. the OCI archive build/amesh-$VERSION.oci.tar, which `podman load -i` and `ctr import` take,
+#     as docker.io/library/amesh:$VERSION.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,5 +56,7 @@ host_ca=/etc/ssl/certs/ca-certificates.crt
 buildah bud --isolation chroot --network host --layers --force-rm --build-arg "BASE=$base" \
   --volume "$host_ca:/run/build-ca.crt:ro" --build-arg PIP_CERT=/run/build-ca.crt -t "$image" -f Containerfile .
 rm -f "$archive"
-buildah push -q "$image" "oci-archive:$archive:amesh:$version"
+# named as a kubelet resolves the manifests' `image: amesh:VERSION` (containerd and CRI-O expand a
+# short name to docker.io/library/...), so an imported archive is found without a pull
+buildah push -q "$image" "oci-archive:$archive:docker.io/library/amesh:$version"
 echo "image $image: $archive ($(du -h "$archive" | cut -f1))"

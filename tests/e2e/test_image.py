@@ -26,7 +26,7 @@ from tests.mesh import Mesh, exchange
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
 ARCHIVE = ROOT / "build" / f"amesh-{VERSION}.oci.tar"
-IMAGE = f"localhost/amesh:{VERSION}"
+IMAGE = f"docker.io/library/amesh:{VERSION}"  # the archive's name (image/build.sh), not buildah's local one
 PODMAN = shutil.which("podman")
 # runc, not Debian's default crun: crun refuses a machine with hybrid cgroups (v1 controllers and a
 # v2 tree at /sys/fs/cgroup/unified, as here): "crun: cgroups in hybrid mode not supported"
