@@ -5,7 +5,7 @@ MODE ?= p2p
 # file and the local CA on each node (the weaker trust model)
 CLUSTER ?= 1
 
-.PHONY: deps demo test unit e2e fuzz bench
+.PHONY: deps demo test unit e2e fuzz bench image image-test
 
 deps:
 	./scripts/install-deps.sh $(PKGS)
@@ -42,3 +42,12 @@ bench: deps
 	$(PYTHON) -m bench.run $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.telemetry_cost $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.policy_cost $(if $(QUICK),--quick)
+
+# The OCI image build/amesh-<version>.oci.tar (Containerfile), without a Docker daemon: buildah over
+# a Debian 12 tree from debootstrap (cached in build/image/). image-test builds it and runs the agents
+# from it on a test bed (tests/e2e/test_image.py, which `make test` runs too once the image exists).
+image:
+	./image/build.sh
+
+image-test: image
+	$(PYTHON) -m pytest -q -rs tests/e2e/test_image.py

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -60,6 +61,10 @@ class Mesh:
     # set (by ControlPlane): agents ask the cluster CA instead of holding the root CA themselves
     control_plane: ControlPlane | None = None
     policies: list[dict] = field(default_factory=list)  # AuthorizationPolicies, PeerAuthentications
+    # None: a node's agent is the venv's ameshctl, the spawned process. Else the argv of a container
+    # runtime's run of an image's ameshctl (tests/e2e/test_image.py): the runtime needs the host's
+    # cgroup mounts, and its agent is no child of the spawned process, so it is waited for by port
+    agent_container: Callable[[Node], list[str]] | None = None
 
     @property
     def registry_path(self) -> Path:
@@ -109,9 +114,10 @@ class Mesh:
         source = (["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig
                   else ["--registry-file", str(self.registry_path)])
         ca = self.control_plane.agent_args(nd) if self.control_plane else ["--ca-dir", str(self.ca_dir)]
-        argv = [AMESHCTL, "agent", "--node", nd.name, *source, *ca, *extra_args]
-        proc = self.bed.spawn(nd, argv, self.agent_log(nd))
-        self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=proc)
+        runtime = self.agent_container(nd) if self.agent_container else None
+        argv = [*(runtime or [AMESHCTL]), "agent", "--node", nd.name, *source, *ca, *extra_args]
+        proc = self.bed.spawn(nd, argv, self.agent_log(nd), host_mounts=runtime is not None)
+        self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=None if runtime else proc)
         self.agents[nd.name] = proc
         return proc
 

@@ -99,7 +99,7 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     manifest = Path(__file__).resolve().parents[2] / "daemonset" / "amesh.yaml"
     docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "DaemonSet"]
     container = docs[0]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["ameshctl"]
+    assert container["command"] == ["amesh-entrypoint", "ameshctl"]  # the image's: kernel headers, then ameshctl
     name, *args = container["args"]
     command = main.get_command(click.Context(main), name)
     params = command.make_context(name, args).params
