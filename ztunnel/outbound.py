@@ -24,15 +24,20 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
-from ztunnel.limits import ConnectionRateLimiter
+from ztunnel.limits import ConnectionRateLimiter, Hold, LiveConnections
 from ztunnel.outliers import OutlierDetector
 from ztunnel.retries import Attempts, RetryBudget
 from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
 from ztunnel.streams import Stream, TcpStream, connect_tcp
 
+
 class RateLimited(ProxyError):
     """Over the destination Service's connection rate limit: refused at once, never queued."""
+
+
+class Overflow(ProxyError):
+    """Over the destination Service's connection limit on this node: refused at once, never queued."""
 
 
 @dataclass
@@ -56,6 +61,11 @@ class OutboundProxy(CapturedListener):
     all; the client sees a working connection, or a reset once every attempt has failed. Each
     outcome feeds the endpoint's breaker (`outliers`), which takes failing endpoints out of the
     plans of new connections for a while.
+
+    Before any connect, a connection takes its place among the destination Service's live
+    connections (`live`): over the Service's maxConnections, or its rate limit, it is refused at
+    once. The place, and the endpoint's count LEAST_REQUEST balances on, are given back when the
+    connection ends, whichever way.
     """
 
     def __init__(
@@ -72,10 +82,11 @@ class OutboundProxy(CapturedListener):
     ) -> None:
         super().__init__(state_getter, table, authorizer, connect_timeout, original_destination)
         self._transport = transport
-        self._router = Router()
+        self.router = Router(transport.node)  # read by views and metrics: connections per split backend
         self._budget = RetryBudget()
         self._rates = ConnectionRateLimiter()
         self.outliers = OutlierDetector()  # the breaker of every Service endpoint, read by views and metrics
+        self.live = LiveConnections()  # per destination Service and endpoint, read by views and metrics
         self._own_ports = own_ports
         self._node_addresses = node_addresses
         self._connect_deadline = connect_deadline
@@ -84,22 +95,32 @@ class OutboundProxy(CapturedListener):
                                destination: tuple[str, int]) -> None:
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "outbound")
-        await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, *destination))
+        hold = self.live.hold()
+        try:
+            await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, hold, *destination))
+        finally:
+            hold.release()
 
-    async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
+    async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, hold: Hold, dst_ip: str,
                              dst_port: int) -> Stream:
         source = captured_source(state, self._transport.node, record.source_ip)
-        plan = self._router.plan(state, dst_ip, dst_port, self.outliers.unavailable)
-        service = plan.first.service
-        if service is not None and plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
-            raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new connections "
-                                              f"a second from each node (annotation {CONNECTION_RATE_ANNOTATION})")
+        plan = self.router.plan(state, dst_ip, dst_port, self.outliers.unavailable, self.live.endpoints)
+        service = plan.service
+        if service is not None:
+            if not hold.admit(service, plan.max_connections):
+                raise Overflow("upstream_overflow", f"service {service} has {plan.max_connections} live connections "
+                                                    "from this node, its limit (DestinationRule trafficPolicy."
+                                                    "connectionPool.tcp.maxConnections)")
+            if plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
+                raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new "
+                                                  f"connections a second from each node (annotation "
+                                                  f"{CONNECTION_RATE_ANNOTATION})")
         loop = asyncio.get_running_loop()
-        attempts = Attempts(plan, self._budget, self.outliers, self._table.attempts, record.attempts,
+        attempts = Attempts(plan, self._budget, self.outliers, hold, self._table.attempts, record.attempts,
                             self._connect_deadline, loop.time)
         for route in attempts:
             try:
-                stream = await self._attempt(state, record, source, route, attempts.time_left())
+                stream = await self._attempt(state, record, source, route, attempts.timeout(route, self._connect_timeout))
             except ProxyError as e:
                 if attempts.failed(route, e):
                     continue
@@ -112,11 +133,10 @@ class OutboundProxy(CapturedListener):
         raise AssertionError("a plan has at least one candidate")
 
     async def _attempt(self, state: RegistryState, record: ConnectionRecord, source: Workload, route: Upstream,
-                       time_left: float) -> Stream:
-        """One connect to `route`, within the per-try timeout and what is left of the deadline."""
+                       timeout: float) -> Stream:
+        """One connect to `route` within `timeout` seconds (the per-try timeout, within the deadline)."""
         record.service, record.upstream, record.upstream_workload = route.service, route.address, route.workload
         guard_self_loop(route, self._own_ports, self._node_addresses)
-        timeout = max(0.0, min(self._connect_timeout, time_left))
         target = state.workload_by_ip(route.ip)
         if target is None or not target.enrolled:
             record.security = "plaintext"

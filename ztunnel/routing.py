@@ -1,16 +1,31 @@
 """Where a captured outbound connection goes: a Service backend, a known pod, or straight through.
 
-Pure logic over one `RegistryState` snapshot; no sockets. The only state kept between calls is
-the round-robin position of each (service, port), so the caller keeps one `Router` for the life
-of the proxy.
+Pure logic over one `RegistryState` snapshot; no sockets. The state kept between calls is the
+round-robin position of each (service, port) and the weighted round-robin of each split Service
+(ztunnel/balancing.py), so the caller keeps one `Router` for the life of the proxy; the live
+connection counts LEAST_REQUEST reads and the random source are given to it.
+
+A Service's plan, from its TrafficPolicy:
+  split         a weighted split picks a backend Service (smooth weighted round-robin); the
+                connection balances over that backend's endpoints, and its retries go to that
+                backend's other endpoints first, then to the other backends, heaviest first, so a
+                dead canary costs the client nothing. A backend's own split is not followed.
+  prefer_close  endpoints on this node, then in its zone, then the rest: farther ones only when
+                the closer ones are ejected or absent (a retry goes on to the next tier)
+  load_balancer the first endpoint of a tier: ROUND_ROBIN, RANDOM or LEAST_REQUEST (power of two
+                choices over the live connections from this node); retries take the tier's
+                others in rotation order after it
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Collection, Literal
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Iterator, Literal, Mapping
 
-from registry.model import Endpoint, RegistryState, Service, Workload
+from registry.model import Backend, Endpoint, OutlierSettings, RegistryState, Service, Workload
+from ztunnel.balancing import Place, WeightedSplits, balance, locality_tiers, zone_of
 from ztunnel.errors import ProxyError
 
 UpstreamKind = Literal["service", "workload", "passthrough"]
@@ -32,74 +47,137 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Pool:
+    """The endpoints of one Service a plan draws on: how many, and that Service's settings."""
+
+    size: int  # ready endpoints the Service has for the port (ejected ones included)
+    outlier: OutlierSettings = OutlierSettings()
+    connect_timeout: float | None = None  # seconds per attempt; None: the listener's
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Where a connection may go, in order: the balancer's choice first, then other endpoints of
-    the same Service (in rotation order) that a failed connect may be retried on; `attempts`
-    bounds how many of them are tried."""
+    """Where a connection may go, in order: the balancer's choice first, then the endpoints a
+    failed connect may be retried on; `attempts` bounds how many of them are tried."""
 
     candidates: tuple[Upstream, ...]
     attempts: int = 1
-    pool: int = 1  # ready endpoints the Service has for the port (ejected ones included)
-    rate_limit: float | None = None  # the Service's new connections per second from this node
+    pools: Mapping[str, Pool] = field(default_factory=dict)  # by the Service key of the candidates
+    service: str | None = None  # the Service dialled (a split's own key, not its backend's)
+    rate_limit: float | None = None  # the dialled Service's new connections per second from this node
+    max_connections: int | None = None  # the dialled Service's live connections from this node at once
 
     @property
     def first(self) -> Upstream:
         return self.candidates[0]
+
+    def pool(self, service: str) -> Pool:
+        """The pool of a candidate's Service."""
+        return self.pools[service]
 
 
 class RouteError(ProxyError):
     """The registry says the destination cannot be served; the client's request, not our fault."""
 
 
-class Router:
-    """Chooses an upstream for (destination IP, port), balancing Service traffic round-robin."""
+Load = Callable[[str], Mapping[str, int]]  # service key -> live connections from this node by "ip:port"
+Unavailable = Callable[[str], Collection[str]]  # service key -> its endpoints ("ip:port") not to plan
 
-    def __init__(self) -> None:
+
+class Router:
+    """Chooses the upstreams for (destination IP, port): a Service's by its TrafficPolicy."""
+
+    def __init__(self, node: str = "", zone: str | None = None, rng: random.Random | None = None) -> None:
         # One ever-increasing counter per (service key, port), taken modulo the candidates of
         # the moment: when endpoints come or go the rotation carries on from where it was
         # instead of restarting at the first endpoint, which would overload it.
         self._turns: dict[tuple[str, int], int] = {}
+        self.splits = WeightedSplits()  # read by views and metrics: connections per backend
+        self._node, self._zone = node, zone  # this node, and its zone when known, for PreferClose
+        self._random = rng if rng is not None else random.Random()
 
     def plan(self, state: RegistryState, dst_ip: str, dst_port: int,
-             unavailable: Callable[[str], Collection[str]] = lambda service: ()) -> Plan:
+             unavailable: Unavailable = lambda service: (), load: Load = lambda service: {}) -> Plan:
         """Where a connection to `dst_ip`:`dst_port` may go; RouteError if nothing can serve it.
         A pod or an address outside the registry has one candidate; a Service its ready
         endpoints but those `unavailable(service key)` names ("ip:port": ejected by outlier
         detection), the balancer's choice first, at most the Service's connect attempts."""
         service = state.service_by_ip(dst_ip)
         if service is not None:
-            return self._to_service(state, service, dst_port, unavailable)
+            return self._to_service(state, service, dst_port, unavailable, load)
         workload = state.workload_by_ip(dst_ip)
         if workload is not None:
             return Plan((Upstream(dst_ip, dst_port, "workload", workload=workload.key),))
         return Plan((Upstream(dst_ip, dst_port, "passthrough"),))
 
-    def _to_service(self, state: RegistryState, service: Service, port: int,
-                    unavailable: Callable[[str], Collection[str]]) -> Plan:
-        service_port = service.port(port)
-        if service_port is None:
+    def _to_service(self, state: RegistryState, service: Service, port: int, unavailable: Unavailable,
+                    load: Load) -> Plan:
+        if service.port(port) is None:
             raise RouteError("no_service_port", f"service {service.key} does not expose port {port}")
-        candidates = sorted(
-            (ep for ep in service.endpoints if ep.ready and service_port.name in ep.ports),
-            key=lambda ep: (ep.ip, ep.ports[service_port.name]),
-        )
+        traffic = service.traffic
+        pools: dict[str, Pool] = {}
+        if traffic.split:
+            backends = self.splits.order(service.key, traffic.split)
+            routes: Iterator[Upstream] = itertools.chain.from_iterable(
+                self._endpoints(state, _backend(state, service, b), b.port or port, unavailable, load, pools)
+                for b in backends)
+        else:
+            routes = self._endpoints(state, service, port, unavailable, load, pools)
+        candidates = tuple(itertools.islice(routes, traffic.connect_attempts))
         if not candidates:
+            if traffic.split:
+                names = ", ".join(f"{b.service} (weight {b.weight})" for b in traffic.split)
+                raise RouteError("no_endpoint", f"service {service.key} is split to {names}: none of weight above "
+                                                f"0 has a ready endpoint for port {port}")
             raise RouteError("no_endpoint", f"service {service.key} has no ready endpoint for port {port}")
-        pool = len(candidates)
+        return Plan(candidates, len(candidates), pools, service.key, traffic.connection_rate, traffic.max_connections)
+
+    def _endpoints(self, state: RegistryState, service: Service | None, port: int, unavailable: Unavailable,
+                   load: Load, pools: dict[str, Pool]) -> Iterator[Upstream]:
+        """`service`'s ready endpoints for `port` in the order one connection tries them; notes
+        the Service's pool in `pools` before the first."""
+        service_port = service.port(port) if service is not None else None
+        if service is None or service_port is None:
+            return
+        name = service_port.name
+        ready = sorted((ep for ep in service.endpoints if ep.ready and name in ep.ports),
+                       key=lambda ep: (ep.ip, ep.ports[name]))
+        if not ready:
+            return
+        traffic = service.traffic
+        pools[service.key] = Pool(len(ready), traffic.outlier, traffic.connect_timeout)
+        entries = [(ep, f"{ep.ip}:{ep.ports[name]}") for ep in ready]
+        # this node's zone as its endpoints say it, before any of them is passed over
+        zone = (self._zone or zone_of(self._node, [_place(state, ep) for ep in ready])) if traffic.prefer_close else None
         # ejected endpoints are passed over; were all of them (never by ejection alone, which
         # leaves half), every ready endpoint is tried rather than none
         if excluded := unavailable(service.key):
-            candidates = [ep for ep in candidates
-                          if f"{ep.ip}:{ep.ports[service_port.name]}" not in excluded] or candidates
+            entries = [entry for entry in entries if entry[1] not in excluded] or entries
         turn_key = (service.key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
-        # the rotation from this turn on: a retry goes where the next connection would have gone
-        attempts = min(service.traffic.connect_attempts, len(candidates))
-        chosen = (candidates[(turn + i) % len(candidates)] for i in range(attempts))
-        return Plan(tuple(Upstream(endpoint.ip, endpoint.ports[service_port.name], "service", service=service.key,
-                                   workload=_endpoint_workload(state, endpoint)) for endpoint in chosen), attempts, pool,
-                    service.traffic.connection_rate)
+        tiers = (locality_tiers([_place(state, ep) for ep, _ in entries], self._node, zone) if traffic.prefer_close
+                 else [list(range(len(entries)))])
+        live = load(service.key) if traffic.load_balancer == "LEAST_REQUEST" else {}
+        for tier in tiers:
+            # the rotation from this turn on: a retry goes where the next connection would have gone
+            for i in balance([entries[j][1] for j in tier], traffic.load_balancer, turn, self._random, live):
+                endpoint = entries[tier[i]][0]
+                yield Upstream(endpoint.ip, endpoint.ports[name], "service", service=service.key,
+                               workload=_endpoint_workload(state, endpoint))
+
+
+def _backend(state: RegistryState, parent: Service, backend: Backend) -> Service | None:
+    """The Service a split's backend names: the split Service itself (its own endpoints), or another."""
+    return parent if backend.service == parent.key else state.service_by_key(backend.service)
+
+
+def _place(state: RegistryState, endpoint: Endpoint) -> Place:
+    """An endpoint's node (as its EndpointSlice says, else its pod's) and zone."""
+    if endpoint.node is not None:
+        return endpoint.node, endpoint.zone
+    workload = state.workload_by_ip(endpoint.ip)
+    return (workload.node if workload is not None else None), endpoint.zone
 
 
 def _endpoint_workload(state: RegistryState, endpoint: Endpoint) -> str | None:

@@ -8,8 +8,9 @@ from collections import Counter
 from tests.unit.clock import Clock
 from ztunnel.errors import ProxyError
 from ztunnel.outliers import OutlierDetector
+from ztunnel.limits import LiveConnections
 from ztunnel.retries import Attempts, RetryBudget
-from ztunnel.routing import Plan, Upstream
+from ztunnel.routing import Plan, Pool, Upstream
 
 
 def test_retries_stay_within_the_floor_plus_a_fifth_of_the_connections_of_the_window():
@@ -36,10 +37,10 @@ def attempts_over(endpoints: int, budget: RetryBudget | None = None, deadline: f
                   clock: Clock | None = None) -> tuple[Attempts, OutlierDetector, Counter, list]:
     clock = clock or Clock()
     plan = Plan(tuple(Upstream(f"10.244.2.{i}", 8080, "service", "shop/web") for i in range(endpoints)),
-                endpoints, endpoints)
+                endpoints, {"shop/web": Pool(endpoints)}, "shop/web")
     outliers, counts, record = OutlierDetector(clock=clock), Counter(), []
-    return (Attempts(plan, budget or RetryBudget(clock=clock), outliers, counts, record, deadline, clock),
-            outliers, counts, record)
+    return (Attempts(plan, budget or RetryBudget(clock=clock), outliers, LiveConnections().hold(), counts, record,
+                     deadline, clock), outliers, counts, record)
 
 
 REFUSED = ProxyError("connect_refused", "refused")
