@@ -74,13 +74,21 @@ class AdminServer:
         ])
 
     async def _services(self, request: web.Request) -> web.Response:
-        """Services with their endpoints, each with its breaker (outlier detection) state."""
+        """Services with their endpoints, each with its breaker (outlier detection) state and
+        live connections from this node; the Service's live connections and its split's counts."""
         outbound = self.agent.outbound
         services = []
         for service in sorted(self.agent.state.services, key=lambda s: s.key):
             view = {**_plain(service), "key": service.key}
+            live = outbound.live.endpoints(service.key) if outbound else {}
             for endpoint in view["endpoints"]:
                 endpoint["breaker"] = breaker_view(outbound.outliers, service.key, endpoint) if outbound else "CLOSED"
+                endpoint["connections"] = sum(live.get(f"{endpoint['ip']}:{port}", 0)
+                                              for port in endpoint["ports"].values())
+            view["connections"] = outbound.live.by_service.get(service.key, 0) if outbound else 0
+            picks = outbound.router.splits.picks(service.key) if outbound else {}
+            for backend in view["traffic"]["split"]:
+                backend["connections"] = picks.get(backend["service"], 0)
             services.append(view)
         return web.json_response(services)
 

@@ -47,8 +47,21 @@ def _endpoint(e: dict, service_source: str) -> str:
     text = e["ip"] + ("" if e["ready"] else " (not ready)")
     if e.get("breaker", "CLOSED") != "CLOSED":
         text += f" [{e['breaker']}]"
+    if e.get("connections"):
+        text += f" ({e['connections']} live)"
     source = e.get("source") or service_source
     return text + (f" [{source}]" if source != service_source else "")
+
+
+def _traffic(s: dict) -> tuple[str, str, str]:
+    """A Service's live connections from this node (of its limit), balancer and split."""
+    traffic = s.get("traffic") or {}
+    live = str(s.get("connections", 0))
+    if traffic.get("max_connections") is not None:
+        live += f"/{traffic['max_connections']}"
+    balancer = traffic.get("load_balancer", "ROUND_ROBIN") + (", prefer close" if traffic.get("prefer_close") else "")
+    split = ", ".join(f"{b['service']} {b['weight']} ({b.get('connections', 0)})" for b in traffic.get("split", []))
+    return live, balancer, split or "-"
 
 
 def services(data: list[dict]) -> str:
@@ -59,8 +72,9 @@ def services(data: list[dict]) -> str:
         ready = sum(1 for e in s["endpoints"] if e["ready"])
         endpoints = ", ".join(_endpoint(e, s["source"]) for e in s["endpoints"])
         rows.append([s["namespace"], s["name"], s["cluster_ip"] or "None", ports,
-                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", s["source"]])
-    return _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "SOURCE"], rows, "no services")
+                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", *_traffic(s), s["source"]])
+    return _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "CONNECTIONS", "BALANCER",
+                   "SPLIT (CONNECTIONS)", "SOURCE"], rows, "no services")
 
 
 def lookup(data: dict) -> str:

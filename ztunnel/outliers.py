@@ -115,7 +115,7 @@ class OutlierDetector:
         if endpoint.ejected_until is not None:  # a failed trial: open again, for longer
             endpoint.trial = False
             self._eject(key, endpoint, now, settings)
-        elif endpoint.failures >= settings.consecutive_failures:
+        elif settings.consecutive_failures and endpoint.failures >= settings.consecutive_failures:
             allowed = endpoints_in_service * settings.max_ejection_percent // 100
             if self.ejected(key[0]) < allowed:
                 self._eject(key, endpoint, now, settings)

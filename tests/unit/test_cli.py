@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from agent import views
 from agent.cli import main
-from registry.model import Endpoint, Service, ServicePort, Workload
+from registry.model import Backend, Endpoint, Service, ServicePort, TrafficPolicy, Workload
 from ztunnel.connections import ConnectionTable
 
 GOOD_NAMESPACE = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"
@@ -70,6 +70,20 @@ def test_services_table_counts_ready_endpoints():
                                  Endpoint("10.244.2.10", {"http": 8080}, ready=False)))
     row = views.services([dataclasses.asdict(service)]).splitlines()[1]
     for cell in ("shop", "web", "10.96.0.10", "80->http (http)", "1/2", "10.244.1.11, 10.244.2.10 (not ready)"):
+        assert cell in row
+
+
+def test_services_table_shows_live_connections_of_the_limit_the_balancer_and_the_split_counts():
+    traffic = TrafficPolicy(max_connections=100, load_balancer="LEAST_REQUEST", prefer_close=True,
+                            split=(Backend("shop/web-v1", 90), Backend("shop/web-v2", 10)))
+    service = Service("web", "shop", "10.96.0.10", (ServicePort(80, "http", "http"),),
+                      endpoints=(Endpoint("10.244.1.11", {"http": 8080}),), traffic=traffic)
+    view = {**dataclasses.asdict(service), "connections": 7}
+    view["endpoints"][0]["connections"] = 3
+    view["traffic"]["split"][0]["connections"], view["traffic"]["split"][1]["connections"] = 812, 88
+    row = views.services([view]).splitlines()[1]
+    for cell in ("10.244.1.11 (3 live)", "7/100", "LEAST_REQUEST, prefer close",
+                 "shop/web-v1 90 (812), shop/web-v2 10 (88)"):
         assert cell in row
 
 

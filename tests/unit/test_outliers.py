@@ -102,3 +102,10 @@ def test_each_services_own_settings_decide_its_endpoints_ejection():
     for _ in range(2):
         outliers.record(B, False, 4)  # the defaults: five in a row
     assert outliers.state(B) == "CLOSED"
+
+
+def test_a_service_whose_settings_say_zero_failures_never_ejects():
+    outliers = detector(Clock())
+    for _ in range(20):
+        outliers.record(A, False, 4, OutlierSettings(consecutive_failures=0))
+    assert outliers.state(A) == "CLOSED"
