@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tabulate import tabulate
+
+from registry.model import TrafficPolicy
 
 
 def _table(headers: list[str], rows: list[list[object]], empty: str) -> str:
@@ -53,28 +57,63 @@ def _endpoint(e: dict, service_source: str) -> str:
     return text + (f" [{source}]" if source != service_source else "")
 
 
-def _traffic(s: dict) -> tuple[str, str, str]:
-    """A Service's live connections from this node (of its limit), balancer and split."""
-    traffic = s.get("traffic") or {}
+_DEFAULT_TRAFFIC = dataclasses.asdict(TrafficPolicy())
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+
+
+def _traffic(t: dict) -> str:
+    """A Service's configured traffic policy in short: only what differs from the defaults."""
+    parts = []
+    if t["connect_attempts"] != _DEFAULT_TRAFFIC["connect_attempts"]:
+        parts.append(f"attempts {t['connect_attempts']}")
+    if t["connection_rate"] is not None:
+        parts.append(f"rate {t['connection_rate']:g}/s")
+    if t["max_connections"] is not None:
+        parts.append(f"max {t['max_connections']} conns")
+    if t["connect_timeout"] is not None:
+        parts.append(f"timeout {_seconds(t['connect_timeout'])}")
+    if t["outlier"] != _DEFAULT_TRAFFIC["outlier"]:
+        o = t["outlier"]
+        parts.append(f"eject after {o['consecutive_failures']} for {_seconds(o['base_ejection_time'])} "
+                     f"(max {o['max_ejection_percent']}%)" if o["consecutive_failures"] else "no ejection")
+    if t["load_balancer"] != _DEFAULT_TRAFFIC["load_balancer"]:
+        parts.append(t["load_balancer"].lower().replace("_", "-"))
+    if t["prefer_close"]:
+        parts.append("prefer close")
+    if t["split"]:
+        parts.append("split " + " / ".join(f"{b['service'].split('/')[1]} {b['weight']}" for b in t["split"]))
+    return ", ".join(parts) or "-"
+
+
+def _live(s: dict) -> tuple[str, str]:
+    """A Service's live connections from this node (of its maxConnections) and the connections
+    its split sent to each backend, as the admin API counts them."""
+    traffic = s["traffic"]
     live = str(s.get("connections", 0))
-    if traffic.get("max_connections") is not None:
+    if traffic["max_connections"] is not None:
         live += f"/{traffic['max_connections']}"
-    balancer = traffic.get("load_balancer", "ROUND_ROBIN") + (", prefer close" if traffic.get("prefer_close") else "")
-    split = ", ".join(f"{b['service']} {b['weight']} ({b.get('connections', 0)})" for b in traffic.get("split", []))
-    return live, balancer, split or "-"
+    split = " / ".join(f"{b['service'].split('/')[1]} {b.get('connections', 0)}" for b in traffic["split"])
+    return live, split or "-"
 
 
 def services(data: list[dict]) -> str:
     rows = []
+    warnings = []
     for s in data:
         ports = ", ".join(f"{p['port']}->{p['target_port']}" + (f" ({p['name']})" if p["name"] else "")
                           for p in s["ports"])
         ready = sum(1 for e in s["endpoints"] if e["ready"])
         endpoints = ", ".join(_endpoint(e, s["source"]) for e in s["endpoints"])
         rows.append([s["namespace"], s["name"], s["cluster_ip"] or "None", ports,
-                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", *_traffic(s), s["source"]])
-    return _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "CONNECTIONS", "BALANCER",
-                   "SPLIT (CONNECTIONS)", "SOURCE"], rows, "no services")
+                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", *_live(s), _traffic(s["traffic"]),
+                     s["source"]])
+        warnings += [f"  {s['namespace']}/{s['name']}: {w}" for w in s["traffic"]["warnings"]]
+    table = _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "CONNECTIONS", "SPLIT COUNTS",
+                    "TRAFFIC", "SOURCE"], rows, "no services")
+    return table + ("\n\nnot applied:\n" + "\n".join(warnings) if warnings else "")
 
 
 def lookup(data: dict) -> str:

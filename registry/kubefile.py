@@ -1,5 +1,6 @@
-"""Registry source: a file of Kubernetes objects (Namespaces, Pods, Services, EndpointSlices,
-and Istio's AuthorizationPolicies and PeerAuthentications).
+"""Registry source: a file of Kubernetes objects (Namespaces, Nodes, Pods, Services,
+EndpointSlices, Istio's AuthorizationPolicies, PeerAuthentications and DestinationRules, Gateway
+API TCPRoutes and SMI TrafficSplits).
 
 `parse_objects` turns multi-document YAML, as `kubectl get -o yaml` prints it or as a person
 writes it, into one `RegistryState`, or raises `RegistryError` naming the document, object and
@@ -55,18 +56,37 @@ from registry.objects import (
 )
 from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
 from registry.policies import read_authorization_policy, read_peer_authentication
+from registry.traffic import (
+    DESTINATION_RULE_API_VERSIONS,
+    TCP_ROUTE_API_VERSIONS,
+    TRAFFIC_SPLIT_API_VERSIONS,
+    DestinationRule,
+    Split,
+    read_destination_rule,
+    read_tcp_route,
+    read_traffic_split,
+    shape_services,
+)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # how an EndpointSlice names its Service
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+ZONE_LABEL = "topology.kubernetes.io/zone"  # a Node's zone
+# Service.spec.trafficDistribution values that ask for close endpoints first; PreferSameZone and
+# PreferSameNode (Kubernetes 1.33) are read as PreferClose, which tries the same node, then zone
+CLOSE_DISTRIBUTIONS = ("PreferClose", "PreferSameZone", "PreferSameNode")
 
 # The apiVersions each supported kind may carry; any other kind is skipped.
 API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Namespace": ("v1",),
+    "Node": ("v1",),
     "Pod": ("v1",),
     "Service": ("v1",),
     "EndpointSlice": ("discovery.k8s.io/v1",),
     "AuthorizationPolicy": POLICY_API_VERSIONS,
     "PeerAuthentication": POLICY_API_VERSIONS,
+    "DestinationRule": DESTINATION_RULE_API_VERSIONS,
+    "TCPRoute": TCP_ROUTE_API_VERSIONS,
+    "TrafficSplit": TRAFFIC_SPLIT_API_VERSIONS,
 }
 
 
@@ -85,6 +105,8 @@ class _SliceEndpoint:
     ip: str
     ready: bool
     workload: str | None
+    node: str | None
+    zone: str | None
 
 
 @dataclass
@@ -175,8 +197,25 @@ def _read_service(obj: KubeObject, source: str) -> Service:
         ports=tuple(ports),
         selector=labels_field(obj, spec.get("selector"), "spec.selector"),
         source=source,
-        traffic=TrafficPolicy(connect_attempts=1 + _connect_retries(obj), connection_rate=_connection_rate(obj)),
+        traffic=_service_traffic(obj, spec),
     )
+
+
+def _service_traffic(obj: KubeObject, spec: Mapping[str, Any]) -> TrafficPolicy:
+    """What the Service itself says of its traffic: its amesh.io annotations, trafficDistribution."""
+    traffic = TrafficPolicy(connect_attempts=1 + _connect_retries(obj), connection_rate=_connection_rate(obj),
+                            prefer_close=_prefers_close(obj, spec))
+    if traffic != TrafficPolicy():
+        traffic = replace(traffic, configured_by=(obj.label,))
+    return traffic
+
+
+def _prefers_close(obj: KubeObject, spec: Mapping[str, Any]) -> bool:
+    distribution = string_field(obj, spec.get("trafficDistribution"), "spec.trafficDistribution")
+    if distribution and distribution not in CLOSE_DISTRIBUTIONS:
+        problem = f"must be one of {', '.join(CLOSE_DISTRIBUTIONS)}, got {show(distribution)}"
+        raise obj.fail("spec.trafficDistribution", problem)
+    return bool(distribution)
 
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)/(s|min)$")
@@ -239,7 +278,9 @@ def _read_slice(obj: KubeObject) -> _Slice:
             name = string_field(obj, target.get("name"), f"{path}.targetRef.name", required=True)
             namespace = string_field(obj, target.get("namespace"), f"{path}.targetRef.namespace")
             workload = f"{namespace or obj.namespace}/{name}"
-        endpoints.append(_SliceEndpoint(ip, ready, workload))
+        node = string_field(obj, raw.get("nodeName"), f"{path}.nodeName") or None
+        zone = string_field(obj, raw.get("zone"), f"{path}.zone") or None
+        endpoints.append(_SliceEndpoint(ip, ready, workload, node, zone))
     return _Slice(f"{obj.namespace}/{service}", ports, endpoints)
 
 
@@ -314,7 +355,19 @@ def _enrolled(pod_labels: Mapping[str, str], namespace_labels: Mapping[str, str]
     return mode == ENROLL_AMBIENT or namespace_labels.get(ENROLL_LABEL) == ENROLL_AMBIENT
 
 
-def _selected_endpoints(service: Service, pods: list[_Pod]) -> tuple[Endpoint, ...]:
+def _node_zone(obj: KubeObject) -> tuple[str, str] | None:
+    """(node, zone) from a Node's topology.kubernetes.io/zone label, None without one."""
+    zone = labels_field(obj, obj.metadata.get("labels"), "metadata.labels").get(ZONE_LABEL)
+    return (obj.name, zone) if zone else None
+
+
+def _zones(nodes: Mapping[str, str], slices: Iterable[_Slice]) -> dict[str, str]:
+    """Each node's zone: its Node's label, else the zone its EndpointSlice endpoints give."""
+    zones = {e.node: e.zone for s in slices for e in s.endpoints if e.node and e.zone}
+    return {**zones, **nodes}
+
+
+def _selected_endpoints(service: Service, pods: list[_Pod], zones: Mapping[str, str]) -> tuple[Endpoint, ...]:
     """Endpoints of a Service with no EndpointSlice: its selector's pods that have an address."""
     if not service.selector:
         return ()  # a Service without a selector gets endpoints only from slices
@@ -331,18 +384,22 @@ def _selected_endpoints(service: Service, pods: list[_Pod]) -> tuple[Endpoint, .
             number = target if isinstance(target, int) else pod.named_ports.get(target)
             if number is not None:  # a pod lacking the named port cannot serve that service port
                 ports[sp.name] = number
-        endpoints.append(Endpoint(ip=w.ip, ports=ports, ready=w.ready, workload=w.key))
+        endpoints.append(Endpoint(ip=w.ip, ports=ports, ready=w.ready, workload=w.key, node=w.node,
+                                  zone=zones.get(w.node)))
     return tuple(endpoints)
 
 
-def _sliced_endpoints(service: Service, slices: list[_Slice]) -> tuple[Endpoint, ...]:
-    """Endpoints of a Service from all its EndpointSlices, ports matched by name."""
+def _sliced_endpoints(service: Service, slices: list[_Slice], zones: Mapping[str, str]) -> tuple[Endpoint, ...]:
+    """Endpoints of a Service from all its EndpointSlices, ports matched by name; an endpoint
+    whose slice gives no zone takes its node's."""
     return tuple(
         Endpoint(
             ip=e.ip,
             ports={sp.name: s.ports[sp.name] for sp in service.ports if sp.name in s.ports},
             ready=e.ready,
             workload=e.workload,
+            node=e.node,
+            zone=e.zone or (zones.get(e.node) if e.node else None),
         )
         for s in slices
         for e in s.endpoints
@@ -359,8 +416,7 @@ def build_state(
 ) -> RegistryState:
     """Build a RegistryState from Kubernetes objects (dicts); raise RegistryError if invalid.
 
-    Kinds other than Namespace, Pod, Service, EndpointSlice, AuthorizationPolicy and
-    PeerAuthentication are skipped. A RegistryError
+    Kinds other than those of API_VERSIONS are skipped. A RegistryError
     raised for one object carries `object_key` = (kind, namespace, name) of that object.
     """
     seen: dict[tuple[str, str, str], KubeObject] = {}
@@ -370,6 +426,9 @@ def build_state(
     slices: dict[str, list[_Slice]] = {}
     authorization_policies: list[AuthorizationPolicy] = []
     peer_authentications: list[PeerAuthentication] = []
+    destination_rules: list[DestinationRule] = []
+    splits: list[Split] = []
+    node_zones: dict[str, str] = {}
     for raw in objects:
         # The file reader hands over objects it has already located in their documents.
         obj = raw if isinstance(raw, KubeObject) else KubeObject(raw, "")
@@ -385,6 +444,8 @@ def build_state(
             raise obj.fail("metadata.name", problem)
         if obj.kind == "Namespace":
             namespaces[obj.name] = _namespace_labels(obj)
+        elif obj.kind == "Node":
+            node_zones.update([zone] if (zone := _node_zone(obj)) else [])
         elif obj.kind == "Pod":
             pod = _read_pod(obj, source)
             if pod is not None:
@@ -396,6 +457,12 @@ def build_state(
                 authorization_policies.append(policy)
         elif obj.kind == "PeerAuthentication":
             peer_authentications.append(read_peer_authentication(obj))
+        elif obj.kind == "DestinationRule":
+            destination_rules.append(read_destination_rule(obj))
+        elif obj.kind == "TCPRoute":
+            splits.extend(read_tcp_route(obj))
+        elif obj.kind == "TrafficSplit":
+            splits.append(read_traffic_split(obj))
         else:
             endpoint_slice = _read_slice(obj)
             slices.setdefault(endpoint_slice.service_key, []).append(endpoint_slice)
@@ -407,17 +474,18 @@ def build_state(
                 mtls_mode=namespaces.get(w.namespace, {}).get(MTLS_MODE_LABEL, ""))
         for w in (p.workload for p in pods)
     )
+    zones = _zones(node_zones, (s for service_slices in slices.values() for s in service_slices))
     # As in Kubernetes, once a Service has EndpointSlices they alone list its endpoints; a slice
     # naming a Service the file lacks has nothing to serve and is left unused.
     built = tuple(
-        replace(s, endpoints=_sliced_endpoints(s, slices[s.key]))
+        replace(s, endpoints=_sliced_endpoints(s, slices[s.key], zones))
         if s.key in slices
-        else replace(s, endpoints=_selected_endpoints(s, pods))
+        else replace(s, endpoints=_selected_endpoints(s, pods, zones))
         for _, s in services
     )
-    return RegistryState(workloads=workloads, services=built, generation=generation,
-                         authorization_policies=tuple(authorization_policies),
-                         peer_authentications=tuple(peer_authentications))
+    return RegistryState(workloads=workloads, services=shape_services(built, destination_rules, splits),
+                         generation=generation, authorization_policies=tuple(authorization_policies),
+                         peer_authentications=tuple(peer_authentications), node_zones=zones)
 
 
 # --- watching the file ---

@@ -86,7 +86,9 @@ LOAD_BALANCERS: tuple[LoadBalancer, ...] = ("ROUND_ROBIN", "LEAST_REQUEST", "RAN
 class OutlierSettings:
     """When an endpoint is ejected from new connections (Envoy's outlier detection; its defaults)."""
 
-    consecutive_failures: int = 5  # connect failures in a row that eject an endpoint
+    # connect failures in a row that eject an endpoint; 0: never ejected (a DestinationRule's
+    # outlierDetection with both consecutive5xxErrors and consecutiveGatewayErrors 0)
+    consecutive_failures: int = 5
     base_ejection_time: float = 30.0  # seconds; multiplied by the endpoint's number of ejections
     max_ejection_time: float = 300.0  # seconds: the cap on one ejection
     max_ejection_percent: int = 50  # at most this share of a Service's endpoints ejected at once
@@ -122,6 +124,8 @@ class TrafficPolicy:
     split: tuple[Backend, ...] = ()  # empty: the Service's own endpoints serve it
     # the objects that set any of the above ("DestinationRule shop/reviews"), for status
     configured_by: tuple[str, ...] = ()
+    # what those objects say that amesh does not carry out, each naming the object and field
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,9 @@ class RegistryState:
     generation: int = 0
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
+    # each node's zone (topology.kubernetes.io/zone), from Node objects where a source has them,
+    # else from the zones EndpointSlices give endpoints on that node
+    node_zones: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A pod that has no address yet must not claim "" as its address.
@@ -273,6 +280,10 @@ class RegistryState:
     def service_by_key(self, key: str) -> Service | None:
         """The Service "namespace/name"."""
         return self._services_by_key.get(key)  # type: ignore[attr-defined]
+
+    def zone_of(self, node: str) -> str | None:
+        """The zone of `node` (for locality: this node's own zone), or None when no source says."""
+        return self.node_zones.get(node)
 
     def enrolled_on(self, node: str) -> tuple[Workload, ...]:
         """Enrolled workloads scheduled on `node` that have an address."""

@@ -7,9 +7,11 @@ for Istio's security policies), so all errors read alike.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from registry.model import RegistryError, is_ipv4
+
+CLUSTER_SCOPED = ("Namespace", "Node")  # the kinds amesh reads that have no namespace
 
 
 class KubeObject:
@@ -27,7 +29,7 @@ class KubeObject:
         string_field(self, raw.get("apiVersion"), "apiVersion", required=True)
         self.metadata = mapping_field(self, raw.get("metadata"), "metadata", required=True)
         self.name = string_field(self, self.metadata.get("name"), "metadata.name", required=True)
-        if self.kind == "Namespace":  # cluster-scoped
+        if self.kind in CLUSTER_SCOPED:
             self.namespace = ""
             self.label = f"{self.kind} {self.name}"
         else:
@@ -112,3 +114,10 @@ def labels_field(obj: KubeObject, value: object, path: str) -> dict[str, str]:
             problem = f"must be a string, got {show(text)} (quote it in YAML)"
             raise obj.fail(f'{path}["{key}"]', problem)
     return labels
+
+
+def known_fields(obj: KubeObject, raw: Mapping[str, Any], path: str, known: tuple[str, ...]) -> None:
+    """Raise on the first field (by name) not in `known`, as a CRD's structural schema would."""
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        raise obj.fail(f"{path}.{unknown[0]}", f"unknown field (known: {', '.join(known)})")

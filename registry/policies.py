@@ -34,6 +34,7 @@ from registry.model import (
     Rule,
 )
 from registry.objects import KubeObject, labels_field, list_field, mapping_field, show, string_field
+from registry.objects import known_fields as _known_fields
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 MAX_SERVICE_ACCOUNTS = 16  # per source, as Istio's validation allows
@@ -215,12 +216,6 @@ def _short(values: tuple[Any, ...]) -> str:
     shown = [f"{v[0]}/{v[1]}" if isinstance(v, tuple) else str(v) for v in values[:3]]
     more = f" +{len(values) - 3}" if len(values) > 3 else ""
     return "[" + ", ".join(shown) + more + "]"
-
-
-def _known_fields(obj: KubeObject, raw: Mapping[str, Any], path: str, known: tuple[str, ...]) -> None:
-    unknown = sorted(str(k) for k in raw if k not in known)
-    if unknown:
-        raise obj.fail(f"{path}.{unknown[0]}", f"unknown field (known: {', '.join(known)})")
 
 
 def _selector(obj: KubeObject, raw: object, path: str) -> Mapping[str, str] | None:

@@ -412,6 +412,10 @@ class MergedState(RegistryState):
     def authorization_policies_in(self, namespace: str) -> tuple[AuthorizationPolicy, ...]:
         return self._base.authorization_policies_in(namespace)
 
+    @property
+    def node_zones(self) -> Mapping[str, str]:  # type: ignore[override]
+        return self._base.node_zones  # a registration says nothing of nodes
+
 
 class MergedRegistry:
     """The registry state of a base state plus a store's registrations, kept current by change:

@@ -86,11 +86,6 @@ def balance(addresses: Sequence[str], balancer: LoadBalancer, turn: int, rng: ra
 Place = tuple[str | None, str | None]  # an endpoint's node and zone, None when unknown
 
 
-def zone_of(node: str, places: Sequence[Place]) -> str | None:
-    """The zone of `node` as its endpoints among `places` say, if any does."""
-    return next((z for n, z in places if n == node and z), None)
-
-
 def locality_tiers(places: Sequence[Place], node: str, zone: str | None) -> list[list[int]]:
     """The positions of endpoints by `places`: those on `node`, then those in `zone` (when
     known), then the rest; empty tiers left out."""

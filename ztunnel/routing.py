@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Literal, Mapping
 
 from registry.model import Backend, Endpoint, OutlierSettings, RegistryState, Service, Workload
-from ztunnel.balancing import Place, WeightedSplits, balance, locality_tiers, zone_of
+from ztunnel.balancing import Place, WeightedSplits, balance, locality_tiers
 from ztunnel.errors import ProxyError
 
 UpstreamKind = Literal["service", "workload", "passthrough"]
@@ -87,13 +87,13 @@ Unavailable = Callable[[str], Collection[str]]  # service key -> its endpoints (
 class Router:
     """Chooses the upstreams for (destination IP, port): a Service's by its TrafficPolicy."""
 
-    def __init__(self, node: str = "", zone: str | None = None, rng: random.Random | None = None) -> None:
+    def __init__(self, node: str = "", rng: random.Random | None = None) -> None:
         # One ever-increasing counter per (service key, port), taken modulo the candidates of
         # the moment: when endpoints come or go the rotation carries on from where it was
         # instead of restarting at the first endpoint, which would overload it.
         self._turns: dict[tuple[str, int], int] = {}
         self.splits = WeightedSplits()  # read by views and metrics: connections per backend
-        self._node, self._zone = node, zone  # this node, and its zone when known, for PreferClose
+        self._node = node  # this node, for PreferClose (its zone: as the registry says)
         self._random = rng if rng is not None else random.Random()
 
     def plan(self, state: RegistryState, dst_ip: str, dst_port: int,
@@ -147,8 +147,6 @@ class Router:
         traffic = service.traffic
         pools[service.key] = Pool(len(ready), traffic.outlier, traffic.connect_timeout)
         entries = [(ep, f"{ep.ip}:{ep.ports[name]}") for ep in ready]
-        # this node's zone as its endpoints say it, before any of them is passed over
-        zone = (self._zone or zone_of(self._node, [_place(state, ep) for ep in ready])) if traffic.prefer_close else None
         # ejected endpoints are passed over; were all of them (never by ejection alone, which
         # leaves half), every ready endpoint is tried rather than none
         if excluded := unavailable(service.key):
@@ -156,8 +154,8 @@ class Router:
         turn_key = (service.key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
-        tiers = (locality_tiers([_place(state, ep) for ep, _ in entries], self._node, zone) if traffic.prefer_close
-                 else [list(range(len(entries)))])
+        tiers = (locality_tiers([_place(state, ep) for ep, _ in entries], self._node, state.zone_of(self._node))
+                 if traffic.prefer_close else [list(range(len(entries)))])
         live = load(service.key) if traffic.load_balancer == "LEAST_REQUEST" else {}
         for tier in tiers:
             # the rotation from this turn on: a retry goes where the next connection would have gone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from agent import views
 from agent.cli import main
-from registry.model import Backend, Endpoint, Service, ServicePort, TrafficPolicy, Workload
+from registry.model import Backend, Endpoint, OutlierSettings, Service, ServicePort, TrafficPolicy, Workload
 from ztunnel.connections import ConnectionTable
 
 GOOD_NAMESPACE = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"
@@ -73,7 +74,7 @@ def test_services_table_counts_ready_endpoints():
         assert cell in row
 
 
-def test_services_table_shows_live_connections_of_the_limit_the_balancer_and_the_split_counts():
+def test_services_table_shows_live_connections_of_the_limit_and_the_split_counts():
     traffic = TrafficPolicy(max_connections=100, load_balancer="LEAST_REQUEST", prefer_close=True,
                             split=(Backend("shop/web-v1", 90), Backend("shop/web-v2", 10)))
     service = Service("web", "shop", "10.96.0.10", (ServicePort(80, "http", "http"),),
@@ -82,9 +83,23 @@ def test_services_table_shows_live_connections_of_the_limit_the_balancer_and_the
     view["endpoints"][0]["connections"] = 3
     view["traffic"]["split"][0]["connections"], view["traffic"]["split"][1]["connections"] = 812, 88
     row = views.services([view]).splitlines()[1]
-    for cell in ("10.244.1.11 (3 live)", "7/100", "LEAST_REQUEST, prefer close",
-                 "shop/web-v1 90 (812), shop/web-v2 10 (88)"):
+    for cell in ("10.244.1.11 (3 live)", "7/100", "web-v1 812 / web-v2 88"):
         assert cell in row
+
+
+def test_services_table_shows_the_configured_traffic_policy_in_short_and_what_is_not_applied():
+    traffic = TrafficPolicy(connect_attempts=2, connection_rate=20.0, max_connections=100, connect_timeout=0.5,
+                            outlier=OutlierSettings(consecutive_failures=3, base_ejection_time=60.0),
+                            load_balancer="LEAST_REQUEST", prefer_close=True,
+                            split=(Backend("shop/web", 90, 80), Backend("shop/web-canary", 10, 80)),
+                            warnings=("DestinationRule shop/web: spec.subsets: not applied at L4",))
+    service = Service("web", "shop", "10.96.0.10", (ServicePort(80, "http", "http"),), traffic=traffic)
+    lines = views.services([dataclasses.asdict(service)]).splitlines()
+    assert ("attempts 2, rate 20/s, max 100 conns, timeout 500ms, eject after 3 for 60s (max 50%), least-request, "
+            "prefer close, split web 90 / web-canary 10") in lines[1]
+    assert lines[-2:] == ["not applied:", "  shop/web: DestinationRule shop/web: spec.subsets: not applied at L4"]
+    plain = views.services([dataclasses.asdict(replace(service, traffic=TrafficPolicy()))]).splitlines()
+    assert plain[1].split()[-2:] == ["-", "file"] and len(plain) == 2
 
 
 def test_workloads_table_marks_enrollment_and_capture():

@@ -179,9 +179,9 @@ def test_endpoints_from_selector() -> None:
     svc = parse_objects(text).service_by_ip("10.96.0.10")
     assert svc is not None
     assert svc.endpoints == (
-        Endpoint("10.244.1.5", {"http": 8080, "admin": 9000}, True, "shop/web-1"),
-        Endpoint("10.244.1.6", {"http": 8081, "admin": 9000}, False, "shop/web-2"),
-        Endpoint("10.244.1.7", {"admin": 9000}, True, "shop/web-3"),
+        Endpoint("10.244.1.5", {"http": 8080, "admin": 9000}, True, "shop/web-1", node="node-1"),
+        Endpoint("10.244.1.6", {"http": 8081, "admin": 9000}, False, "shop/web-2", node="node-1"),
+        Endpoint("10.244.1.7", {"admin": 9000}, True, "shop/web-3", node="node-1"),
     )
 
 

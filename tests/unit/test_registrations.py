@@ -324,7 +324,7 @@ def test_a_merged_state_answers_every_question_of_its_base_state_that_registrati
          "metadata": {"name": "strict", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICT"}}}])
     base = RegistryState(workloads=(POD,), services=(WEB,), generation=7,
                          authorization_policies=policy_state.authorization_policies,
-                         peer_authentications=policy_state.peer_authentications)
+                         peer_authentications=policy_state.peer_authentications, node_zones={POD.node: "zone-a"})
     clock = Clock()
     store = RegistrationStore(clock)
     store.register({**VM, "name": "ledger", "address": "192.168.7.30", "port": 9000})
@@ -336,7 +336,8 @@ def test_a_merged_state_answers_every_question_of_its_base_state_that_registrati
             continue  # registrations add to these
         if callable(value):
             argument = {"workload_by_ip": POD.ip, "workload_by_key": POD.key, "service_by_ip": WEB.cluster_ip,
-                        "service_by_key": WEB.key, "enrolled_on": POD.node, "authorization_policies_in": "shop"}
+                        "service_by_key": WEB.key, "enrolled_on": POD.node, "authorization_policies_in": "shop",
+                        "zone_of": POD.node}
             assert name in argument, f"a new RegistryState method {name}: add it here and to MergedState"
             assert getattr(merged, name)(argument[name]) == value(argument[name]), name
         else:

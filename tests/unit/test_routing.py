@@ -184,7 +184,7 @@ def test_prefer_close_stays_on_this_node_then_this_zone_and_spills_over_only_whe
     endpoints = (local("10.244.1.1", "n1", "z1"), local("10.244.1.2", "n1", "z1"), local("10.244.2.1", "n2", "z1"),
                  local("10.244.3.1", "n3", "z2"))
     router = Router("n1")
-    s = RegistryState(services=(service("web", VIP, *endpoints, traffic=close),))
+    s = RegistryState(services=(service("web", VIP, *endpoints, traffic=close),), node_zones={"n1": "z1"})
     assert {router.plan(s, VIP, 80).first.ip for _ in range(10)} == {"10.244.1.1", "10.244.1.2"}
     # a retry goes on to the next tier once this node's are tried
     assert [u.ip for u in router.plan(s, VIP, 80).candidates][2:] == ["10.244.2.1"]
