@@ -38,6 +38,7 @@ class ServiceSpec:
     selector: dict[str, str]
     port_name: str = "http"
     annotations: dict[str, str] = field(default_factory=dict)
+    traffic_distribution: str | None = None  # spec.trafficDistribution ("PreferClose")
 
 
 @dataclass
@@ -73,7 +74,8 @@ class Mesh:
                 "metadata": {"name": svc.name, "namespace": svc.namespace, "annotations": svc.annotations},
                 "spec": {"clusterIP": svc.cluster_ip, "selector": svc.selector,
                          "ports": [{"name": svc.port_name, "port": svc.port, "targetPort": svc.target_port,
-                                    "protocol": "TCP"}]},
+                                    "protocol": "TCP"}],
+                         **({"trafficDistribution": svc.traffic_distribution} if svc.traffic_distribution else {})},
             })
         return docs + self.policies
 
