@@ -56,15 +56,21 @@ def mesh(make_bed) -> Iterator[Mesh]:
 def outcomes(mesh: Mesh, service_ip: str, count: int = CONNECTIONS) -> dict[str, int]:
     """`count` connections in a row from the client to a Service IP: how many were served by whom,
     and how many were reset."""
-    seen: dict[str, int] = {}
+    return dict(Counter(served_by(mesh, service_ip, count)))
+
+
+def served_by(mesh: Mesh, service_ip: str, count: int) -> list[str]:
+    """The pod that served each of `count` connections in a row from the client to a Service IP
+    ("reset" when reset)."""
+    names = []
     for _ in range(count):
         try:
             name, echoed = exchange(mesh.bed, mesh.bed.pods["client"], service_ip, 80, b"ping", timeout=5)
             assert echoed == b"ping"
         except OSError:  # reset (or, reset while half-closing, "not connected")
             name = "reset"
-        seen[name] = seen.get(name, 0) + 1
-    return seen
+        names.append(name)
+    return names
 
 
 def attempts(mesh: Mesh) -> dict[str, float]:
@@ -186,21 +192,10 @@ def shaped(make_bed) -> Iterator[Mesh]:
                                          traffic_distribution="PreferClose" if name == "close" else None))
     mesh.policies = [tcp_route(90, 10), traffic_split(90, 10), *RULES]
     mesh.write_registry()
-    mesh.start_agent(1)
-    mesh.start_agent(2)
+    for node in bed.nodes:
+        mesh.start_agent(node)
     yield mesh
     mesh.print_logs()
-
-
-def served_by(mesh: Mesh, service: str, count: int) -> list[str]:
-    """The pod that served each of `count` connections in a row to `service` ("reset" if reset)."""
-    names = []
-    for _ in range(count):
-        try:
-            names.append(exchange(mesh.bed, mesh.bed.pods["client"], SHAPED[service], 80, b"ping", timeout=5)[0])
-        except OSError:
-            names.append("reset")
-    return names
 
 
 def service_view(mesh: Mesh, key: str) -> dict:
@@ -210,7 +205,7 @@ def service_view(mesh: Mesh, key: str) -> dict:
 @pytest.mark.parametrize("parent", ["web", "split"], ids=["TCPRoute", "SMI TrafficSplit"])
 def test_a_90_10_split_lands_within_5_points_over_1000_connections_and_follows_a_weight_change_in_a_second(
         shaped: Mesh, parent: str):
-    names = served_by(shaped, parent, 1000)
+    names = served_by(shaped, SHAPED[parent], 1000)
     canary = sum(name in V2 for name in names)
     assert sum(name in V1 for name in names) + canary == 1000, set(names)
     assert abs(canary / 1000 - 0.10) <= 0.05, canary
@@ -226,7 +221,7 @@ def test_a_90_10_split_lands_within_5_points_over_1000_connections_and_follows_a
     in_a_row = 0
     while in_a_row < 20:  # twenty in a row to the canary: the new weights are in force
         assert time.monotonic() - changed < 1.0, f"the split still sends to web-v1 after {in_a_row} to web-v2"
-        in_a_row = in_a_row + 1 if served_by(shaped, parent, 1)[0] in V2 else 0
+        in_a_row = in_a_row + 1 if served_by(shaped, SHAPED[parent], 1)[0] in V2 else 0
 
 
 def held(mesh: Mesh, service: str) -> socket.socket:
@@ -250,7 +245,8 @@ def test_max_connections_refuses_the_connection_over_it_at_once(shaped: Mesh):
         assert f"{MAX_CONNECTIONS}/{MAX_CONNECTIONS}" in shaped.ctl(1, "services").stdout
     assert shaped.wait_for("the limit's places to be free",
                            lambda: service_view(shaped, "shop/limited")["connections"] == 0)
-    assert served_by(shaped, "limited", MAX_CONNECTIONS + 1).count("reset") == 0  # one after another: no limit hit
+    # one after another they never reach the limit
+    assert served_by(shaped, SHAPED["limited"], MAX_CONNECTIONS + 1).count("reset") == 0
     failures = shaped.ctl_json(1, "status")["connections"]["failures"]
     assert failures == {"upstream_overflow": 1}, failures
 
@@ -264,7 +260,7 @@ def test_least_request_sends_new_connections_away_from_an_endpoint_holding_many_
         shaped.write_registry()
         shaped.wait_for("least to have three endpoints",
                         lambda: len(service_view(shaped, "shop/least")["endpoints"]) == 3)
-        names = Counter(served_by(shaped, "least", 30))
+        names = Counter(served_by(shaped, SHAPED["least"], 30))
         assert names["web-v1-a"] == 0 and names["web-v1-b"] + names["web-v2"] == 30, names
         loaded = next(e for e in service_view(shaped, "shop/least")["endpoints"]
                       if e["ip"] == shaped.bed.pods["web-v1-a"].ip)
@@ -273,10 +269,10 @@ def test_least_request_sends_new_connections_away_from_an_endpoint_holding_many_
 
 def test_prefer_close_keeps_connections_on_this_node_while_a_local_endpoint_is_ready_and_spills_over_when_not(
         shaped: Mesh):
-    assert set(served_by(shaped, "close", 50)) == {"web-v1-a"}  # node-1's only web pod
+    assert set(served_by(shaped, SHAPED["close"], 50)) == {"web-v1-a"}  # node-1's only web pod
     local = shaped.bed.pods["web-v1-a"]
     shaped.bed.stop(SERVERS[local.name])
-    spilled = served_by(shaped, "close", 50)
+    spilled = served_by(shaped, SHAPED["close"], 50)
     assert "reset" not in spilled and set(spilled) <= {"web-v1-b", "web-v2"}, Counter(spilled)  # retries hid it
     failed_local = [a for c in shaped.ctl_json(1, "connections") for a in c["attempts"]
                     if a["upstream"].startswith(f"{local.ip}:") and a["result"] != "ok"]
@@ -285,6 +281,6 @@ def test_prefer_close_keeps_connections_on_this_node_while_a_local_endpoint_is_r
     assert len(failed_local) in (5, 6), failed_local
     shaped.bed.start_podserver(local, PORT)
     # after the Service's own 1 s ejection, one trial brings the local endpoint back
-    assert shaped.wait_for("connections back on node-1", lambda: served_by(shaped, "close", 1) == ["web-v1-a"],
-                           timeout=5.0)
-    assert set(served_by(shaped, "close", 20)) == {"web-v1-a"}
+    assert shaped.wait_for("connections back on node-1",
+                           lambda: served_by(shaped, SHAPED["close"], 1) == ["web-v1-a"], timeout=5.0)
+    assert set(served_by(shaped, SHAPED["close"], 20)) == {"web-v1-a"}
