@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Mapping
 
 
 class HandshakeLimiter:
@@ -89,6 +89,9 @@ class ConnectionRateLimiter:
         return bucket.take()
 
 
+_NONE: Mapping[str, int] = {}  # the live counts of a Service no connection goes to
+
+
 class LiveConnections:
     """Live outbound connections from this node, per destination Service and per Service
     endpoint: plain counters a connection's `Hold` moves, so reading them costs no scan of the
@@ -98,16 +101,18 @@ class LiveConnections:
         self.by_service: Counter[str] = Counter()  # the Service dialled -> connections (connecting or open)
         self._by_endpoint: dict[str, Counter[str]] = {}  # endpoint's Service -> "ip:port" -> connections
 
-    def endpoints(self, service: str) -> Counter[str]:
+    def endpoints(self, service: str) -> Mapping[str, int]:
         """Live connections to each endpoint ("ip:port") of `service`; absent ones have none."""
-        return self._by_endpoint.get(service) or Counter()
+        return self._by_endpoint.get(service, _NONE)
 
     def hold(self) -> Hold:
         """What one new connection holds: nothing yet."""
         return Hold(self)
 
     def _add(self, service: str, address: str, n: int) -> None:
-        counts = self._by_endpoint.setdefault(service, Counter())
+        counts = self._by_endpoint.get(service)
+        if counts is None:
+            counts = self._by_endpoint[service] = Counter()
         counts[address] += n
         if counts[address] <= 0:
             del counts[address]

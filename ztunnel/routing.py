@@ -144,24 +144,24 @@ class Router:
                        key=lambda ep: (ep.ip, ep.ports[name]))
         if not ready:
             return
-        traffic = service.traffic
-        pools[service.key] = Pool(len(ready), traffic.outlier, traffic.connect_timeout)
+        traffic, key = service.traffic, service.key
+        pools[key] = Pool(len(ready), traffic.outlier, traffic.connect_timeout)
         entries = [(ep, f"{ep.ip}:{ep.ports[name]}") for ep in ready]
         # ejected endpoints are passed over; were all of them (never by ejection alone, which
         # leaves half), every ready endpoint is tried rather than none
-        if excluded := unavailable(service.key):
+        if excluded := unavailable(key):
             entries = [entry for entry in entries if entry[1] not in excluded] or entries
-        turn_key = (service.key, port)
+        turn_key = (key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
         tiers = (locality_tiers([_place(state, ep) for ep, _ in entries], self._node, state.zone_of(self._node))
                  if traffic.prefer_close else [list(range(len(entries)))])
-        live = load(service.key) if traffic.load_balancer == "LEAST_REQUEST" else {}
+        live = load(key) if traffic.load_balancer == "LEAST_REQUEST" else {}
         for tier in tiers:
             # the rotation from this turn on: a retry goes where the next connection would have gone
             for i in balance([entries[j][1] for j in tier], traffic.load_balancer, turn, self._random, live):
                 endpoint = entries[tier[i]][0]
-                yield Upstream(endpoint.ip, endpoint.ports[name], "service", service=service.key,
+                yield Upstream(endpoint.ip, endpoint.ports[name], "service", service=key,
                                workload=_endpoint_workload(state, endpoint))
 
 

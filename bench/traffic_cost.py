@@ -1,0 +1,132 @@
+"""What the traffic-shaping plan costs per new connection: the connection rate through the mesh
+and the source ztunnel's CPU per connection, plain round-robin against the full plan, in one run.
+
+    python -m bench.traffic_cost [--repeats N] [--seconds S] [--quick]
+
+Bed: two point-to-point nodes; an enrolled client pod on node-1, two enrolled echo servers on
+node-2, so every connection crosses both ztunnels over mTLS/HBONE and node-1 makes its plan. Two
+Services over the same servers, in one registry, served by the same agents:
+
+  plain  round-robin, no retries (amesh.io/connect-retries: "0"), nothing else
+  full   every decision armed: a TCPRoute splits it 90/10 to two backend Services (smooth
+         weighted round-robin), a rate limit (amesh.io/connection-rate-limit, far above the
+         bench's rate: the bucket is taken, never empty), a DestinationRule connection limit
+         (maxConnections, never reached: every connection holds and gives back its place),
+         connect retries (the default two), and on the backends outlier detection and the
+         LEAST_REQUEST balancer (power of two choices over live counts)
+
+The two run interleaved (repeat 1 of each, then repeat 2, ...) without restarting the agents.
+Prints a table with each median's ratio to plain and, unless --quick, writes
+bench/results/traffic-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench.bed import configurations_main, cpu_seconds, new_connections, summary
+from tests.bed import Bed
+from tests.mesh import Mesh, ServiceSpec
+
+ECHO_PORT = 8080
+MESSAGE = b"x" * 64  # bytes exchanged on each new connection
+WARMUP = 0.5  # seconds of connections before each measurement
+SERVICES = {"plain": "10.96.0.60", "full": "10.96.0.61", "full-a": "10.96.0.62", "full-b": "10.96.0.63"}
+CONFIGURATIONS = ("plain", "full")
+NEVER_REACHED = 100_000  # connections a second (rate limit) and live connections (maxConnections)
+
+
+def registry(mesh: Mesh) -> None:
+    """The four Services and the objects that shape `full`."""
+    selectors = {"full-a": {"pod": "server-a"}, "full-b": {"pod": "server-b"}}
+    annotations = {"plain": {"amesh.io/connect-retries": "0"},
+                   "full": {"amesh.io/connection-rate-limit": f"{NEVER_REACHED}/s"}}
+    for name, ip in SERVICES.items():
+        mesh.services.append(ServiceSpec(name, "bench", ip, 80, ECHO_PORT, selectors.get(name, {"app": "server"}),
+                                         annotations=annotations.get(name, {})))
+
+    def rule(host: str, policy: dict) -> dict:
+        return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                "metadata": {"name": host, "namespace": "bench"},
+                "spec": {"host": f"{host}.bench.svc.cluster.local", "trafficPolicy": policy}}
+
+    backend = {"outlierDetection": {"consecutiveGatewayErrors": 5, "baseEjectionTime": "30s"},
+               "loadBalancer": {"simple": "LEAST_REQUEST"}}
+    mesh.policies = [
+        {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+         "metadata": {"name": "full-split", "namespace": "bench"},
+         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "full"}],
+                  "rules": [{"backendRefs": [{"name": "full-a", "port": 80, "weight": 90},
+                                             {"name": "full-b", "port": 80, "weight": 10}]}]}},
+        rule("full", {"connectionPool": {"tcp": {"maxConnections": NEVER_REACHED}}}),
+        rule("full-a", backend), rule("full-b", backend)]
+    mesh.write_registry()
+
+
+def run(repeats: int, seconds: float) -> list[dict]:
+    figures: dict[tuple[str, str], list[float]] = {}
+    with Bed(nodes=2, mode="p2p") as bed:
+        mesh = Mesh(bed, namespaces={"bench": True})
+        client = bed.add_pod("client", 1, namespace="bench", service_account="client", labels={"app": "client"})
+        for name in ("server-a", "server-b"):
+            server = bed.add_pod(name, 2, namespace="bench", service_account="server",
+                                 labels={"app": "server", "pod": name})
+            bed.start_podserver(server, ECHO_PORT)
+        # Thousands of connections a second from one address leave ephemeral ports in TIME_WAIT;
+        # past ~28,000 of them connect() hunts for a free port and a measurement slows 2-3x
+        # (bench/policy_cost.py found it). Set inside the bed only.
+        for where in (client, *bed.nodes):
+            bed.run(where, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"])
+        registry(mesh)
+        agents = {node.name: mesh.start_agent(node, "--no-access-log") for node in bed.nodes}
+        source = agents[bed.nodes[0].name].pid
+        for repeat in range(1, repeats + 1):
+            for configuration in CONFIGURATIONS:
+                ip = SERVICES[configuration]
+                # the first connections pay for certificates and the HBONE session
+                new_connections(bed, client, ip, 80, WARMUP, MESSAGE, greeting=True)
+                cpu_before = cpu_seconds(source)
+                latencies = new_connections(bed, client, ip, 80, seconds, MESSAGE, greeting=True)
+                cpu_ms = (cpu_seconds(source) - cpu_before) / len(latencies) * 1000
+                rate = len(latencies) / seconds
+                print(f"  repeat {repeat} {configuration:5} {rate:7.0f} conn/s  source ztunnel {cpu_ms:.3f} ms "
+                      f"CPU/conn", flush=True)
+                figures.setdefault((configuration, "connections"), []).append(rate)
+                figures.setdefault((configuration, "cpu_per_connection"), []).append(cpu_ms)
+        check(mesh)
+        for node in bed.nodes:
+            mesh.stop_agent(node)
+    units = {"connections": "conn/s", "cpu_per_connection": "ms"}
+    return [{"scenario": "traffic-cost", "path": f"amesh-cross ({configuration})", "config": configuration,
+             "metric": metric, "unit": units[metric], **summary(values)}
+            for (configuration, metric), values in figures.items()]
+
+
+def check(mesh: Mesh) -> None:
+    """The full plan did split and nothing failed: else the figures measure a broken bench."""
+    failures = mesh.ctl_json(1, "status")["connections"]["failures"]
+    [full] = [s for s in mesh.ctl_json(1, "services") if s["key"] == "bench/full"]
+    counts = {b["service"]: b["connections"] for b in full["traffic"]["split"]}
+    if failures or not counts.get("bench/full-b") or counts["bench/full-a"] < 8 * counts["bench/full-b"]:
+        raise RuntimeError(f"the bench is broken: failures {failures}, split counts {counts}")
+
+
+def table(records: list[dict]) -> str:
+    base = {r["metric"]: r["median"] for r in records if r["config"] == "plain"}
+    lines = ["| plan | new conn/s (min/median/max) | vs plain | source CPU ms/conn (median) | vs plain |",
+             "|---|---|---|---|---|"]
+    for configuration in CONFIGURATIONS:
+        by_metric = {r["metric"]: r for r in records if r["config"] == configuration}
+        c, cpu = by_metric["connections"], by_metric["cpu_per_connection"]
+        lines.append(f"| {configuration} | {c['min']:.0f} / {c['median']:.0f} / {c['max']:.0f} | "
+                     f"{c['median'] / base['connections']:.3f} | {cpu['median']:.3f} | "
+                     f"{cpu['median'] / base['cpu_per_connection']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return configurations_main(__doc__, "traffic", len(CONFIGURATIONS), run, table, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
