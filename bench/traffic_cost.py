@@ -26,7 +26,7 @@ import sys
 
 from bench.bed import configurations_main, cpu_seconds, new_connections, summary
 from tests.bed import Bed
-from tests.mesh import Mesh, ServiceSpec
+from tests.mesh import Mesh, ServiceSpec, destination_rule, tcp_route
 
 ECHO_PORT = 8080
 MESSAGE = b"x" * 64  # bytes exchanged on each new connection
@@ -45,21 +45,11 @@ def registry(mesh: Mesh) -> None:
         mesh.services.append(ServiceSpec(name, "bench", ip, 80, ECHO_PORT, selectors.get(name, {"app": "server"}),
                                          annotations=annotations.get(name, {})))
 
-    def rule(host: str, policy: dict) -> dict:
-        return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-                "metadata": {"name": host, "namespace": "bench"},
-                "spec": {"host": f"{host}.bench.svc.cluster.local", "trafficPolicy": policy}}
-
     backend = {"outlierDetection": {"consecutiveGatewayErrors": 5, "baseEjectionTime": "30s"},
                "loadBalancer": {"simple": "LEAST_REQUEST"}}
-    mesh.policies = [
-        {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
-         "metadata": {"name": "full-split", "namespace": "bench"},
-         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "full"}],
-                  "rules": [{"backendRefs": [{"name": "full-a", "port": 80, "weight": 90},
-                                             {"name": "full-b", "port": 80, "weight": 10}]}]}},
-        rule("full", {"connectionPool": {"tcp": {"maxConnections": NEVER_REACHED}}}),
-        rule("full-a", backend), rule("full-b", backend)]
+    mesh.policies = [tcp_route("bench", "full-split", "full", {"full-a": 90, "full-b": 10}),
+                     destination_rule("bench", "full", {"connectionPool": {"tcp": {"maxConnections": NEVER_REACHED}}}),
+                     destination_rule("bench", "full-a", backend), destination_rule("bench", "full-b", backend)]
     mesh.write_registry()
 
 

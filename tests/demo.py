@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 from tests.bed import Bed
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import Mesh, ServiceSpec, destination_rule, exchange, tcp_route
 
 SERVICE_IP = "10.96.0.10"
 
@@ -138,21 +138,15 @@ def prepare_traffic_scenes(bed: Bed, mesh: Mesh) -> dict[str, subprocess.Popen]:
                     annotations={"amesh.io/connection-rate-limit": f"{SEARCH_RATE}/s"}),
     ]
     mesh.policies += [
-        {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-         "metadata": {"name": "orders", "namespace": "shop"},
-         "spec": {"host": "orders.shop.svc.cluster.local",
-                  "trafficPolicy": {"outlierDetection": {"consecutiveGatewayErrors": 5, "baseEjectionTime": "2s"}}}},
+        destination_rule("shop", "orders", {"outlierDetection": {"consecutiveGatewayErrors": 5,
+                                                                 "baseEjectionTime": "2s"}}),
         canary_route(90, 10),
     ]
     return servers
 
 
 def canary_route(stable: int, canary: int) -> dict:
-    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
-            "metadata": {"name": "checkout-canary", "namespace": "shop"},
-            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "checkout"}],
-                     "rules": [{"backendRefs": [{"name": "checkout-v1", "port": 80, "weight": stable},
-                                                {"name": "checkout-v2", "port": 80, "weight": canary}]}]}}
+    return tcp_route("shop", "checkout-canary", "checkout", {"checkout-v1": stable, "checkout-v2": canary})
 
 
 def served(mesh: Mesh, ip: str, count: int) -> list[str]:

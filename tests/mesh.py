@@ -193,3 +193,20 @@ def exchange(bed: Bed, pod: Pod, ip: str, port: int, payload: bytes, timeout: fl
             received += chunk
     name, _, echoed = bytes(received).partition(b"\n")
     return name.decode(), echoed
+
+
+def tcp_route(namespace: str, name: str, parent: str, weights: dict[str, int], port: int = 80) -> dict:
+    """A Gateway API TCPRoute splitting Service `parent` (the GAMMA pattern) to the backend
+    Services of `weights` on `port`."""
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": port, "weight": weight}
+                                                for backend, weight in weights.items()]}]}}
+
+
+def destination_rule(namespace: str, host: str, policy: dict) -> dict:
+    """An Istio DestinationRule named after its Service `host`, with `policy` as its trafficPolicy."""
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": host, "namespace": namespace},
+            "spec": {"host": f"{host}.{namespace}.svc.cluster.local", "trafficPolicy": policy}}

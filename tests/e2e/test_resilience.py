@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import Mesh, ServiceSpec, destination_rule, exchange, tcp_route
 
 PORT = 8080
 CONNECTIONS = 200
@@ -147,12 +147,8 @@ MAX_CONNECTIONS = 3
 V1, V2 = {"web-v1-a", "web-v1-b"}, {"web-v2"}
 
 
-def tcp_route(stable: int, canary: int) -> dict:
-    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
-            "metadata": {"name": "web-canary", "namespace": "shop"},
-            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
-                     "rules": [{"backendRefs": [{"name": "web-v1", "port": 80, "weight": stable},
-                                                {"name": "web-v2", "port": 80, "weight": canary}]}]}}
+def canary_route(stable: int, canary: int) -> dict:
+    return tcp_route("shop", "web-canary", "web", {"web-v1": stable, "web-v2": canary})
 
 
 def traffic_split(stable: int, canary: int) -> dict:
@@ -162,16 +158,11 @@ def traffic_split(stable: int, canary: int) -> dict:
                                                       {"service": "web-v2", "weight": canary}]}}
 
 
-def destination_rule(host: str, policy: dict) -> dict:
-    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-            "metadata": {"name": host, "namespace": "shop"},
-            "spec": {"host": f"{host}.shop.svc.cluster.local", "trafficPolicy": policy}}
-
-
-SPLITS = {"web": tcp_route, "split": traffic_split}
-RULES = [destination_rule("limited", {"connectionPool": {"tcp": {"maxConnections": MAX_CONNECTIONS}}}),
-         destination_rule("least", {"loadBalancer": {"simple": "LEAST_REQUEST"}}),
-         destination_rule("close", {"outlierDetection": {"consecutiveGatewayErrors": 5, "baseEjectionTime": "1s"}})]
+SPLITS = {"web": canary_route, "split": traffic_split}
+RULES = [destination_rule("shop", "limited", {"connectionPool": {"tcp": {"maxConnections": MAX_CONNECTIONS}}}),
+         destination_rule("shop", "least", {"loadBalancer": {"simple": "LEAST_REQUEST"}}),
+         destination_rule("shop", "close", {"outlierDetection": {"consecutiveGatewayErrors": 5,
+                                                                 "baseEjectionTime": "1s"}})]
 
 
 SERVERS: dict[str, subprocess.Popen] = {}  # the shaped bed's pod servers, by pod name
@@ -190,7 +181,7 @@ def shaped(make_bed) -> Iterator[Mesh]:
     for name, ip in SHAPED.items():
         mesh.services.append(ServiceSpec(name, "shop", ip, 80, "http", selectors.get(name, {"app": "web"}),
                                          traffic_distribution="PreferClose" if name == "close" else None))
-    mesh.policies = [tcp_route(90, 10), traffic_split(90, 10), *RULES]
+    mesh.policies = [canary_route(90, 10), traffic_split(90, 10), *RULES]
     mesh.write_registry()
     for node in bed.nodes:
         mesh.start_agent(node)
