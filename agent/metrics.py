@@ -110,7 +110,7 @@ class AgentCollector:
             failures.add_metric([reason], count)
         yield failures
         outbound = self.agent.outbound
-        outliers = outbound.outliers if outbound else None
+        outliers = outbound.shaper.outliers if outbound else None
         ejections = CounterMetricFamily("amesh_endpoint_ejections", "Times outlier detection ejected an endpoint "
                                         "(its breaker opened), by destination service.", labels=["service"])
         ejected = GaugeMetricFamily("amesh_endpoint_ejected", "Endpoints whose breaker is open or half-open now, "
@@ -152,10 +152,10 @@ class AgentCollector:
                                     "since its weights last changed, by split service and backend service.",
                                     labels=["service", "backend"])
         if outbound is not None:
-            for service, count in sorted(outbound.live.by_service.items()):
+            for service, count in sorted(outbound.shaper.live.by_service.items()):
                 live.add_metric([service], count)
             for service in self.agent.state.services:
-                for backend, count in sorted(outbound.router.splits.picks(service.key).items()):
+                for backend, count in sorted(outbound.shaper.router.splits.picks(service.key).items()):
                     split.add_metric([service.key, backend], count)
         yield live
         yield split

@@ -16,17 +16,24 @@ Services over the same servers, in one registry, served by the same agents:
          LEAST_REQUEST balancer (power of two choices over live counts)
 
 The two run interleaved (repeat 1 of each, then repeat 2, ...) without restarting the agents.
-Prints a table with each median's ratio to plain and, unless --quick, writes
-bench/results/traffic-<UTC time>.json.
+Each repeat also times the decisions alone in this process (ztunnel/shaping.py's TrafficShaper
+on the registry the agents read: admit, the first attempt succeeds, the place is given back), a
+figure the machine's noise hardly moves. Prints a table with each median's ratio to plain and,
+unless --quick, writes bench/results/traffic-<UTC time>.json.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections import Counter
 
 from bench.bed import configurations_main, cpu_seconds, new_connections, summary
+from registry.kubefile import parse_objects
+from registry.model import RegistryState
 from tests.bed import Bed
 from tests.mesh import Mesh, ServiceSpec, destination_rule, tcp_route
+from ztunnel.shaping import TrafficShaper
 
 ECHO_PORT = 8080
 MESSAGE = b"x" * 64  # bytes exchanged on each new connection
@@ -34,6 +41,7 @@ WARMUP = 0.5  # seconds of connections before each measurement
 SERVICES = {"plain": "10.96.0.60", "full": "10.96.0.61", "full-a": "10.96.0.62", "full-b": "10.96.0.63"}
 CONFIGURATIONS = ("plain", "full")
 NEVER_REACHED = 100_000  # connections a second (rate limit) and live connections (maxConnections)
+DECISIONS = 20_000  # connections decided in-process per repeat and configuration
 
 
 def registry(mesh: Mesh) -> None:
@@ -68,6 +76,7 @@ def run(repeats: int, seconds: float) -> list[dict]:
         for where in (client, *bed.nodes):
             bed.run(where, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"])
         registry(mesh)
+        state = parse_objects(mesh.registry_path.read_text())
         agents = {node.name: mesh.start_agent(node, "--no-access-log") for node in bed.nodes}
         source = agents[bed.nodes[0].name].pid
         for repeat in range(1, repeats + 1):
@@ -83,13 +92,28 @@ def run(repeats: int, seconds: float) -> list[dict]:
                       f"CPU/conn", flush=True)
                 figures.setdefault((configuration, "connections"), []).append(rate)
                 figures.setdefault((configuration, "cpu_per_connection"), []).append(cpu_ms)
+                figures.setdefault((configuration, "decision"), []).append(decision_us(state, bed.nodes[0].name, ip))
         check(mesh)
         for node in bed.nodes:
             mesh.stop_agent(node)
-    units = {"connections": "conn/s", "cpu_per_connection": "ms"}
+    units = {"connections": "conn/s", "cpu_per_connection": "ms", "decision": "us"}
     return [{"scenario": "traffic-cost", "path": f"amesh-cross ({configuration})", "config": configuration,
              "metric": metric, "unit": units[metric], **summary(values)}
             for (configuration, metric), values in figures.items()]
+
+
+def decision_us(state: RegistryState, node: str, ip: str) -> float:
+    """Microseconds per connection of the decisions alone, on a fresh shaper of `node`: admitted,
+    its first attempt succeeds, its place is given back."""
+    shaper = TrafficShaper(node)
+    counts: Counter[str] = Counter()
+    began = time.perf_counter()
+    for _ in range(DECISIONS):
+        hold = shaper.live.hold()
+        attempts = shaper.admit(state, ip, 80, hold, counts, [], 10.0)
+        attempts.succeeded(next(iter(attempts)))
+        hold.release()
+    return (time.perf_counter() - began) / DECISIONS * 1e6
 
 
 def check(mesh: Mesh) -> None:
@@ -103,14 +127,17 @@ def check(mesh: Mesh) -> None:
 
 def table(records: list[dict]) -> str:
     base = {r["metric"]: r["median"] for r in records if r["config"] == "plain"}
-    lines = ["| plan | new conn/s (min/median/max) | vs plain | source CPU ms/conn (median) | vs plain |",
-             "|---|---|---|---|---|"]
+    lines = ["| plan | new conn/s (min/median/max) | vs plain | source CPU ms/conn (median) | vs plain "
+             "| decisions us/conn (min/median/max) | added, share of a plain connection's time |",
+             "|---|---|---|---|---|---|---|"]
     for configuration in CONFIGURATIONS:
         by_metric = {r["metric"]: r for r in records if r["config"] == configuration}
-        c, cpu = by_metric["connections"], by_metric["cpu_per_connection"]
+        c, cpu, d = by_metric["connections"], by_metric["cpu_per_connection"], by_metric["decision"]
+        added = (d["median"] - base["decision"]) * 1e-6 * base["connections"]  # seconds added x connections/s
         lines.append(f"| {configuration} | {c['min']:.0f} / {c['median']:.0f} / {c['max']:.0f} | "
                      f"{c['median'] / base['connections']:.3f} | {cpu['median']:.3f} | "
-                     f"{cpu['median'] / base['cpu_per_connection']:.3f} |")
+                     f"{cpu['median'] / base['cpu_per_connection']:.3f} | {d['min']:.1f} / {d['median']:.1f} / "
+                     f"{d['max']:.1f} | {added:.2%} |")
     return "\n".join(lines)
 
 

@@ -18,26 +18,18 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Collection
 
-from registry.model import CONNECTION_RATE_ANNOTATION, RegistryState, Workload
+from registry.model import RegistryState, Workload
 from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
-from ztunnel.limits import ConnectionRateLimiter, Hold, LiveConnections
-from ztunnel.outliers import OutlierDetector
-from ztunnel.retries import Attempts, RetryBudget
-from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
+from ztunnel.limits import Hold
+from ztunnel.routing import Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
+from ztunnel.shaping import TrafficShaper
 from ztunnel.streams import Stream, TcpStream, connect_tcp
 
-
-class RateLimited(ProxyError):
-    """Over the destination Service's connection rate limit: refused at once, never queued."""
-
-
-class Overflow(ProxyError):
-    """Over the destination Service's connection limit on this node: refused at once, never queued."""
 
 
 @dataclass
@@ -59,13 +51,13 @@ class OutboundProxy(CapturedListener):
     HBONE answered 503 or not at all) is retried on the next endpoint of the Router's plan, while
     the retry budget of the destination Service allows and within `connect_deadline` seconds in
     all; the client sees a working connection, or a reset once every attempt has failed. Each
-    outcome feeds the endpoint's breaker (`outliers`), which takes failing endpoints out of the
+    outcome feeds the endpoint's breaker (`shaper.outliers`), which takes failing endpoints out of the
     plans of new connections for a while.
 
-    Before any connect, a connection takes its place among the destination Service's live
-    connections (`live`): over the Service's maxConnections, or its rate limit, it is refused at
-    once. The place, and the endpoint's count LEAST_REQUEST balances on, are given back when the
-    connection ends, whichever way.
+    Before any connect, `shaper` (ztunnel/shaping.py) decides: the plan, and the connection's
+    place among the destination Service's live connections (over the Service's maxConnections,
+    or its rate limit, it is refused at once). The place, and the endpoint's count LEAST_REQUEST
+    balances on, are given back when the connection ends, whichever way.
     """
 
     def __init__(
@@ -82,11 +74,7 @@ class OutboundProxy(CapturedListener):
     ) -> None:
         super().__init__(state_getter, table, authorizer, connect_timeout, original_destination)
         self._transport = transport
-        self.router = Router(transport.node)  # read by views and metrics: connections per split backend
-        self._budget = RetryBudget()
-        self._rates = ConnectionRateLimiter()
-        self.outliers = OutlierDetector()  # the breaker of every Service endpoint, read by views and metrics
-        self.live = LiveConnections()  # per destination Service and endpoint, read by views and metrics
+        self.shaper = TrafficShaper(transport.node)  # its breakers, live counts and splits: read by views, metrics
         self._own_ports = own_ports
         self._node_addresses = node_addresses
         self._connect_deadline = connect_deadline
@@ -95,7 +83,7 @@ class OutboundProxy(CapturedListener):
                                destination: tuple[str, int]) -> None:
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "outbound")
-        hold = self.live.hold()
+        hold = self.shaper.live.hold()
         try:
             await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, hold, *destination))
         finally:
@@ -104,20 +92,8 @@ class OutboundProxy(CapturedListener):
     async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, hold: Hold, dst_ip: str,
                              dst_port: int) -> Stream:
         source = captured_source(state, self._transport.node, record.source_ip)
-        plan = self.router.plan(state, dst_ip, dst_port, self.outliers.unavailable, self.live.endpoints)
-        service = plan.service
-        if service is not None:
-            if not hold.admit(service, plan.max_connections):
-                raise Overflow("upstream_overflow", f"service {service} has {plan.max_connections} live connections "
-                                                    "from this node, its limit (DestinationRule trafficPolicy."
-                                                    "connectionPool.tcp.maxConnections)")
-            if plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
-                raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new "
-                                                  f"connections a second from each node (annotation "
-                                                  f"{CONNECTION_RATE_ANNOTATION})")
-        loop = asyncio.get_running_loop()
-        attempts = Attempts(plan, self._budget, self.outliers, hold, self._table.attempts, record.attempts,
-                            self._connect_deadline, loop.time)
+        attempts = self.shaper.admit(state, dst_ip, dst_port, hold, self._table.attempts, record.attempts,
+                                     self._connect_deadline)
         for route in attempts:
             try:
                 stream = await self._attempt(state, record, source, route, attempts.timeout(route, self._connect_timeout))

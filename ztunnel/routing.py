@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Collection, Iterator, Literal, Mapping
 
 from registry.model import Backend, Endpoint, OutlierSettings, RegistryState, Service, Workload
@@ -41,7 +42,7 @@ class Upstream:
     service: str | None = None  # "namespace/name" when the client dialled a Service IP
     workload: str | None = None  # "namespace/name" of the destination pod, when known
 
-    @property
+    @cached_property  # read by the breakers and the live counts at every attempt
     def address(self) -> str:
         return f"{self.ip}:{self.port}"
 
@@ -76,6 +77,16 @@ class Plan:
         return self.pools[service]
 
 
+@dataclass(frozen=True)
+class _Ready:
+    """One Service's ready endpoints for one port, as plans use them, ordered by address."""
+
+    upstreams: tuple[Upstream, ...]
+    addresses: tuple[str, ...]  # each one's "ip:port"
+    places: tuple[Place, ...]  # each one's node and zone
+    pool: Pool
+
+
 class RouteError(ProxyError):
     """The registry says the destination cannot be served; the client's request, not our fault."""
 
@@ -95,6 +106,10 @@ class Router:
         self.splits = WeightedSplits()  # read by views and metrics: connections per backend
         self._node = node  # this node, for PreferClose (its zone: as the registry says)
         self._random = rng if rng is not None else random.Random()
+        # Each Service's ready endpoints sorted, formatted and placed once per registry state,
+        # not per connection: (id of the Service, port) -> (that Service, its endpoints).
+        self._ready: dict[tuple[int, int], tuple[Service, _Ready | None]] = {}
+        self._ready_state: RegistryState | None = None
 
     def plan(self, state: RegistryState, dst_ip: str, dst_port: int,
              unavailable: Unavailable = lambda service: (), load: Load = lambda service: {}) -> Plan:
@@ -104,6 +119,9 @@ class Router:
         detection), the balancer's choice first, at most the Service's connect attempts."""
         service = state.service_by_ip(dst_ip)
         if service is not None:
+            if state is not self._ready_state:
+                self._ready.clear()
+                self._ready_state = state
             return self._to_service(state, service, dst_port, unavailable, load)
         workload = state.workload_by_ip(dst_ip)
         if workload is not None:
@@ -136,33 +154,47 @@ class Router:
                    load: Load, pools: dict[str, Pool]) -> Iterator[Upstream]:
         """`service`'s ready endpoints for `port` in the order one connection tries them; notes
         the Service's pool in `pools` before the first."""
-        service_port = service.port(port) if service is not None else None
-        if service is None or service_port is None:
-            return
-        name = service_port.name
-        ready = sorted((ep for ep in service.endpoints if ep.ready and name in ep.ports),
-                       key=lambda ep: (ep.ip, ep.ports[name]))
-        if not ready:
+        ready = self._ready_endpoints(state, service, port) if service is not None else None
+        if service is None or ready is None:
             return
         traffic, key = service.traffic, service.key
-        pools[key] = Pool(len(ready), traffic.outlier, traffic.connect_timeout)
-        entries = [(ep, f"{ep.ip}:{ep.ports[name]}") for ep in ready]
+        pools[key] = ready.pool
+        positions: list[int] | range = range(len(ready.upstreams))
         # ejected endpoints are passed over; were all of them (never by ejection alone, which
         # leaves half), every ready endpoint is tried rather than none
         if excluded := unavailable(key):
-            entries = [entry for entry in entries if entry[1] not in excluded] or entries
+            positions = [i for i in positions if ready.addresses[i] not in excluded] or positions
         turn_key = (key, port)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
-        tiers = (locality_tiers([_place(state, ep) for ep, _ in entries], self._node, state.zone_of(self._node))
-                 if traffic.prefer_close else [list(range(len(entries)))])
+        tiers = ([[positions[j] for j in tier] for tier in
+                  locality_tiers([ready.places[i] for i in positions], self._node, state.zone_of(self._node))]
+                 if traffic.prefer_close else [positions])
         live = load(key) if traffic.load_balancer == "LEAST_REQUEST" else {}
         for tier in tiers:
             # the rotation from this turn on: a retry goes where the next connection would have gone
-            for i in balance([entries[j][1] for j in tier], traffic.load_balancer, turn, self._random, live):
-                endpoint = entries[tier[i]][0]
-                yield Upstream(endpoint.ip, endpoint.ports[name], "service", service=key,
-                               workload=_endpoint_workload(state, endpoint))
+            for j in balance([ready.addresses[i] for i in tier], traffic.load_balancer, turn, self._random, live):
+                yield ready.upstreams[tier[j]]
+
+    def _ready_endpoints(self, state: RegistryState, service: Service, port: int) -> _Ready | None:
+        """`service`'s ready endpoints for `port` (None if none), worked out once per registry state."""
+        cached = self._ready.get((id(service), port))
+        if cached is not None and cached[0] is service:
+            return cached[1]
+        service_port = service.port(port)
+        ready = None
+        if service_port is not None:
+            name = service_port.name
+            endpoints = sorted((ep for ep in service.endpoints if ep.ready and name in ep.ports),
+                               key=lambda ep: (ep.ip, ep.ports[name]))
+            if endpoints:
+                upstreams = tuple(Upstream(ep.ip, ep.ports[name], "service", service=service.key,
+                                           workload=_endpoint_workload(state, ep)) for ep in endpoints)
+                ready = _Ready(upstreams, tuple(u.address for u in upstreams),
+                               tuple(_place(state, ep) for ep in endpoints),
+                               Pool(len(endpoints), service.traffic.outlier, service.traffic.connect_timeout))
+        self._ready[(id(service), port)] = (service, ready)
+        return ready
 
 
 def _backend(state: RegistryState, parent: Service, backend: Backend) -> Service | None:

@@ -403,7 +403,7 @@ def test_after_five_failures_in_a_row_the_breaker_keeps_new_connections_off_the_
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), dead])
         assert [await exchange(address, b"x") for _ in range(30)] == [b"x|bye"] * 30
         assert bed.table.attempts == {"ok": 30, "connect_refused": 5}  # then no connection tried it
-        assert bed.proxy.outliers.state(("shop/web", f"127.0.0.1:{dead}")) == "OPEN"
+        assert bed.proxy.shaper.outliers.state(("shop/web", f"127.0.0.1:{dead}")) == "OPEN"
 
     run(test)
 
@@ -443,7 +443,7 @@ async def held_open(bed: Bed, address: tuple[str, int], live: int) -> tuple[asyn
     """A connection kept open (not half-closed), once the proxy counts `live` to the Service."""
     connection = await asyncio.open_connection(*address)
     connection[1].write(b"x")
-    while bed.proxy.live.by_service.get("shop/web") != live:
+    while bed.proxy.shaper.live.by_service.get("shop/web") != live:
         await asyncio.sleep(0.005)
     return connection
 
@@ -458,7 +458,7 @@ def test_over_the_services_connection_limit_a_connection_is_refused_at_once_unti
         assert time.monotonic() - started < 0.2
         first[1].write_eof()
         assert await first[0].read() == b"got 1 bytes"
-        while bed.proxy.live.by_service.get("shop/web") != 1:
+        while bed.proxy.shaper.live.by_service.get("shop/web") != 1:
             await asyncio.sleep(0.005)
         assert await send_or_reset(address, b"x") == b"got 1 bytes"  # a place is free again
         refused = [r for r in bed.table.recent() if r.state == "failed"]
@@ -483,7 +483,7 @@ def test_a_connections_place_is_given_back_however_it_ends(monkeypatch: pytest.M
     async def test(bed: Bed) -> None:
         dead = free_port()
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), dead], max_connections=5, rate=100.0)
-        live = bed.proxy.live
+        live = bed.proxy.shaper.live
 
         async def given_back() -> None:
             while live.by_service or live.endpoints("shop/web"):
