@@ -95,8 +95,9 @@ class OutboundProxy(CapturedListener):
         attempts = self.shaper.admit(state, dst_ip, dst_port, hold, self._table.attempts, record.attempts,
                                      self._connect_deadline)
         for route in attempts:
+            timeout = attempts.timeout(route, self._connect_timeout)
             try:
-                stream = await self._attempt(state, record, source, route, attempts.timeout(route, self._connect_timeout))
+                stream = await self._attempt(state, record, source, route, timeout)
             except ProxyError as e:
                 if attempts.failed(route, e):
                     continue

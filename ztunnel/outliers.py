@@ -8,9 +8,9 @@ ejection at connect time. Pure: a state machine per endpoint, fed with connect o
              breaker, a failure ejects it again for longer
 
 Each Service's thresholds are its own (TrafficPolicy.outlier: a DestinationRule's outlierDetection,
-else Envoy's defaults), given with each outcome. An ejection that would leave more than `max_ejection_percent` of a Service's endpoints ejected
-does not happen, so a breaker never empties a Service. An endpoint that stays CLOSED for
-max_ejection_time forgets its past ejections.
+else Envoy's defaults), given with each outcome. An ejection that would leave more than
+`max_ejection_percent` of a Service's endpoints ejected does not happen, so a breaker never
+empties a Service. An endpoint that stays CLOSED for max_ejection_time forgets its past ejections.
 """
 
 from __future__ import annotations
