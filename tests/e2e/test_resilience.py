@@ -204,6 +204,8 @@ def test_a_90_10_split_lands_within_5_points_over_1000_connections_and_follows_a
     view = service_view(shaped, f"shop/{parent}")
     assert {b["service"]: b["connections"] for b in view["traffic"]["split"]} == {
         "shop/web-v1": 1000 - canary, "shop/web-v2": canary}
+    assert {labels["backend"]: value for labels, value in shaped.metrics(1)["amesh_split_connections_total"]
+            if labels["service"] == f"shop/{parent}"} == {"shop/web-v1": 1000 - canary, "shop/web-v2": canary}
 
     shaped.policies = [SPLITS[parent](0, 100) if p["metadata"]["name"] == SPLITS[parent](0, 0)["metadata"]["name"]
                        else p for p in shaped.policies]
@@ -231,8 +233,8 @@ def test_max_connections_refuses_the_connection_over_it_at_once(shaped: Mesh):
             with held(shaped, "limited"):
                 pass
         assert time.monotonic() - began < 0.5
-        view = service_view(shaped, "shop/limited")
-        assert view["connections"] == MAX_CONNECTIONS
+        assert service_view(shaped, "shop/limited")["connections"] == MAX_CONNECTIONS
+        assert ({"service": "shop/limited"}, MAX_CONNECTIONS) in shaped.metrics(1)["amesh_service_connections_live"]
         assert f"{MAX_CONNECTIONS}/{MAX_CONNECTIONS}" in shaped.ctl(1, "services").stdout
     assert shaped.wait_for("the limit's places to be free",
                            lambda: service_view(shaped, "shop/limited")["connections"] == 0)
