@@ -73,7 +73,7 @@ class NodeAgent:
                                        poll_interval=config.registry_poll_interval)
         else:
             self.registry = KubernetesSource(self._on_registry_state, self._on_registry_error,
-                                             kubeconfig=config.kubeconfig)
+                                             kubeconfig=config.kubeconfig, node=config.node)
         self.datapath: NodeDatapath | None = None
         self._datapath_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._reconcile_now = asyncio.Event()

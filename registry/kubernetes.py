@@ -1,7 +1,9 @@
 """Registry source: the Kubernetes API server, through list and watch.
 
-`KubernetesSource` lists Namespaces, Pods, Services, discovery.k8s.io/v1 EndpointSlices and
-Istio's security.istio.io AuthorizationPolicies and PeerAuthentications, then watches each from
+`KubernetesSource` lists Namespaces, Pods, Services, discovery.k8s.io/v1 EndpointSlices,
+Istio's security.istio.io AuthorizationPolicies and PeerAuthentications, the custom resources that
+shape traffic (Istio's networking.istio.io DestinationRules, Gateway API TCPRoutes, SMI
+TrafficSplits) and this node's own Node (for its zone), then watches each from
 the list's resourceVersion (with bookmarks), keeps a local cache of the objects, and publishes a
 `RegistryState` built by `registry.kubefile.build_state` (the same rules as the registry file)
 after the initial sync and after each burst of changes. A cut watch resumes from the last
@@ -9,13 +11,18 @@ resourceVersion seen; 410 Gone relists that kind; connection errors retry with c
 exponential backoff and jitter, while the last good state keeps serving. An object the rules
 reject is skipped and reported, never the whole state.
 
-Istio's kinds are custom resources: they are read at v1, or at v1beta1 from a server that does
-not serve v1 (an older Istio). Where neither is served (Istio's CRDs are not installed) the
-cluster has no policies: the source says so and looks again every `discovery_interval`, and the
-rest of the registry is synced and served as usual. A policy whose new version the rules reject
-would, if skipped, widen access (a DENY that vanishes, an ALLOW that no longer restricts, STRICT
-no longer required), so its last good version stays in force until the object is deleted; a
-policy never seen good is skipped.
+Istio's, Gateway API's and SMI's kinds are custom resources: each is read at the first of its
+apiVersions the server serves (security.istio.io v1, else v1beta1 from an older Istio). Where none
+is served (the CRDs are not installed) the cluster has none of them: the source says so and looks
+again every `discovery_interval`, and the rest of the registry is synced and served as usual. A
+policy whose new version the rules reject would, if skipped, widen access (a DENY that vanishes,
+an ALLOW that no longer restricts, STRICT no longer required), and a Service or traffic rule
+would drop its limits, split or breaker settings, so for these kinds the last good version stays
+in force until the object is deleted; an object never seen good is skipped.
+
+Nodes: only this node's own Node is watched (a field selector on its name, given as `node`), for
+its topology.kubernetes.io/zone label; a watch of every Node from every node would cost the API
+server the square of the cluster's size. Other nodes' zones come from EndpointSlices.
 
 Client library. We compared the three maintained asynchronous Kubernetes clients on PyPI.
 kr8s is the friendliest (objects with methods, kubectl-like), but its watch offers no
@@ -55,7 +62,9 @@ from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from registry.kubefile import build_state
 from registry.model import RegistryError, RegistryState
+from registry.objects import CLUSTER_SCOPED
 from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
+from registry.traffic import DESTINATION_RULE_API_VERSIONS, TCP_ROUTE_API_VERSIONS, TRAFFIC_SPLIT_API_VERSIONS
 
 log = logging.getLogger("amesh.registry")
 
@@ -72,20 +81,35 @@ class _Kind:
     api_versions: tuple[str, ...]  # preferred first; a later one is read when the server serves no earlier
     api: str  # "core", "discovery", or "custom" (CustomObjectsApi: a custom resource)
     method: str  # the kubernetes_asyncio list method across all namespaces; for "custom", the plural
-    # Istio's security policy: its CRD may be absent (then none of it, and looked for again), and a
-    # rejected version leaves the last good one in force (dropping it could widen access)
+    # a custom resource (policy or traffic rule): its CRD may be absent (then none of it, and looked
+    # for again), and a rejected version leaves the last good one in force
     policy: bool = False
+    crds: str = ""  # whose CRDs serve it, for the notice when they are absent
+    meaning: str = ""  # what the cluster goes without then
+    own_node: bool = False  # only the Node named by the source's `node`
+
+
+_ISTIO = "Istio's"
 
 
 KINDS = (
     _Kind("Namespace", ("v1",), "core", "list_namespace"),
+    _Kind("Node", ("v1",), "core", "list_node", own_node=True),
     _Kind("Pod", ("v1",), "core", "list_pod_for_all_namespaces"),
     _Kind("Service", ("v1",), "core", "list_service_for_all_namespaces"),
     _Kind("EndpointSlice", ("discovery.k8s.io/v1",), "discovery", "list_endpoint_slice_for_all_namespaces"),
-    _Kind("AuthorizationPolicy", POLICY_API_VERSIONS, "custom", "authorizationpolicies", policy=True),
-    _Kind("PeerAuthentication", POLICY_API_VERSIONS, "custom", "peerauthentications", policy=True),
+    _Kind("AuthorizationPolicy", POLICY_API_VERSIONS, "custom", "authorizationpolicies", True, _ISTIO,
+          "Istio policies"),
+    _Kind("PeerAuthentication", POLICY_API_VERSIONS, "custom", "peerauthentications", True, _ISTIO, "Istio policies"),
+    _Kind("DestinationRule", DESTINATION_RULE_API_VERSIONS, "custom", "destinationrules", True, _ISTIO,
+          "DestinationRules (connection limits, outlier detection, balancers)"),
+    _Kind("TCPRoute", TCP_ROUTE_API_VERSIONS, "custom", "tcproutes", True, "Gateway API's experimental",
+          "TCPRoute splits"),
+    _Kind("TrafficSplit", TRAFFIC_SPLIT_API_VERSIONS, "custom", "trafficsplits", True, "SMI's", "TrafficSplits"),
 )
-_POLICY_KINDS = frozenset(k.kind for k in KINDS if k.policy)
+# kinds whose rejected version leaves the last good one in force: dropping a policy could widen
+# access; dropping a Service or a traffic rule, its limits, split or breaker settings
+_LAST_GOOD_KINDS = frozenset(k.kind for k in KINDS if k.policy) | {"Service"}
 
 # Pods that have finished keep their status.podIP, which the cluster may already have given to a
 # new pod: they have nothing to capture or route to, and would only collide with the new one.
@@ -206,8 +230,11 @@ class KubernetesSource:
         list_timeout: float = 60.0,  # seconds for one page of a list
         list_page: int = 500,  # objects per page of a list
         discovery_interval: float = 30.0,  # seconds between looks for policy kinds not served
+        node: str | None = None,  # this node's name: its Node is watched for its zone; None: no Node
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.node = node
+        self._kinds = tuple(k for k in KINDS if node or not k.own_node)
         self.context = context
         self.publish_interval = publish_interval
         self.backoff_initial = backoff_initial
@@ -225,19 +252,19 @@ class KubernetesSource:
         self._configuration = configuration
         self._state: RegistryState | None = None
         self._generation = 0
-        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k.kind: {} for k in KINDS}
-        self._rv: dict[str, str | None] = {k.kind: None for k in KINDS}
-        self._watching: dict[str, bool] = {k.kind: False for k in KINDS}
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k.kind: {} for k in self._kinds}
+        self._rv: dict[str, str | None] = {k.kind: None for k in self._kinds}
+        self._watching: dict[str, bool] = {k.kind: False for k in self._kinds}
         self._listed: set[str] = set()
-        self._api_version: dict[str, str] = {k.kind: k.api_versions[0] for k in KINDS}  # the one read
+        self._api_version: dict[str, str] = {k.kind: k.api_versions[0] for k in self._kinds}  # the one read
         self._not_served: set[str] = set()  # policy kinds the server serves at none of their versions
         self._healthy_at: float | None = None  # wall clock when last seen all-healthy
         self._changed = asyncio.Event()
         self._rejected: dict[ObjectKey, str] = {}  # the message reported for each
-        # each policy object as it was last built into the state: its last good version
+        # each object of _LAST_GOOD_KINDS as it was last built into the state: its last good version
         self._in_force: dict[ObjectKey, dict[str, Any]] = {}
         # ADDED/MODIFIED/DELETED events applied, by kind (not bookmarks, not list items)
-        self.event_counts: dict[str, int] = {k.kind: 0 for k in KINDS}
+        self.event_counts: dict[str, int] = {k.kind: 0 for k in self._kinds}
         self._outage_reported = False
 
     # --- what the agent reads ---
@@ -251,7 +278,7 @@ class KubernetesSource:
     def connected(self) -> bool:
         """True when the initial sync is done and every kind's watch is open (a policy kind the
         server does not serve has nothing to watch)."""
-        return len(self._listed) == len(KINDS) and all(
+        return len(self._listed) == len(self._kinds) and all(
             watching or kind in self._not_served for kind, watching in self._watching.items())
 
     @property
@@ -268,15 +295,21 @@ class KubernetesSource:
 
     @property
     def notice(self) -> str | None:
-        """What is worth knowing but not wrong: the policy kinds the API server does not serve (a
-        cluster without Istio's CRDs), while it is so."""
+        """What is worth knowing but not wrong: the custom resource kinds the API server does not
+        serve (a cluster without Istio's, Gateway API's or SMI's CRDs), while it is so."""
         if not self._not_served:
             return None
-        kinds = [k for k in KINDS if k.kind in self._not_served]
-        versions = ", ".join(dict.fromkeys(v for k in kinds for v in k.api_versions))
-        return (f"{' and '.join(k.kind for k in kinds)} not served by the Kubernetes API server {self._host()} "
-                f"at {versions} (Istio's CRDs not installed?): no Istio policies from the cluster; looking "
-                f"again every {self.discovery_interval:g} s")
+        by_meaning: dict[str, list[_Kind]] = {}
+        for kind in self._kinds:
+            if kind.kind in self._not_served:
+                by_meaning.setdefault(kind.meaning, []).append(kind)
+        sentences = []
+        for meaning, kinds in by_meaning.items():
+            versions = ", ".join(dict.fromkeys(v for k in kinds for v in k.api_versions))
+            sentences.append(f"{' and '.join(k.kind for k in kinds)} not served by the Kubernetes API server "
+                             f"{self._host()} at {versions} ({kinds[0].crds} CRDs not installed?): no {meaning} from "
+                             "the cluster")
+        return "; ".join(sentences) + f"; looking again every {self.discovery_interval:g} s"
 
     @property
     def synced_at(self) -> float | None:
@@ -302,14 +335,14 @@ class KubernetesSource:
             apis = {"core": k8s.CoreV1Api(api_client), "discovery": k8s.DiscoveryV1Api(api_client),
                     "custom": k8s.CustomObjectsApi(api_client)}
             tasks = [asyncio.create_task(self._publisher(), name="k8s-publish")]
-            tasks += [asyncio.create_task(self._follow(kind, apis), name=f"k8s-{kind.kind}") for kind in KINDS]
+            tasks += [asyncio.create_task(self._follow(kind, apis), name=f"k8s-{kind.kind}") for kind in self._kinds]
             try:
                 await asyncio.gather(*tasks)
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                for kind in KINDS:
+                for kind in self._kinds:
                     self._set_watching(kind.kind, False)
 
     async def _follow(self, kind: _Kind, apis: dict[str, Any]) -> None:
@@ -321,7 +354,7 @@ class KubernetesSource:
                 if self._rv[kind.kind] is None:
                     await self._list_served(kind, apis)
                     backoff.reset()
-                progressed = await self._watch(kind, _lister(apis, kind, self._api_version[kind.kind]))
+                progressed = await self._watch(kind, self._lister(apis, kind, self._api_version[kind.kind]))
                 self._set_watching(kind.kind, False)
                 gone_in_a_row = 0
                 if progressed:
@@ -356,7 +389,7 @@ class KubernetesSource:
         served at none, _NotServed (for the others, a 404 is an API server problem)."""
         for api_version in kind.api_versions:
             try:
-                await self._list(kind, api_version, _lister(apis, kind, api_version))
+                await self._list(kind, api_version, self._lister(apis, kind, api_version))
                 return
             except _NotFound:
                 if not kind.policy:
@@ -534,7 +567,7 @@ class KubernetesSource:
             await self._changed.wait()
             await asyncio.sleep(self.publish_interval)  # let the rest of the burst arrive
             self._changed.clear()
-            if len(self._listed) < len(KINDS):
+            if len(self._listed) < len(self._kinds):
                 continue  # not every kind listed yet: a partial state would drop workloads
             self._publish()
 
@@ -562,11 +595,11 @@ class KubernetesSource:
         """The state of every cached object the rules accept; each rejected one is reported, and
         for a rejected policy its last good version stands in."""
         objects: dict[ObjectKey, dict[str, Any]] = {}
-        for kind in KINDS:
+        for kind in self._kinds:
             for (namespace, name), obj in self._objects[kind.kind].items():
                 if kind.kind == "Pod" and (obj.get("status") or {}).get("phase") in _TERMINAL_PHASES:
                     continue
-                objects[(kind.kind, namespace if kind.kind != "Namespace" else "", name)] = obj
+                objects[(kind.kind, namespace if kind.kind not in CLUSTER_SCOPED else "", name)] = obj
         rejected: dict[ObjectKey, str] = {}
         while True:
             try:
@@ -578,7 +611,8 @@ class KubernetesSource:
                     raise
                 last_good = self._in_force.get(key)
                 if last_good is not None and last_good is not objects[key]:
-                    # dropping a policy could widen access: the version before stays in force
+                    # dropping a policy could widen access, a Service or rule its limits: the
+                    # version before stays in force
                     objects[key] = last_good
                     rejected[key] = f"{e} (the version before it stays in force)"
                 else:
@@ -591,22 +625,24 @@ class KubernetesSource:
                             key[0], key[1], key[2], message)
                 self._on_error(message)
         self._rejected = rejected
-        # a deleted policy is no longer in the cache, so it leaves nothing in force behind it
-        self._in_force = {key: obj for key, obj in objects.items() if key[0] in _POLICY_KINDS}
+        # a deleted object is no longer in the cache, so it leaves nothing in force behind it
+        self._in_force = {key: obj for key, obj in objects.items() if key[0] in _LAST_GOOD_KINDS}
         return state
 
-
-def _lister(apis: dict[str, Any], kind: _Kind, api_version: str) -> Callable[..., Any]:
-    """The kubernetes_asyncio call that lists (and watches) `kind` at `api_version` cluster-wide."""
-    if kind.api == "custom":
-        group, version = api_version.split("/")
-        return functools.partial(apis["custom"].list_cluster_custom_object, group, version, kind.method)
-    return getattr(apis[kind.api], kind.method)
+    def _lister(self, apis: dict[str, Any], kind: _Kind, api_version: str) -> Callable[..., Any]:
+        """The kubernetes_asyncio call that lists (and watches) `kind` at `api_version` cluster-wide
+        (the Node: only this node's)."""
+        if kind.api == "custom":
+            group, version = api_version.split("/")
+            return functools.partial(apis["custom"].list_cluster_custom_object, group, version, kind.method)
+        method = getattr(apis[kind.api], kind.method)
+        return functools.partial(method, field_selector=f"metadata.name={self.node}") if kind.own_node else method
 
 
 def _content(state: RegistryState) -> tuple[Any, ...]:
     """What the mesh reads of a state: equal contents need not be published again."""
-    return state.workloads, state.services, state.authorization_policies, state.peer_authentications
+    return (state.workloads, state.services, state.authorization_policies, state.peer_authentications,
+            state.node_zones)
 
 
 def _with_kind(obj: dict[str, Any], kind: str, api_version: str) -> dict[str, Any]:
@@ -618,7 +654,7 @@ def _with_kind(obj: dict[str, Any], kind: str, api_version: str) -> dict[str, An
 
 def _ns_name(obj: dict[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
-    if obj.get("kind") == "Namespace":
+    if obj.get("kind") in CLUSTER_SCOPED:
         return "", str(meta.get("name") or "")
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
 

@@ -60,13 +60,15 @@ def duration_field(obj: KubeObject, value: object, path: str) -> float | None:
 
 
 def count_field(obj: KubeObject, value: object, path: str, *, least: int, most: int | None = None) -> int | None:
-    """An integer from `least` to `most`; None when absent."""
+    """An integer from `least` to `most` (no bound: None); None when absent."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
-        bounds = f"{least}-{most}" if most is not None else ("a positive integer" if least == 1 else f"at least {least}")
-        problem = f"must be an integer {bounds}" if most is not None else f"must be {bounds}"
-        raise obj.fail(path, f"{problem}, got {show(value)}")
+        if most is not None:
+            wanted = f"an integer {least}-{most}"
+        else:
+            wanted = "a positive integer" if least == 1 else f"at least {least}"
+        raise obj.fail(path, f"must be {wanted}, got {show(value)}")
     return value
 
 
@@ -92,14 +94,24 @@ def service_fqdn(service: Service) -> str:
 # --- DestinationRule ---
 
 _DR_SPEC_FIELDS = ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector")
-_POLICY_FIELDS = ("connectionPool", "outlierDetection", "loadBalancer", "portLevelSettings", "tls",
-                  "tunnel", "proxyProtocol")
+_PORT_LEVEL_FIELDS = ("connectionPool", "outlierDetection", "loadBalancer", "tls")
+_POLICY_FIELDS = (*_PORT_LEVEL_FIELDS, "portLevelSettings", "tunnel", "proxyProtocol")
 _TCP_FIELDS = ("maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration", "idleTimeout")
 _OUTLIER_FIELDS = ("consecutiveGatewayErrors", "consecutive5xxErrors", "consecutiveErrors", "interval",
                    "baseEjectionTime", "maxEjectionPercent", "minHealthPercent", "splitExternalLocalOriginErrors",
                    "consecutiveLocalOriginFailures")
 _BALANCER_FIELDS = ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup")
 DEFAULT_CONSECUTIVE_5XX = 5  # Envoy's consecutive_5xx when outlierDetection leaves it unset
+
+
+@dataclass(frozen=True)
+class TrafficSettings:
+    """One trafficPolicy; None: it leaves that setting at the default."""
+
+    max_connections: int | None
+    connect_timeout: float | None  # seconds
+    outlier: OutlierSettings | None
+    load_balancer: LoadBalancer | None
 
 
 @dataclass(frozen=True)
@@ -110,11 +122,7 @@ class DestinationRule:
     name: str
     host: str  # FQDN, or a wildcard one ("*.shop.svc.cluster.local")
     created: str  # metadata.creationTimestamp: of rules for one host, the oldest wins
-    has_policy: bool  # it has a trafficPolicy (a rule of only subsets leaves the policy to others)
-    max_connections: int | None = None
-    connect_timeout: float | None = None  # seconds
-    outlier: OutlierSettings | None = None
-    load_balancer: LoadBalancer | None = None
+    policy: TrafficSettings | None  # None: no trafficPolicy (a rule of only subsets leaves it to others)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -128,24 +136,26 @@ def read_destination_rule(obj: KubeObject) -> DestinationRule:
     known_fields(obj, spec, "spec", _DR_SPEC_FIELDS)
     host = string_field(obj, spec.get("host"), "spec.host", required=True)
     if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
-        raise obj.fail("spec.host", f'a wildcard may only be the first label ("*.shop.svc.cluster.local"), got {show(host)}')
+        problem = f'a wildcard may only be the first label ("*.shop.svc.cluster.local"), got {show(host)}'
+        raise obj.fail("spec.host", problem)
     warnings = [f"{obj.label}: spec.{name}: not applied at L4" for name in ("subsets", "workloadSelector")
                 if spec.get(name) is not None]
     list_field(obj, spec.get("exportTo"), "spec.exportTo")  # every client of the node shares one view
     created = string_field(obj, obj.metadata.get("creationTimestamp"), "metadata.creationTimestamp")
     fqdn = host if host.startswith("*") else host_fqdn(host, obj.namespace)
     if spec.get("trafficPolicy") is None:
-        return DestinationRule(obj.namespace, obj.name, fqdn, created, False, warnings=tuple(warnings))
-    reader = _PolicyReader(obj, warnings)
-    policy = reader.read(spec["trafficPolicy"], "spec.trafficPolicy")
-    for i, raw in enumerate(list_field(obj, reader.port_level, "spec.trafficPolicy.portLevelSettings")):
-        path = f"spec.trafficPolicy.portLevelSettings[{i}]"
-        level = mapping_field(obj, raw, path, required=True)
+        return DestinationRule(obj.namespace, obj.name, fqdn, created, None, tuple(warnings))
+    path = "spec.trafficPolicy"
+    raw_policy = mapping_field(obj, spec["trafficPolicy"], path)
+    policy = _PolicyReader(obj, warnings).read(raw_policy, path, _POLICY_FIELDS)
+    for i, raw in enumerate(list_field(obj, raw_policy.get("portLevelSettings"), f"{path}.portLevelSettings")):
+        level_path = f"{path}.portLevelSettings[{i}]"
+        level = mapping_field(obj, raw, level_path, required=True)
         # checked as strictly as the top level, so a mistake there is found now, not when used
-        _PolicyReader(obj, []).read({k: v for k, v in level.items() if k != "port"}, path)
-        warnings.append(f"{obj.label}: {path}: not applied (amesh shapes a Service as a whole: the top-level "
+        _PolicyReader(obj, []).read({k: v for k, v in level.items() if k != "port"}, level_path, _PORT_LEVEL_FIELDS)
+        warnings.append(f"{obj.label}: {level_path}: not applied (amesh shapes a Service as a whole: the top-level "
                         "trafficPolicy applies to every port)")
-    return DestinationRule(obj.namespace, obj.name, fqdn, created, True, *policy, warnings=tuple(warnings))
+    return DestinationRule(obj.namespace, obj.name, fqdn, created, policy, tuple(warnings))
 
 
 class _PolicyReader:
@@ -153,18 +163,13 @@ class _PolicyReader:
 
     def __init__(self, obj: KubeObject, warnings: list[str]) -> None:
         self.obj, self.warnings = obj, warnings
-        self.port_level: object = None
 
     def _ignored(self, raw: Mapping[str, Any], path: str, names: tuple[str, ...], why: str) -> None:
         self.warnings += [f"{self.obj.label}: {path}.{name}: {why}" for name in names if raw.get(name) is not None]
 
-    def read(self, raw: object, path: str) -> tuple[int | None, float | None, OutlierSettings | None,
-                                                     LoadBalancer | None]:
+    def read(self, policy: Mapping[str, Any], path: str, fields: tuple[str, ...]) -> TrafficSettings:
         obj = self.obj
-        policy = mapping_field(obj, raw, path)
-        known_fields(obj, policy, path, _POLICY_FIELDS if path == "spec.trafficPolicy" else
-                     tuple(f for f in _POLICY_FIELDS if f != "portLevelSettings"))
-        self.port_level = policy.get("portLevelSettings")
+        known_fields(obj, policy, path, fields)
         self._ignored(policy, path, ("tls", "tunnel", "proxyProtocol"),
                       "not applied (amesh carries every connection in mutual TLS over HBONE)")
         pool = mapping_field(obj, policy.get("connectionPool"), f"{path}.connectionPool")
@@ -174,11 +179,12 @@ class _PolicyReader:
         tcp = mapping_field(obj, pool.get("tcp"), tcp_path)
         known_fields(obj, tcp, tcp_path, _TCP_FIELDS)
         self._ignored(tcp, tcp_path, ("tcpKeepalive", "maxConnectionDuration", "idleTimeout"), "not applied yet")
-        max_connections = count_field(obj, tcp.get("maxConnections"), f"{tcp_path}.maxConnections", least=1)
-        connect_timeout = duration_field(obj, tcp.get("connectTimeout"), f"{tcp_path}.connectTimeout")
-        outlier = self._outlier(policy.get("outlierDetection"), f"{path}.outlierDetection")
-        return max_connections, connect_timeout, outlier, self._balancer(policy.get("loadBalancer"),
-                                                                          f"{path}.loadBalancer")
+        return TrafficSettings(
+            max_connections=count_field(obj, tcp.get("maxConnections"), f"{tcp_path}.maxConnections", least=1),
+            connect_timeout=duration_field(obj, tcp.get("connectTimeout"), f"{tcp_path}.connectTimeout"),
+            outlier=self._outlier(policy.get("outlierDetection"), f"{path}.outlierDetection"),
+            load_balancer=self._balancer(policy.get("loadBalancer"), f"{path}.loadBalancer"),
+        )
 
     def _outlier(self, raw: object, path: str) -> OutlierSettings | None:
         obj = self.obj
@@ -373,40 +379,44 @@ def shape_services(services: Iterable[Service], rules: Iterable[DestinationRule]
 
     DestinationRules as Istio merges those of one host: an exact host before a wildcard, then
     the oldest first; the first with a trafficPolicy gives the whole of it, a later one's
-    trafficPolicy is shadowed (a warning). Splits: the oldest TCPRoute or TrafficSplit wins."""
+    trafficPolicy is shadowed (a warning). Splits: the oldest TCPRoute or TrafficSplit wins; a
+    backend naming no Service of the registry is a warning."""
+    services = tuple(services)
+    known = {s.key for s in services}
     ordered_rules = sorted(rules, key=lambda r: (r.host.startswith("*"), r.created, r.namespace, r.name))
     splits_by_service: dict[str, list[Split]] = {}
     for split in sorted(splits, key=lambda s: (s.created, s.label)):
         splits_by_service.setdefault(split.service, []).append(split)
-    return tuple(_shaped(s, [r for r in ordered_rules if _selects(r.host, s)], splits_by_service.get(s.key, []))
-                 for s in services)
+    return tuple(_shaped(s, [r for r in ordered_rules if _selects(r.host, s)], splits_by_service.get(s.key, []),
+                         known) for s in services)
 
 
 def _selects(host: str, service: Service) -> bool:
     return fnmatch.fnmatchcase(service_fqdn(service), host) if host.startswith("*") else host == service_fqdn(service)
 
 
-def _shaped(service: Service, rules: list[DestinationRule], splits: list[Split]) -> Service:
+def _shaped(service: Service, rules: list[DestinationRule], splits: list[Split], known: set[str]) -> Service:
     traffic = service.traffic
     configured = list(traffic.configured_by)
     warnings = list(traffic.warnings)
-    winner = next((r for r in rules if r.has_policy), None)
+    winner = next((r for r in rules if r.policy), None)
     for rule in rules:
         warnings += rule.warnings
-        if rule.has_policy and rule is not winner:
-            assert winner is not None
+        if rule.policy and winner is not None and rule is not winner:
             warnings.append(f"{rule.label}: spec.trafficPolicy: shadowed by the older {winner.label} for this "
                             "host (as Istio merges rules: the first rule's trafficPolicy wins)")
-    if winner is not None:
+    if winner is not None and winner.policy is not None:
         configured.append(winner.label)
-        defaults = TrafficPolicy()
-        traffic = replace(traffic, max_connections=winner.max_connections, connect_timeout=winner.connect_timeout,
-                          outlier=winner.outlier or defaults.outlier,
-                          load_balancer=winner.load_balancer or defaults.load_balancer)
+        policy, defaults = winner.policy, TrafficPolicy()
+        traffic = replace(traffic, max_connections=policy.max_connections, connect_timeout=policy.connect_timeout,
+                          outlier=policy.outlier or defaults.outlier,
+                          load_balancer=policy.load_balancer or defaults.load_balancer)
     if splits:
         first = splits[0]
         configured.append(first.label)
         warnings += first.warnings
         warnings += [f"{s.label}: not applied: the older {first.label} splits {service.key}" for s in splits[1:]]
+        warnings += [f"{first.label}: backend {b.service} is no Service of the registry" for b in first.backends
+                     if b.service not in known]
         traffic = replace(traffic, split=first.backends)
     return replace(service, traffic=replace(traffic, configured_by=tuple(configured), warnings=tuple(warnings)))

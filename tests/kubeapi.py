@@ -1,5 +1,6 @@
-"""A test Kubernetes API server: list/watch of namespaces, pods, services, endpointslices and
-Istio's authorizationpolicies and peerauthentications.
+"""A test Kubernetes API server: list/watch of namespaces, nodes, pods, services, endpointslices,
+Istio's authorizationpolicies, peerauthentications and destinationrules, Gateway API tcproutes
+and SMI trafficsplits.
 
 Faithful enough that the real kubectl and real Kubernetes client libraries work against it, so
 registry/kubernetes.py can be tested against reconnects, expired resourceVersions (410 Gone),
@@ -10,18 +11,23 @@ bookmarks and API server restarts without a cluster. Plain HTTP, no auth.
         api.write_kubeconfig(tmp_path / "kubeconfig")
         api.cut_watches(); api.compact(); api.stop(); api.start()
         KubeAPIServer(security_versions=())  # Istio's CRDs not installed; serve_security_versions("v1") later
+        KubeAPIServer(traffic_groups=())  # no DestinationRule/TCPRoute/TrafficSplit CRDs; serve_traffic_groups(...)
 
     python -m tests.kubeapi --host 127.0.0.1 --port 6443 --objects cluster.yaml
 
 What it serves, as the real API does:
 - discovery: /version, /api, /api/v1, /apis, /apis/discovery.k8s.io[/v1],
-  /apis/security.istio.io[/v1, /v1beta1] (legacy discovery: a request for aggregated discovery
-  gets plain JSON, and kubectl falls back); /openapi/v3 describes only security.istio.io, as
-  much as `kubectl apply` needs of a custom resource; the rest of /openapi is 404.
+  /apis/security.istio.io[/v1, /v1beta1] and the traffic groups (legacy discovery: a request for
+  aggregated discovery gets plain JSON, and kubectl falls back); /openapi/v3 describes only the
+  custom resources' groups, as much as `kubectl apply` needs of a custom resource; the rest of
+  /openapi is 404.
 - collections /api/v1/{namespaces,pods,services}, /apis/discovery.k8s.io/v1/endpointslices,
   /apis/security.istio.io/{v1,v1beta1}/{authorizationpolicies,peerauthentications} (one object
   served at either version, as a CRD with conversion None; only the versions in
-  security_versions, none of them when it is empty: 404, as without Istio's CRDs),
+  security_versions, none of them when it is empty: 404, as without Istio's CRDs), and likewise
+  /apis/networking.istio.io/{v1,v1beta1,v1alpha3}/destinationrules,
+  /apis/gateway.networking.k8s.io/v1alpha2/tcproutes, /apis/split.smi-spec.io/{v1alpha4..v1alpha1}/
+  trafficsplits, each group only while it is in traffic_groups,
   namespaced as /.../namespaces/{ns}/{plural}[/{name}]: GET (list, with labelSelector,
   fieldSelector on metadata.name/metadata.namespace, limit/continue, resourceVersion and
   resourceVersionMatch=Exact answered from history), POST (409 AlreadyExists), PUT (404 if
@@ -95,9 +101,19 @@ class Resource:
 
 SECURITY_GROUP = "security.istio.io"  # Istio's CRDs: served only in the versions a test asks for
 SECURITY_VERSIONS = ("v1", "v1beta1")  # preferred first, as Istio's CRDs serve them
+# the custom resources that shape traffic, each group served only while a test installs it
+TRAFFIC_RESOURCES = {
+    "networking.istio.io": (("v1", "v1beta1", "v1alpha3"), "destinationrules", "destinationrule", "DestinationRule"),
+    "gateway.networking.k8s.io": (("v1alpha2",), "tcproutes", "tcproute", "TCPRoute"),
+    "split.smi-spec.io": (("v1alpha4", "v1alpha3", "v1alpha2", "v1alpha1"), "trafficsplits", "trafficsplit",
+                          "TrafficSplit"),
+}
+TRAFFIC_GROUPS = tuple(TRAFFIC_RESOURCES)
+CUSTOM_GROUPS = (SECURITY_GROUP, *TRAFFIC_GROUPS)  # described in /openapi/v3 for kubectl apply
 
 RESOURCES = (
     Resource("namespaces", "namespace", "Namespace", "", "v1", False, ("ns",)),
+    Resource("nodes", "node", "Node", "", "v1", False, ("no",)),
     Resource("pods", "pod", "Pod", "", "v1", True, ("po",)),
     Resource("services", "service", "Service", "", "v1", True, ("svc",)),
     Resource("endpointslices", "endpointslice", "EndpointSlice", "discovery.k8s.io", "v1", True),
@@ -105,6 +121,8 @@ RESOURCES = (
       for version in SECURITY_VERSIONS
       for plural, singular, kind in (("authorizationpolicies", "authorizationpolicy", "AuthorizationPolicy"),
                                      ("peerauthentications", "peerauthentication", "PeerAuthentication"))),
+    *(Resource(plural, singular, kind, group, version, True)
+      for group, (versions, plural, singular, kind) in TRAFFIC_RESOURCES.items() for version in versions),
 )
 BY_KIND = {r.kind: r for r in reversed(RESOURCES)}  # each kind at its preferred (first listed) version
 API_VERSIONS_OF_KIND = {kind: tuple(r.api_version for r in RESOURCES if r.kind == kind) for kind in BY_KIND}
@@ -417,6 +435,13 @@ def _pod_cells(o: JSON) -> list[Any]:
             status.get("podIP") or "<none>", (o.get("spec") or {}).get("nodeName") or "<none>"]
 
 
+def _node_cells(o: JSON) -> list[Any]:
+    conditions = (o.get("status") or {}).get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return ["Ready" if ready else "NotReady", "<none>",
+            ((o.get("status") or {}).get("nodeInfo") or {}).get("kubeletVersion", "")]
+
+
 def _service_cells(o: JSON) -> list[Any]:
     spec = o.get("spec") or {}
     ports = ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in spec.get("ports") or [])
@@ -447,6 +472,10 @@ TABLE_COLUMNS: dict[str, tuple[list[JSON], Callable[[JSON], list[Any]]]] = {
     # as Istio's CRDs print them (additionalPrinterColumns)
     "AuthorizationPolicy": ([_col("Action")], lambda o: [(o.get("spec") or {}).get("action", "")]),
     "PeerAuthentication": ([_col("Mode")], lambda o: [((o.get("spec") or {}).get("mtls") or {}).get("mode", "")]),
+    "Node": ([_col("Status"), _col("Roles"), _col("Version")], _node_cells),
+    "DestinationRule": ([_col("Host")], lambda o: [(o.get("spec") or {}).get("host", "")]),
+    "TCPRoute": ([], lambda o: []),
+    "TrafficSplit": ([_col("Service")], lambda o: [(o.get("spec") or {}).get("service", "")]),
 }
 
 
@@ -566,10 +595,12 @@ class _Watch:
 class _Handlers:
     """The aiohttp handlers over one Store; lives as long as the KubeAPIServer (across restarts)."""
 
-    def __init__(self, store: Store, bookmark_interval: float, security_versions: Iterable[str]) -> None:
+    def __init__(self, store: Store, bookmark_interval: float, security_versions: Iterable[str],
+                 traffic_groups: Iterable[str] = TRAFFIC_GROUPS) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
         self.security_versions = tuple(security_versions)  # of security.istio.io; (): no Istio CRDs
+        self.traffic_groups = tuple(traffic_groups)  # of TRAFFIC_GROUPS, those whose CRDs are installed
         self.watches: set[_Watch] = set()
         self.watch_count = 0
         self.list_count = 0
@@ -603,8 +634,10 @@ class _Handlers:
     # discovery
 
     def served(self) -> list[Resource]:
-        """The resources served now: security.istio.io only in the versions installed."""
-        return [r for r in RESOURCES if r.group != SECURITY_GROUP or r.version in self.security_versions]
+        """The resources served now: security.istio.io only in the versions installed, a traffic
+        group only while installed."""
+        return [r for r in RESOURCES if (r.version in self.security_versions if r.group == SECURITY_GROUP
+                                         else r.group not in TRAFFIC_GROUPS or r.group in self.traffic_groups)]
 
     async def _version(self, request: web.Request) -> web.Response:
         major, minor, _ = SERVER_VERSION[1:].split(".")
@@ -614,15 +647,15 @@ class _Handlers:
             "goVersion": "go1.23.4", "compiler": "gc", "platform": "linux/amd64"})
 
     async def _openapi_paths(self, request: web.Request) -> web.Response:
-        """The OpenAPI v3 index: only Istio's group versions (custom resources) are described."""
-        served = {r.api_version for r in self.served() if r.group == SECURITY_GROUP}
+        """The OpenAPI v3 index: only the custom resources' group versions are described."""
+        served = {r.api_version for r in self.served() if r.group in CUSTOM_GROUPS}
         return web.json_response({"paths": {
             f"apis/{gv}": {"serverRelativeURL": f"/openapi/v3/apis/{gv}?hash={gv.replace('/', '-')}"}
             for gv in sorted(served)}})
 
     async def _openapi_group_version(self, request: web.Request) -> web.Response:
         group_version = f"{request.match_info['group']}/{request.match_info['version']}"
-        if not any(r.api_version == group_version and r.group == SECURITY_GROUP for r in self.served()):
+        if not any(r.api_version == group_version and r.group in CUSTOM_GROUPS for r in self.served()):
             raise web.HTTPNotFound()
         return web.json_response(_openapi_v3(group_version, self.served()))
 
@@ -974,9 +1007,10 @@ class KubeAPIServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
                  objects: Iterable[JSON] = (),
-                 security_versions: Iterable[str] = SECURITY_VERSIONS) -> None:
+                 security_versions: Iterable[str] = SECURITY_VERSIONS,
+                 traffic_groups: Iterable[str] = TRAFFIC_GROUPS) -> None:
         self.host, self.port = host, port
-        self._handlers = _Handlers(Store(), bookmark_interval, security_versions)
+        self._handlers = _Handlers(Store(), bookmark_interval, security_versions, traffic_groups)
         self._initial = list(objects)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -1089,6 +1123,10 @@ class KubeAPIServer:
 
         Only discovery and routing change: stored objects stay, and open watches go on."""
         self._on_loop(setattr, self._handlers, "security_versions", versions)
+
+    def serve_traffic_groups(self, *groups: str) -> None:
+        """Serve these of TRAFFIC_GROUPS from now on (their CRDs installed); the others not."""
+        self._on_loop(setattr, self._handlers, "traffic_groups", groups)
 
     def cut_watches(self) -> int:
         """Abort every open watch connection mid-stream; returns how many."""

@@ -1,7 +1,8 @@
 """The registry synced live from a Kubernetes API server: the agents list and watch the test
 API server (tests/kubeapi.py, which the real kubectl also reads) and follow its changes into
 routing and capture; an API server that is down leaves the last good registry serving; an
-AuthorizationPolicy applied with the real kubectl is enforced within a second.
+AuthorizationPolicy applied with the real kubectl is enforced within a second; a DestinationRule
+applied with it shapes its Service, and a malformed version leaves the last good one in force.
 
 Bed: two point-to-point nodes with agents that have no registry file. The API server listens
 on 172.18.0.1:6443 in the fabric namespace (an address on the fabric bridge, as a control plane
@@ -170,3 +171,44 @@ def test_an_authorization_policy_applied_with_kubectl_denies_the_client_within_a
     assert kubectl(mesh, "delete", "-f", str(manifest)) == 'authorizationpolicy.security.istio.io "deny-client" deleted\n'
     mesh.wait_for("the client allowed again", lambda: reachable(mesh), POLICY_DEADLINE)
     assert sorted(served_by(mesh)) == ["server-a", "server-a", "server-b", "server-b"]
+
+
+WEB_RULE = {
+    "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+    "metadata": {"name": "web", "namespace": "shop"},
+    "spec": {"host": "web", "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 50}},
+                                              "loadBalancer": {"simple": "RANDOM"}}},
+}
+
+
+def web_traffic(mesh: Mesh, node: int) -> dict:
+    [web] = [s for s in mesh.ctl_json(node, "services") if s["key"] == "shop/web"]
+    return web["traffic"]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not found on PATH (apt-get install -y kubernetes-client)")
+def test_a_destination_rule_applied_with_kubectl_shapes_the_service_and_a_malformed_one_keeps_the_last_good(cluster):
+    mesh, api = cluster
+    manifest = mesh.bed.logdir / "web-rule.yaml"
+    manifest.write_text(yaml.safe_dump(WEB_RULE))
+    assert kubectl(mesh, "apply", "-f", str(manifest)) == "destinationrule.networking.istio.io/web created\n"
+    mesh.wait_for("the rule in force on both nodes", lambda: all(
+        web_traffic(mesh, n)["max_connections"] == 50 for n in (1, 2)), CHANGE_DEADLINE)
+    traffic = web_traffic(mesh, 1)
+    assert (traffic["load_balancer"], traffic["configured_by"]) == ("RANDOM", ["DestinationRule shop/web"])
+    assert "max 50 conns, random" in mesh.ctl(1, "services").stdout
+
+    malformed = copy.deepcopy(WEB_RULE)
+    malformed["spec"]["trafficPolicy"]["connectionPool"]["tcp"]["maxConnections"] = -1
+    manifest.write_text(yaml.safe_dump(malformed))
+    assert kubectl(mesh, "apply", "-f", str(manifest)) == "destinationrule.networking.istio.io/web configured\n"
+    expected = ("rejected DestinationRule shop/web: spec.trafficPolicy.connectionPool.tcp.maxConnections: must be a "
+                "positive integer, got -1 (the version before it stays in force)")
+    mesh.wait_for("the rejection in ameshctl status", lambda: mesh.ctl_json(1, "status")["registry"]["last_error"]
+                  == expected, CHANGE_DEADLINE)
+    assert expected.removeprefix("rejected ") in mesh.ctl(1, "status").stdout
+    assert web_traffic(mesh, 1)["max_connections"] == 50 and reachable(mesh)
+
+    assert kubectl(mesh, "delete", "-f", str(manifest)) == 'destinationrule.networking.istio.io "web" deleted\n'
+    mesh.wait_for("the rule gone", lambda: web_traffic(mesh, 1)["configured_by"] == [], CHANGE_DEADLINE)
+    assert mesh.ctl_json(1, "status")["registry"]["last_error"] is None

@@ -62,12 +62,37 @@ def endpoint_slice(service_name: str, ip: str) -> dict:
                            "targetRef": {"kind": "Pod", "name": "web-0"}}]}
 
 
-# valid files: a namespace, pods with distinct addresses, a service, maybe a slice for it
+# what shapes traffic to shop/web: a DestinationRule, a TCPRoute, a TrafficSplit and a Node's zone
+TRAFFIC = [
+    {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+     "metadata": {"name": "web", "namespace": "shop"},
+     "spec": {"host": "web", "trafficPolicy": {
+         "connectionPool": {"tcp": {"maxConnections": 10, "connectTimeout": "500ms"}},
+         "outlierDetection": {"consecutive5xxErrors": 3, "interval": "10s", "baseEjectionTime": "1m",
+                              "maxEjectionPercent": 30},
+         "loadBalancer": {"simple": "LEAST_REQUEST"},
+         "portLevelSettings": [{"port": {"number": 80}, "connectionPool": {"tcp": {"maxConnections": 1}}}]}}},
+    {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+     "metadata": {"name": "web-canary", "namespace": "shop"},
+     "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+              "rules": [{"backendRefs": [{"name": "web", "port": 80, "weight": 90},
+                                         {"group": "", "kind": "Service", "name": "web-v2", "port": 80}]}]}},
+    {"apiVersion": "split.smi-spec.io/v1alpha1", "kind": "TrafficSplit",
+     "metadata": {"name": "web", "namespace": "shop"},
+     "spec": {"service": "web", "backends": [{"service": "web", "weight": "900m"},
+                                             {"service": "web-v2", "weight": 1}]}},
+    {"apiVersion": "v1", "kind": "Node",
+     "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "a"}}},
+]
+
+# valid files: a namespace, pods with distinct addresses, a service, maybe a slice for it, maybe
+# the objects that shape its traffic
 valid_objects = st.builds(
-    lambda count, port, target, sliced: [
+    lambda count, port, target, sliced, shaped: [
         SHOP, *(pod(f"web-{i}", f"10.244.1.{10 + i}", f"node-{1 + i % 2}") for i in range(count)),
-        service("web", "10.96.0.10", port, target), *([endpoint_slice("web", "10.244.1.10")] if sliced else [])],
-    st.integers(0, 5), st.integers(1, 65535), st.sampled_from(["http", 8080, 9090]), st.booleans())
+        service("web", "10.96.0.10", port, target), *([endpoint_slice("web", "10.244.1.10")] if sliced else []),
+        *(TRAFFIC if shaped else [])],
+    st.integers(0, 5), st.integers(1, 65535), st.sampled_from(["http", 8080, 9090]), st.booleans(), st.booleans())
 
 
 def _paths(value, prefix=()):

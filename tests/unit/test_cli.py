@@ -120,8 +120,11 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     assert str(params["ca_dir"]) == "/etc/amesh-ca" and params["registry_file"] is None  # the API server
     rules = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ClusterRole"][0]["rules"]
     granted = {(group, resource) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]}
-    assert granted == {("", "namespaces"), ("", "pods"), ("", "services"), ("discovery.k8s.io", "endpointslices"),
-                       ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications")}
+    assert granted == {("", "namespaces"), ("", "pods"), ("", "services"), ("", "nodes"),
+                       ("discovery.k8s.io", "endpointslices"),
+                       ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications"),
+                       ("networking.istio.io", "destinationrules"), ("gateway.networking.k8s.io", "tcproutes"),
+                       ("split.smi-spec.io", "trafficsplits")}
 
 
 def test_ca_init_creates_a_private_root_and_shows_the_same_one_again(tmp_path):

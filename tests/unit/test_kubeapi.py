@@ -441,7 +441,7 @@ def test_policy_watch_at_either_version_with_bookmarks_and_410(api: KubeAPIServe
 
 
 def test_security_istio_io_is_served_only_in_the_versions_installed() -> None:
-    with KubeAPIServer(security_versions=()) as api:
+    with KubeAPIServer(security_versions=(), traffic_groups=()) as api:
         _, body = request(api, "GET", "/apis")
         assert [g["name"] for g in body["groups"]] == ["discovery.k8s.io"]
         status, body = request(api, "GET", "/apis/security.istio.io/v1/authorizationpolicies")
@@ -458,6 +458,55 @@ def test_security_istio_io_is_served_only_in_the_versions_installed() -> None:
         assert body["preferredVersion"]["version"] == "v1"
         _, body = request(api, "GET", "/apis/security.istio.io/v1")
         assert sorted(r["name"] for r in body["resources"]) == ["authorizationpolicies", "peerauthentications"]
+
+
+TRAFFIC_OBJECTS = [
+    {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+     "metadata": {"name": "web", "namespace": "shop"},
+     "spec": {"host": "web", "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 10}}}}},
+    {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+     "metadata": {"name": "web-canary", "namespace": "shop"},
+     "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+              "rules": [{"backendRefs": [{"name": "web", "port": 80, "weight": 90}]}]}},
+    {"apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
+     "metadata": {"name": "web", "namespace": "shop"},
+     "spec": {"service": "web", "backends": [{"service": "web", "weight": 1}]}},
+    {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "a"}},
+     "status": {"conditions": [{"type": "Ready", "status": "True"}], "nodeInfo": {"kubeletVersion": "v1.32.0"}}},
+]
+
+
+@needs_kubectl
+def test_kubectl_applies_and_gets_the_traffic_kinds_and_nodes(
+        api: KubeAPIServer, kubectl: Callable[..., str], tmp_path: Path) -> None:
+    manifest = tmp_path / "traffic.yaml"
+    manifest.write_text(yaml.safe_dump_all(TRAFFIC_OBJECTS[:3]))
+    assert kubectl("apply", "-f", str(manifest)).splitlines() == [
+        "destinationrule.networking.istio.io/web created", "tcproute.gateway.networking.k8s.io/web-canary created",
+        "trafficsplit.split.smi-spec.io/web created"]
+    api.apply(TRAFFIC_OBJECTS[3])  # kubelet registers its Node
+    assert kubectl("get", "destinationrules", "-n", "shop").splitlines()[1].split()[:2] == ["web", "web"]
+    assert kubectl("get", "tcproutes", "-A").splitlines()[1].split()[:2] == ["shop", "web-canary"]
+    assert kubectl("get", "nodes").splitlines()[1].split()[:2] == ["node-1", "Ready"]
+    rule = {**TRAFFIC_OBJECTS[0], "spec": {"host": "web", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}}
+    manifest.write_text(yaml.safe_dump(rule))
+    assert kubectl("apply", "-f", str(manifest)) == "destinationrule.networking.istio.io/web configured\n"
+    assert api.get("DestinationRule", "web", "shop")["spec"] == rule["spec"]  # type: ignore[index]
+    assert kubectl("delete", "trafficsplit", "web", "-n", "shop") == 'trafficsplit.split.smi-spec.io "web" deleted\n'
+
+
+def test_a_traffic_group_is_served_only_while_its_crds_are_installed() -> None:
+    with KubeAPIServer(traffic_groups=("networking.istio.io",)) as api:
+        _, body = request(api, "GET", "/apis")
+        assert "gateway.networking.k8s.io" not in [g["name"] for g in body["groups"]]
+        assert request(api, "GET", "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes")[0] == 404
+        for version in ("v1", "v1beta1", "v1alpha3"):
+            status, body = request(api, "GET", f"/apis/networking.istio.io/{version}/destinationrules")
+            assert (status, body["kind"]) == (200, "DestinationRuleList")
+        api.serve_traffic_groups("gateway.networking.k8s.io", "split.smi-spec.io")
+        assert request(api, "GET", "/apis/networking.istio.io/v1/destinationrules")[0] == 404
+        for version in ("v1alpha4", "v1alpha1"):
+            assert request(api, "GET", f"/apis/split.smi-spec.io/{version}/trafficsplits")[0] == 200
 
 
 def test_send_initial_events_ends_with_bookmark(api: KubeAPIServer, watches) -> None:

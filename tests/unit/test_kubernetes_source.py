@@ -112,7 +112,7 @@ async def until(condition: Callable[[], Any], timeout: float = DEADLINE, what: s
 async def running(api: KubeAPIServer, tmp_path: Path, **options: Any) -> AsyncIterator[Run]:
     """Start a KubernetesSource on `api` (through a kubeconfig), wait for the first state."""
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-    options = {"backoff_initial": 0.05, "backoff_cap": 0.2, **options}
+    options = {"backoff_initial": 0.05, "backoff_cap": 0.2, "node": "node-1", **options}
     run: Run
     source = KubernetesSource(lambda s: run.states.append(s), lambda e: run.errors.append(e),
                               kubeconfig=str(kubeconfig), **options)

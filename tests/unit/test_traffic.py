@@ -258,6 +258,15 @@ def test_a_route_for_a_gateway_or_another_namespace_is_not_the_mesh_s() -> None:
     assert reviews(gateway, consumer).traffic == TrafficPolicy()
 
 
+def test_a_backend_naming_no_service_is_a_warning() -> None:
+    split = traffic_split({"service": "reviews", "backends": [{"service": "reviews", "weight": 9},
+                                                              {"service": "reviews-v3", "weight": 1}]})
+    traffic = reviews(split).traffic
+    assert [b.service for b in traffic.split] == ["shop/reviews", "shop/reviews-v3"]
+    assert traffic.warnings == ("TrafficSplit shop/reviews-split: backend shop/reviews-v3 is no Service of the "
+                                "registry",)
+
+
 def test_only_the_first_rule_of_a_tcp_route_is_used() -> None:
     route = tcp_route({**CANARY, "rules": [*CANARY["rules"], {"backendRefs": [{"name": "ratings", "port": 9080}]}]})
     traffic = reviews(route).traffic
