@@ -7,8 +7,8 @@ counts and a random source the caller owns (seeded in tests).
 - Weighted split (a TCPRoute's weighted backendRefs, an SMI TrafficSplit): nginx's smooth
   weighted round-robin. Each pick adds every backend's weight to its running score, takes the
   highest score and subtracts the total from it, so 90/10 sends one connection in ten to the
-  canary, spread evenly (never ten in a row), and the counts stay within one of the weights'
-  share at every point.
+  canary, spread evenly (never two canary connections in a row), and the counts stay close to
+  the weights' shares at every point, not only over a whole cycle.
 - Balancers within one Service's endpoints: ROUND_ROBIN (the Service's turn), RANDOM, and
   LEAST_REQUEST as the power of two random choices (Envoy's and Linkerd's): two endpoints drawn
   at random, the one with fewer live connections from this node wins, so a loaded endpoint is
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 from registry.model import Backend, LoadBalancer
+
 
 @dataclass
 class _Split:

@@ -97,3 +97,11 @@ def test_locality_tiers_are_this_node_then_this_zone_then_the_rest():
     assert locality_tiers(places, "n1", None) == [[2, 4], [0, 1, 3]]  # no zone known: this node, then the rest
     assert locality_tiers(places, "n9", None) == [[0, 1, 2, 3, 4]]  # nothing known to be close
     assert locality_tiers([("n2", "z1")], "n1", "z1") == [[0]]  # empty tiers are left out
+
+
+def test_a_registry_update_with_the_same_weights_keeps_the_rotation():
+    splits = WeightedSplits()
+    first = [splits.order("shop/web", split(1, 1))[0].service for _ in range(3)]
+    again = splits.order("shop/web", split(1, 1))[0].service  # new Backend values, equal to the old
+    assert first + [again] == [STABLE, CANARY, STABLE, CANARY]
+    assert splits.picks("shop/web") == {STABLE: 2, CANARY: 2}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from tests.unit.clock import Clock
 from ztunnel.errors import ProxyError
 from ztunnel.outliers import OutlierDetector
@@ -93,3 +95,16 @@ def test_the_endpoints_own_failures_open_its_breaker():
     for _ in range(5):
         attempts.failed(route, REFUSED)
     assert outliers.state(("shop/web", route.address)) == "OPEN"
+
+
+def test_an_attempt_takes_its_services_connect_timeout_within_what_is_left_of_the_deadline():
+    clock = Clock()
+    plan = Plan((Upstream("10.244.2.1", 8080, "service", "shop/web"), Upstream("10.96.9.9", 80, "passthrough")), 2,
+                {"shop/web": Pool(1, connect_timeout=0.5)}, "shop/web")
+    attempts = Attempts(plan, RetryBudget(clock=clock), OutlierDetector(clock=clock), LiveConnections().hold(),
+                        Counter(), [], 2.0, clock)
+    service_route, passthrough = plan.candidates
+    assert attempts.timeout(service_route, 5.0) == 0.5  # the DestinationRule's connectTimeout
+    assert attempts.timeout(passthrough, 5.0) == 2.0  # the agent's 5 s, cut to the 2 s left
+    clock.now += 1.8
+    assert attempts.timeout(service_route, 5.0) == pytest.approx(0.2)
