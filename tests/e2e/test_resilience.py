@@ -277,3 +277,27 @@ def test_prefer_close_keeps_connections_on_this_node_while_a_local_endpoint_is_r
     assert shaped.wait_for("connections back on node-1",
                            lambda: served_by(shaped, SHAPED["close"], 1) == ["web-v1-a"], timeout=5.0)
     assert set(served_by(shaped, SHAPED["close"], 20)) == {"web-v1-a"}
+
+
+def test_prefer_close_without_a_local_endpoint_stays_in_the_zone_and_leaves_it_only_when_it_must(make_bed):
+    # three nodes: node-1 and node-2 in zone-a, node-3 in zone-b (their Node objects' labels);
+    # plaintext backends in a namespace outside the mesh, so only node-1 needs an agent
+    bed = make_bed("p2p", nodes=3)
+    mesh = Mesh(bed, namespaces={"shop": True, "backend": False}, container_port=PORT)
+    bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
+    servers = {name: bed.start_podserver(bed.add_pod(name, node, namespace="backend", labels={"app": "zoned"}), PORT)
+               for name, node in (("near", 2), ("far", 3))}
+    mesh.services.append(ServiceSpec("zoned", "backend", "10.96.0.50", 80, "http", {"app": "zoned"},
+                                     traffic_distribution="PreferClose"))
+    mesh.policies = [{"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": node.name, "labels": {"topology.kubernetes.io/zone": "zone-b" if node.index == 3 else "zone-a"}}}
+        for node in bed.nodes]
+    mesh.write_registry()
+    mesh.start_agent(1)
+    try:
+        assert set(served_by(mesh, "10.96.0.50", 30)) == {"near"}  # node-2: this node's zone
+        bed.stop(servers["near"])
+        spilled = served_by(mesh, "10.96.0.50", 30)
+        assert set(spilled) == {"far"}, Counter(spilled)  # retries hide the dead one, then its breaker opens
+    finally:
+        mesh.print_logs()
