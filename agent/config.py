@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ztunnel.authz import DEFAULT_ROOT_NAMESPACE
+from ztunnel.cawatch import POLL_INTERVAL
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -38,7 +39,17 @@ class AgentConfig:
     # the root CA's ca.key and ca.crt (created there, mode 0600, when both are absent); every
     # agent of a cluster must use the same root
     ca_dir: Path = DEFAULT_CA_DIR
+    # the cluster CA (`ameshctl ca serve`) as host:port; None: the local root CA in ca_dir, the
+    # weaker trust model of the embedded demo and test beds (this node holds the root key)
+    ca_address: str | None = None
+    # the projected service-account token (audience amesh-ca) the agent shows the cluster CA,
+    # re-read for every request (kubelet rotates it), and the root certificates it checks the
+    # CA's TLS and its peers against: both needed with ca_address
+    ca_token_file: Path | None = None
+    trust_bundle: Path | None = None
     cert_lifetime: timedelta = DEFAULT_LIFETIME  # workload certificates; renewed at half-life
+    # seconds between checks of ca_dir for a new signing root or trust bundle (a root rotation)
+    ca_poll_interval: float = POLL_INTERVAL
     metrics_port: int = METRICS_PORT
     readiness_port: int = READINESS_PORT
     access_log: bool = True  # one JSON line per closed connection on stdout

@@ -1,11 +1,13 @@
 """The node's capture datapath: the BPF program, its tc attachments and the routing it needs.
 
-`NodeDatapath` is the one place that changes kernel state for amesh: it compiles
-bpf/capture.c with BCC, attaches it (pyroute2) at tc ingress of the interfaces packets enter
-the node by, and its sk_lookup program to the node's network namespace (a link that goes away
-with the agent), keeps the map of enrolled pod addresses and the sockmap of the ztunnel's
-listeners, and installs the policy rule and local route that deliver marked packets to them. Everything it adds carries a
-fixed priority or table number, so a later agent finds and replaces what a killed one left.
+`NodeDatapath` is the one place that changes kernel state for amesh: it has bpf/capture.c
+compiled and loaded by BCC in a short-lived child process (bpf/loader.py: the agent never maps
+LLVM) and drives the programs and maps by their fds (bpf/syscalls.py). It attaches the tc
+program (pyroute2) at tc ingress of the interfaces packets enter the node by, and its sk_lookup
+program to the node's network namespace (a link that goes away with the agent), keeps the map
+of enrolled pod addresses and the sockmap of the ztunnel's listeners, and installs the policy
+rule and local route that deliver marked packets to them. Everything it adds carries a fixed
+priority or table number, so a later agent finds and replaces what a killed one left.
 It also reads the program's per-flow counters back (`flows()`), through pure conversion helpers.
 """
 
@@ -28,6 +30,9 @@ from typing import Any, Iterable, Mapping
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from bpf.loader import LoadError, LoadRequest, ProgramSpec, load
+from bpf.syscalls import BpfError, BpfMap, link_create
+
 log = logging.getLogger("amesh.bpf")
 
 SOURCE = Path(__file__).with_name("capture.c")
@@ -40,7 +45,9 @@ ROUTE_TABLE = 15001
 RULE_PRIORITY = 15001
 FILTER_PRIORITY = 15001
 TC_INGRESS = "ffff:fff2"
-# uapi enum values BCC 0.26 has no names for: the sk_lookup program type and its attach type.
+# uapi enum values (uapi/linux/bpf.h): the tc program type, the sk_lookup program type and its
+# attach type.
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SK_LOOKUP = 30
 BPF_SK_LOOKUP = 36
 
@@ -66,47 +73,70 @@ class Attachment:
     kind: str  # link kind: "veth", "bridge", "vxlan", "" for a physical NIC, ...
 
 
+class FlowKey(ctypes.Structure):
+    """capture.c's struct flow_key: a flow's 5-tuple as the packet carries it."""
+
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowStats(ctypes.Structure):
+    """capture.c's struct flow_stats: one flow's counters."""
+
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("first_seen", ctypes.c_uint64),
+                ("last_seen", ctypes.c_uint64), ("tcp_flags", ctypes.c_uint64), ("captured", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+# capture.c's maps as its BPF_HASH and BPF_TABLE lines declare them: name -> (key, value).
+MAP_LAYOUTS: dict[str, tuple[type, type]] = {
+    "enrolled_pods": (ctypes.c_uint32, ctypes.c_uint8),  # pod IPv4 (network order) -> 1
+    "flows": (FlowKey, FlowStats),
+    "listeners": (ctypes.c_uint32, ctypes.c_int),  # slot -> socket (written as the socket's fd)
+}
+TC_PROGRAM, LOOKUP_PROGRAM = "capture", "capture_listener_lookup"
+PROGRAMS = (ProgramSpec(TC_PROGRAM, BPF_PROG_TYPE_SCHED_CLS),
+            ProgramSpec(LOOKUP_PROGRAM, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP))
+
+
 class CaptureProgram:
-    """bpf/capture.c compiled and loaded, with handles on its two maps."""
+    """bpf/capture.c loaded by a short-lived child (bpf/loader.py): its programs' fds and its maps."""
 
     def __init__(self, hbone_port: int, flow_accounting: bool = True) -> None:
-        from bcc import BPF  # imported here: loading libbcc is slow and needs root
-
+        cflags = (f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
+                  f"-DFLOW_ACCOUNTING={int(flow_accounting)}", *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot))
+        started = time.monotonic()
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[
-                f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
-                f"-DFLOW_ACCOUNTING={int(flow_accounting)}",
-                *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot)])
-            self.fn = self.bpf.load_func(b"capture", BPF.SCHED_CLS)
-            self.listener_lookup = self.bpf.load_func(b"capture_listener_lookup", BPF_PROG_TYPE_SK_LOOKUP,
-                                                      attach_type=BPF_SK_LOOKUP)
-        except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
-            raise DatapathError(f"loading {SOURCE.name} failed: {exc}") from exc
-        self._enrolled = self.bpf[b"enrolled_pods"]
-        self.flows = self.bpf[b"flows"]
+            self._loaded = load(LoadRequest(str(SOURCE), cflags, PROGRAMS, tuple(MAP_LAYOUTS)))
+        except LoadError as exc:
+            raise DatapathError(str(exc)) from exc
+        log.info("event=bpf_loaded source=%s seconds=%.3f", SOURCE.name, time.monotonic() - started)
+        try:
+            self._maps = {name: BpfMap(self._loaded.maps[name], key, value, name)
+                          for name, (key, value) in MAP_LAYOUTS.items()}
+        except BpfError as exc:
+            self.close()
+            raise DatapathError(f"loading {SOURCE.name} failed: {exc.strerror}") from exc
+        self.tc_program_fd = self._loaded.programs[TC_PROGRAM]
+        self.flows = self._maps["flows"]
 
     def set_listener(self, slot: Slot, sock: socket.socket) -> None:
         """Puts one of the ztunnel's listening sockets in the sockmap SYNs are assigned from."""
-        from bcc import lib
-
-        # BCC 0.26 has no Python wrapper for sockmaps ("Unknown table type 15").
-        fd = lib.bpf_table_fd(self.bpf.module, b"listeners")
-        key, value = ctypes.c_uint32(slot), ctypes.c_uint64(sock.fileno())
-        if lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0) != 0:
-            err = ctypes.get_errno()
+        try:
+            self._maps["listeners"].update(ctypes.c_uint32(slot), ctypes.c_int(sock.fileno()))
+        except BpfError as exc:
             raise DatapathError(f"putting the {slot.name.lower()} listener in the sockmap failed: "
-                                f"{errno.errorcode.get(err, err)}")
+                                f"{errno.errorcode.get(exc.errno, exc.errno)}") from exc
 
     def attach_listener_lookup(self, above_fd: int) -> int:
         """Attaches capture_listener_lookup to the calling thread's network namespace; returns
         the link's fd (closing it detaches), numbered above `above_fd`."""
-        from bcc import lib
-
-        with open("/proc/thread-self/ns/net", "rb") as netns:
-            fd = lib.bpf_link_create(self.listener_lookup.fd, netns.fileno(), BPF_SK_LOOKUP, None)
-        if fd < 0:
+        try:
+            with open("/proc/thread-self/ns/net", "rb") as netns:
+                fd = link_create(self._loaded.programs[LOOKUP_PROGRAM], netns.fileno(), BPF_SK_LOOKUP)
+        except BpfError as exc:
             raise DatapathError(f"attaching the sk_lookup program to the node's network namespace failed: "
-                                f"{os.strerror(-fd)}")
+                                f"{exc.strerror}") from exc
         try:
             return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above_fd + 1)
         finally:
@@ -114,16 +144,24 @@ class CaptureProgram:
 
     def set_enrolled(self, ips: Iterable[str]) -> None:
         """Makes the enrolled-pods map hold exactly `ips`."""
+        enrolled = self._maps["enrolled_pods"]
         wanted = {_ip_key(ip) for ip in ips}
-        present = {k.value for k in self._enrolled.keys()}
-        for key in present - wanted:
-            del self._enrolled[self._enrolled.Key(key)]
-        for key in wanted - present:
-            self._enrolled[self._enrolled.Key(key)] = self._enrolled.Leaf(1)
+        try:
+            present = {key.value for key in enrolled.keys()}
+            for key in present - wanted:
+                enrolled.delete(ctypes.c_uint32(key))
+            for key in wanted - present:
+                enrolled.update(ctypes.c_uint32(key), ctypes.c_uint8(1))
+        except BpfError as exc:
+            raise DatapathError(f"updating the enrolled_pods map failed: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        """Closes the programs' and maps' fds (attached programs stay until detached)."""
+        self._loaded.close()
 
 
 # Byte order, in one place: the program keeps addresses and ports as the packet carries them
-# (network order); BCC hands them to Python as host-order integers holding those same bytes.
+# (network order); a ctypes integer field reads those same bytes as a host-order integer.
 
 def _ip_key(ip: str) -> int:
     """A dotted IPv4 address as the program's u32 (its four bytes in network order)."""
@@ -195,6 +233,7 @@ class NodeDatapath:
         self._enrolled: tuple[str, ...] = ()
         self._not_routed_here: tuple[str, ...] = ()
         self._listener_lookup_link: int | None = None
+        self.program: CaptureProgram | None = None
         try:
             removed = remove_leftovers(self._ipr)
             if removed:
@@ -270,9 +309,8 @@ class NodeDatapath:
         try:
             if not any(q.get_attr("TCA_KIND") == "clsact" for q in self._ipr.get_qdiscs(attachment.ifindex)):
                 self._ipr.tc("add", "clsact", attachment.ifindex)
-            self._ipr.tc("replace-filter", "bpf", attachment.ifindex, ":1", fd=self.program.fn.fd,
-                         name=self.program.fn.name, parent=TC_INGRESS, classid=1, direct_action=True,
-                         prio=FILTER_PRIORITY)
+            self._ipr.tc("replace-filter", "bpf", attachment.ifindex, ":1", fd=self.program.tc_program_fd,
+                         name=TC_PROGRAM, parent=TC_INGRESS, classid=1, direct_action=True, prio=FILTER_PRIORITY)
         except NetlinkError as exc:
             raise DatapathError(f"attaching to {attachment.ifname} failed: {exc}") from exc
         self._attached[attachment.ifindex] = attachment
@@ -305,7 +343,8 @@ class NodeDatapath:
         return flow_records(entries.values(), monotonic_offset_ns(), limit)
 
     def close(self) -> None:
-        """Removes every filter, qdisc, rule and route this datapath added, and the sk_lookup link."""
+        """Removes every filter, qdisc, rule and route this datapath added and the sk_lookup link,
+        then closes the programs' and maps' fds."""
         for attachment in self._attached.values():
             self._detach(attachment)
         self._attached.clear()
@@ -314,6 +353,9 @@ class NodeDatapath:
             self._listener_lookup_link = None
         remove_leftovers(self._ipr)
         self._ipr.close()
+        if self.program is not None:
+            self.program.close()
+            self.program = None
 
 
 def remove_leftovers(ipr: IPRoute) -> list[str]:

@@ -1,10 +1,14 @@
 """Workload identities for the ztunnel: SPIFFE IDs, the node's CA, certificate rotation, TLS contexts.
 
 - `Identity` is a SPIFFE ID, spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
-- `FileCA` is the root CA kept in two files (ca.key, ca.crt); it signs workload certificates for
-  public keys it is handed and never sees a workload's private key.
+- `FileCA` is the root CA of a directory: the signing root (ca.key, ca.crt) and the trust bundle,
+  every root peers may be signed by (trust-bundle.pem; absent, ca.crt alone; during a root
+  rotation, ztunnel/rotation.py, the old and the new). It signs workload certificates for public
+  keys it is handed and never sees a workload's private key. `CAFiles` is that directory read at
+  one moment (ztunnel/cawatch.py compares them to notice a change).
 - `CertificateManager` holds one key and certificate per identity the node serves, renews them at
-  half-life (backing off when the issuer fails) and hands out mutual-TLS 1.3 `ssl.SSLContext`s.
+  half-life (backing off when the issuer fails) and hands out mutual-TLS 1.3 `ssl.SSLContext`s
+  that trust every root of the issuer's bundle; a new issuer (`set_issuer`) renews them all.
   Its timing decisions (`renew_due`, `next_wakeup`) are pure and take `now`, so tests drive them
   with a fake clock; `run()` only sleeps and calls them.
 - `peer_identity` / `expect_identity` turn the peer's certificate into an `Identity` once OpenSSL has
@@ -17,6 +21,7 @@ memory file (memfd) and never written to disk.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -28,9 +33,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -56,6 +62,7 @@ JITTER = (0.8, 1.2)  # retry delays are multiplied by a factor in this range so 
 ORGANIZATION = "amesh"
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
+TRUST_BUNDLE_FILE = "trust-bundle.pem"  # every root peers may be signed by; absent: ca.crt alone
 
 # SPIFFE ID syntax (spiffe/spiffe standards/SPIFFE-ID.md): the trust domain is lowercase letters,
 # digits, dots, dashes and underscores; path segments also allow uppercase, and may not be . or ..
@@ -158,13 +165,110 @@ class Issuer(Protocol):
         ...
 
 
+@runtime_checkable
+class RemoteIssuer(Protocol):
+    """An issuer across the network (the cluster CA): it signs a CSR, so it sees no private key
+    and gets proof that the asker holds the key. Each call is a round trip that may take up to its
+    timeout, so the CertificateManager makes it in a worker thread, never on the event loop."""
+
+    @property
+    def trust_bundle(self) -> bytes:
+        """As Issuer.trust_bundle: PEM of every root CA certificate peers may be signed by."""
+        ...
+
+    @property
+    def root_fingerprint(self) -> str:
+        """As Issuer.root_fingerprint."""
+        ...
+
+    def issue_request(
+        self, identity: Identity, request: x509.CertificateSigningRequest, lifetime: timedelta
+    ) -> IssuedCertificate:
+        """A certificate for the CSR `request` of `identity`; IssueError when it is not signed."""
+        ...
+
+
+def signing_request(
+    identity: Identity, key: ec.EllipticCurvePrivateKey
+) -> x509.CertificateSigningRequest:
+    """A PKCS#10 CSR for `identity` (its SPIFFE ID the only SAN), signed by `key`."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+
+
+def requested_key(
+    request: x509.CertificateSigningRequest, identity: Identity
+) -> CertificatePublicKeyTypes:
+    """The public key of a CSR that is signed by its own key and asks for exactly `identity`
+    (one URI SAN, nothing else); IssueError naming what is wrong otherwise."""
+    if not request.is_signature_valid:
+        raise IssueError(f"the CSR for {identity} is not signed by the key it carries")
+    try:
+        names = list(request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        names = []
+    if names != [x509.UniformResourceIdentifier(identity.uri)]:
+        found = ", ".join(str(getattr(n, "value", n)) for n in names) or "none"
+        raise IssueError(
+            f"the CSR must name exactly one SAN, the URI {identity.uri}, but names: {found}"
+        )
+    return request.public_key()  # type: ignore[return-value]
+
+
 def fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER as uppercase hex pairs joined by ':' (as openssl prints it)."""
     return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+@dataclass(frozen=True)
+class CAFiles:
+    """A CA directory's files as read at one moment: what a FileCA is loaded from, and what a
+    watch of the directory compares to tell a real change from a touch."""
+
+    directory: Path
+    key_pem: bytes = field(repr=False)  # the signing root's private key: never shown
+    key_mode: int  # permission bits of ca.key
+    cert_pem: bytes
+    bundle_pem: bytes | None  # trust-bundle.pem; None when absent (the bundle is then ca.crt alone)
+
+    @classmethod
+    def read(cls, directory: Path) -> CAFiles:
+        """The files of the CA in `directory`; CAError naming the file that cannot be read."""
+        directory = Path(directory)
+        key_path = directory / CA_KEY_FILE
+        try:
+            with open(key_path, "rb") as f:  # mode and bytes of the same file, even mid-replace
+                key_mode = os.fstat(f.fileno()).st_mode & 0o777
+                key_pem = f.read()
+        except OSError as e:
+            raise CAError(f"cannot read {key_path}: {e.strerror}") from None
+        cert_pem = _read(directory / CA_CERT_FILE)
+        bundle_path = directory / TRUST_BUNDLE_FILE
+        bundle_pem = _read(bundle_path) if bundle_path.exists() else None
+        return cls(directory, key_pem, key_mode, cert_pem, bundle_pem)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over everything a FileCA is made of: equal digests load the same CA."""
+        h = hashlib.sha256(b"%o" % self.key_mode)
+        for part in (self.key_pem, self.cert_pem, self.bundle_pem):
+            h.update(b"-" if part is None else b"%d:" % len(part) + part)
+        return h.hexdigest()
+
+
 class FileCA:
-    """A root CA whose key and certificate live in `directory` (ca.key, ca.crt), created if absent."""
+    """A root CA whose key and certificate live in `directory` (ca.key, ca.crt), created if absent,
+    with the bundle of every root peers may be signed by (trust-bundle.pem; absent: ca.crt alone).
+
+    During a root rotation (ztunnel/rotation.py) the bundle holds the old and the new root while
+    ca.key and ca.crt are one of them: every agent accepts both, each signs with one.
+    """
 
     def __init__(
         self,
@@ -173,6 +277,7 @@ class FileCA:
         certificate: x509.Certificate,
         trust_domain: str,
         clock: Callable[[], float],
+        roots: tuple[x509.Certificate, ...] = (),  # the trust bundle; empty: the signing root alone
     ) -> None:
         self.directory = directory
         self.trust_domain = trust_domain
@@ -181,13 +286,14 @@ class FileCA:
         self._clock = clock
         self._aki = _authority_key_identifier(certificate)
         self.root_pem = certificate.public_bytes(serialization.Encoding.PEM)
-        self.trust_bundle = self.root_pem
         self.root_fingerprint = fingerprint(certificate)
+        self.roots = roots or (certificate,)
+        self.trust_bundle = b"".join(root.public_bytes(serialization.Encoding.PEM) for root in self.roots)
 
     def __repr__(self) -> str:
         return (
             f"FileCA(directory={str(self.directory)!r}, trust_domain={self.trust_domain!r}, "
-            f"root_fingerprint={self.root_fingerprint!r})"
+            f"root_fingerprint={self.root_fingerprint!r}, roots={len(self.roots)})"
         )
 
     @classmethod
@@ -203,7 +309,14 @@ class FileCA:
         key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
         have_key, have_cert = key_path.exists(), cert_path.exists()
         if not have_key and not have_cert:
-            key, certificate = _create_root(directory, trust_domain, clock())
+            bundle_path = directory / TRUST_BUNDLE_FILE
+            if bundle_path.exists():  # a new root would not be in it: restoring is what was meant
+                raise CAError(
+                    f"{bundle_path} exists but {key_path.name} and {cert_path.name} do not: restore "
+                    f"them, or remove {bundle_path.name} too to create a new root CA"
+                )
+            key, certificate = new_root(trust_domain, clock())
+            write_ca_files(directory, [(CA_KEY_FILE, private_pem(key)), (CA_CERT_FILE, certificate_pem(certificate))])
             log.info(
                 "ca.created dir=%s trust_domain=%s fingerprint=%s",
                 directory, trust_domain, fingerprint(certificate),
@@ -215,7 +328,17 @@ class FileCA:
                 f"{present} exists but {missing} does not: restore {missing.name}, or remove "
                 f"{present.name} to create a new root CA (every workload certificate will change)"
             )
-        return cls(directory, *_load_root(key_path, cert_path, clock()), trust_domain, clock)
+        return cls.from_files(CAFiles.read(directory), trust_domain, clock)
+
+    @classmethod
+    def from_files(
+        cls, files: CAFiles, trust_domain: str = DEFAULT_TRUST_DOMAIN, clock: Callable[[], float] = time.time
+    ) -> FileCA:
+        """The CA these files hold, checked: a private, matching, unexpired signing pair, and a
+        bundle of whole CA certificates that holds the signing root; CAError naming the file."""
+        check_trust_domain(trust_domain)
+        key, certificate = _load_root(files, clock())
+        return cls(files.directory, key, certificate, trust_domain, clock, _load_bundle(files, certificate))
 
     def issue(
         self, identity: Identity, public_key: CertificatePublicKeyTypes, lifetime: timedelta
@@ -280,10 +403,8 @@ def _authority_key_identifier(root: x509.Certificate) -> x509.AuthorityKeyIdenti
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
-def _create_root(
-    directory: Path, trust_domain: str, now_s: float
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new self-signed root, written to `directory` as ca.key and ca.crt (both 0600)."""
+def new_root(trust_domain: str, now_s: float) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new self-signed ECDSA P-256 root for `trust_domain`, valid from `now_s` for ROOT_LIFETIME."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.fromtimestamp(now_s, timezone.utc)
     name = x509.Name([
@@ -304,26 +425,36 @@ def _create_root(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
+    return key, certificate
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM, the form ca.key holds."""
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def certificate_pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def write_ca_files(directory: Path, files: Iterable[tuple[str, bytes]], remove: Iterable[str] = ()) -> None:
+    """Writes `files` (name, bytes) into `directory` (made 0700 if absent), each 0600, then removes
+    the names in `remove`: renames and removals happen in the order given, after every file is
+    whole on disk, so a crash leaves the directory at a step boundary of the caller's choosing."""
     # mode applies only to directories we create; umask can only remove bits from 0700
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Both files are complete on disk before either gets its real name, so a crash leaves
-    # either no CA or a whole one (or, between the two renames, a pair load_or_create reports).
-    staged = [
-        (_stage(directory / CA_KEY_FILE, key_pem), directory / CA_KEY_FILE),
-        (_stage(directory / CA_CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM)),
-         directory / CA_CERT_FILE),
-    ]
+    staged = [(_stage(directory / name, data), directory / name) for name, data in files]
     for temporary, final in staged:
         os.rename(temporary, final)
+    for name in remove:
+        (directory / name).unlink(missing_ok=True)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the renames themselves durable
+        os.fsync(dir_fd)  # make the renames and removals themselves durable
     finally:
         os.close(dir_fd)
-    return key, certificate
 
 
 def _stage(path: Path, data: bytes) -> Path:
@@ -350,34 +481,30 @@ def _read(path: Path) -> bytes:
 
 
 def _load_root(
-    key_path: Path, cert_path: Path, now_s: float
+    files: CAFiles, now_s: float
 ) -> tuple[ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, x509.Certificate]:
-    """The key and certificate from the CA files, checked to be a usable, private, matching pair."""
-    mode = key_path.stat().st_mode & 0o777
-    if mode & 0o077:
+    """The signing key and certificate of the CA files, checked to be a private, usable, matching pair."""
+    key_path = files.directory / CA_KEY_FILE
+    if files.key_mode & 0o077:
         raise CAError(
-            f"{key_path} is accessible by group or others (mode {mode:04o}); the root key must be "
-            f"private: run chmod 600 {key_path}"
+            f"{key_path} is accessible by group or others (mode {files.key_mode:04o}); the root key "
+            f"must be private: run chmod 600 {key_path}"
         )
+    return load_signing_pair(files.key_pem, key_path, files.cert_pem, files.directory / CA_CERT_FILE, now_s)
+
+
+def load_signing_pair(
+    key_pem: bytes, key_path: Path, cert_pem: bytes, cert_path: Path, now_s: float
+) -> tuple[ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, x509.Certificate]:
+    """A root key and its CA certificate from PEM, checked to be usable, matching and unexpired;
+    CAError naming the file at fault (the paths are only for the messages)."""
+    certificate = load_ca_certificate(cert_pem, cert_path)
     try:
-        certificate = x509.load_pem_x509_certificate(_read(cert_path))
-    except ValueError as e:
-        raise CAError(f"{cert_path} is not a PEM certificate: {e}") from None
-    try:
-        key = serialization.load_pem_private_key(_read(key_path), password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as e:  # TypeError: the key is encrypted
         raise CAError(f"{key_path} is not an unencrypted PEM private key: {e}") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise CAError(f"{key_path} holds a {type(key).__name__}; amesh signs with ECDSA or RSA keys")
-    try:
-        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
-        raise CAError(
-            f"{cert_path} is not a CA certificate (its BasicConstraints do not say CA:true), "
-            "so peers would not accept certificates it signs"
-        )
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
         raise CAError(
@@ -390,6 +517,65 @@ def _load_root(
             f"and {cert_path.name} to create a new root CA"
         )
     return key, certificate
+
+
+def load_ca_certificate(pem: bytes, path: Path) -> x509.Certificate:
+    """The one CA certificate in `pem` (the contents of `path`); CAError naming `path` otherwise."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise CAError(f"{path} is not a PEM certificate: {e}") from None
+    _check_is_ca(certificate, str(path))
+    return certificate
+
+
+def load_roots(pem: bytes, path: Path) -> tuple[x509.Certificate, ...]:
+    """The CA certificates of a PEM bundle (the contents of `path`), in order, duplicates dropped;
+    CAError naming `path` for anything else in it, a certificate cut short, or no certificate."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise CAError(f"{path} holds no PEM certificate: {e}") from None
+    # The parser skips a block cut short at the end (a file caught half-written) without a word,
+    # and text between blocks: every BEGIN must have given one whole certificate.
+    blocks = pem.count(b"-----BEGIN ")
+    if blocks != len(certificates) or pem.count(b"-----END ") != blocks:
+        raise CAError(
+            f"{path} has {blocks} PEM blocks but {len(certificates)} whole certificates: it is cut "
+            "short or holds something else (a key?); it must hold only root CA certificates"
+        )
+    roots: dict[str, x509.Certificate] = {}
+    for certificate in certificates:
+        _check_is_ca(certificate, f"{path} ({certificate.subject.rfc4514_string()}, {fingerprint(certificate)})")
+        roots.setdefault(fingerprint(certificate), certificate)
+    return tuple(roots.values())
+
+
+def _check_is_ca(certificate: x509.Certificate, what: str) -> None:
+    try:
+        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CAError(
+            f"{what} is not a CA certificate (its BasicConstraints do not say CA:true), "
+            "so peers would not accept certificates it signs"
+        )
+
+
+def _load_bundle(files: CAFiles, signing: x509.Certificate) -> tuple[x509.Certificate, ...]:
+    """The roots of trust-bundle.pem, which must hold the signing root; (signing,) without the file."""
+    if files.bundle_pem is None:
+        return (signing,)
+    path = files.directory / TRUST_BUNDLE_FILE
+    roots = load_roots(files.bundle_pem, path)
+    if fingerprint(signing) not in {fingerprint(root) for root in roots}:
+        raise CAError(
+            f"{path} does not hold the signing root {files.directory / CA_CERT_FILE} "
+            f"({fingerprint(signing)}), so peers would refuse every certificate it signs: add "
+            f"{CA_CERT_FILE} to it, or remove {path.name} to trust {CA_CERT_FILE} alone"
+        )
+    return roots
 
 
 def _iso(moment: datetime) -> str:
@@ -454,6 +640,8 @@ class _Held:
 
     issued: IssuedCertificate
     renew_at: float  # wall-clock seconds: half-way from issue to not_after
+    root: str  # fingerprint of the root of the trust bundle the certificate's chain leads to
+    trusts: tuple[str, ...]  # fingerprints of the roots the two contexts accept peers from
     server: ssl.SSLContext = field(repr=False)
     client: ssl.SSLContext = field(repr=False)
 
@@ -477,12 +665,13 @@ class CertificateManager:
 
     Each issue uses a new ECDSA P-256 key made here; the key goes into OpenSSL through a memfd
     and is kept only inside the two SSLContexts built from the certificate. Call the methods
-    from the event loop's thread.
+    from the event loop's thread. With a RemoteIssuer the manager sends a CSR, and every issue
+    happens in run(), in a worker thread: set_identities only makes the new identities due.
     """
 
     def __init__(
         self,
-        issuer: Issuer,
+        issuer: Issuer | RemoteIssuer,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         lifetime: timedelta = DEFAULT_LIFETIME,
         clock: Callable[[], float] = time.time,
@@ -500,6 +689,7 @@ class CertificateManager:
         self._rng = rng if rng is not None else random.Random()
         self._slots: dict[Identity, _Slot] = {}
         self._wake: asyncio.Event | None = None  # made by run(), on the loop that runs it
+        self._remote = isinstance(issuer, RemoteIssuer)
         self.issued_count = 0
 
     def __repr__(self) -> str:
@@ -512,6 +702,31 @@ class CertificateManager:
     @property
     def root_fingerprint(self) -> str:
         return self._issuer.root_fingerprint
+
+    def set_issuer(self, issuer: Issuer) -> None:
+        """Issue from `issuer` from now on (a new signing root or trust bundle): every held
+        certificate is renewed at once, so new connections present its chain and trust its
+        bundle; live connections keep the TLS sessions they have."""
+        self._issuer = issuer
+        for slot in self._slots.values():
+            slot.due_at = -math.inf
+        log.info(
+            "cert.issuer_changed signing_root=%s trust_bundle=%s renewing=%d",
+            issuer.root_fingerprint, ",".join(r["fingerprint"] for r in self.roots()), len(self._slots),
+        )
+        self._poke()
+
+    def roots(self) -> list[dict[str, Any]]:
+        """The roots of the issuer's trust bundle for people: fingerprint, subject, expiry, signing."""
+        return [
+            {
+                "fingerprint": fingerprint(root),
+                "subject": root.subject.rfc4514_string(),
+                "not_after": _iso(root.not_valid_after_utc),
+                "signing": fingerprint(root) == self._issuer.root_fingerprint,
+            }
+            for root in x509.load_pem_x509_certificates(self._issuer.trust_bundle)
+        ]
 
     def set_identities(self, identities: Iterable[Identity]) -> None:
         """Hold certificates for exactly these identities: issue the new ones now, drop the rest."""
@@ -526,7 +741,8 @@ class CertificateManager:
             log.info("cert.dropped identity=%s", identity)
         for identity in sorted(wanted - set(self._slots), key=str):
             self._slots[identity] = _Slot()
-            self.renew(identity)
+            if not self._remote:  # a remote issuer's round trip waits for run()
+                self.renew(identity)
         self._poke()
 
     def renew_now(self, identity: Identity) -> None:
@@ -553,16 +769,45 @@ class CertificateManager:
         # Any issuer failure, even an issuer bug, is recorded and retried: it must not stop the
         # renewal of other identities or end run().
         except Exception as e:
-            slot.failures += 1
-            slot.last_error = str(e) if isinstance(e, IssueError) else f"{type(e).__name__}: {e}"
-            delay = self._retry_delay(slot.failures)
-            slot.due_at = now + delay
-            log.warning(
-                "cert.issue_failed identity=%s failures=%d retry_in=%.1fs error=%r",
-                identity, slot.failures, delay, slot.last_error,
-                exc_info=not isinstance(e, IssueError),
-            )
-            return False
+            return self._failed(identity, slot, now, e)
+        return self._issued(identity, held)
+
+    async def renew_in_thread(self, identity: Identity) -> bool:
+        """renew(), with the issuer called in a worker thread: a remote CA's round trip (or its
+        timeout) never stalls the connections on the event loop."""
+        slot = self._slot(identity)
+        now = self._clock()
+        try:
+            held = await asyncio.to_thread(self._issue, identity, now)
+        except Exception as e:
+            return self._failed(identity, slot, now, e)
+        if self._slots.get(identity) is not slot:
+            return False  # dropped (set_identities) while the CA was asked
+        return self._issued(identity, held)
+
+    async def renew_due_now(self) -> None:
+        """Renews every identity due now: remote ones concurrently in worker threads."""
+        due = self.renew_due(self._clock())
+        if self._remote:
+            await asyncio.gather(*(self.renew_in_thread(identity) for identity in due))
+        else:
+            for identity in due:
+                self.renew(identity)
+
+    def _failed(self, identity: Identity, slot: _Slot, now: float, error: Exception) -> bool:
+        """Records a failed issue and schedules the retry (the certificate held keeps serving)."""
+        slot.failures += 1
+        slot.last_error = str(error) if isinstance(error, IssueError) else f"{type(error).__name__}: {error}"
+        delay = self._retry_delay(slot.failures)
+        slot.due_at = now + delay
+        log.warning(
+            "cert.issue_failed identity=%s failures=%d retry_in=%.1fs error=%r",
+            identity, slot.failures, delay, slot.last_error,
+            exc_info=not isinstance(error, IssueError),
+        )
+        return False
+
+    def _issued(self, identity: Identity, held: _Held) -> bool:
         self._slots[identity] = _Slot(held=held, due_at=held.renew_at)
         self.issued_count += 1
         log.info(
@@ -575,7 +820,10 @@ class CertificateManager:
 
     def _issue(self, identity: Identity, now: float) -> _Held:
         key = ec.generate_private_key(ec.SECP256R1())
-        issued = self._issuer.issue(identity, key.public_key(), self._lifetime)
+        if isinstance(self._issuer, RemoteIssuer):
+            issued = self._issuer.issue_request(identity, signing_request(identity, key), self._lifetime)
+        else:
+            issued = self._issuer.issue(identity, key.public_key(), self._lifetime)
         not_after = issued.certificate.not_valid_after_utc.timestamp()
         if not_after <= now:  # would make the half-life below lie in the past: renewal in a loop
             raise IssueError(
@@ -585,14 +833,23 @@ class CertificateManager:
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        roots = self._issuer.trust_bundle
+        bundle = self._issuer.trust_bundle
+        roots = x509.load_pem_x509_certificates(bundle)
+        root = _issuing_root(issued.chain_pem, roots)
+        if root is None:  # peers trusting only the bundle would refuse it: keep the one we have
+            raise IssueError(
+                f"issuer returned a certificate for {identity} whose chain leads to none of the "
+                f"roots of its trust bundle ({', '.join(fingerprint(r) for r in roots)})"
+            )
         # Half-life from when we received it rather than from not_before: issuers backdate
         # not_before for clock skew, which for short lifetimes would put the half-life in the past.
         return _Held(
             issued=issued,
             renew_at=now + (not_after - now) / 2,
-            server=_tls_context(True, roots, issued.chain_pem + key_pem),
-            client=_tls_context(False, roots, issued.chain_pem + key_pem),
+            root=fingerprint(root),
+            trusts=tuple(fingerprint(r) for r in roots),
+            server=_tls_context(True, bundle, issued.chain_pem + key_pem),
+            client=_tls_context(False, bundle, issued.chain_pem + key_pem),
         )
 
     def _retry_delay(self, failures: int) -> float:
@@ -626,6 +883,8 @@ class CertificateManager:
                 "not_before": _iso(certificate.not_valid_before_utc) if certificate else None,
                 "not_after": _iso(certificate.not_valid_after_utc) if certificate else None,
                 "state": _state(slot, now),
+                "root": held.root if held else None,
+                "trusts": list(held.trusts) if held else [],
                 "issue_failures": slot.failures,
                 "last_error": slot.last_error,
             })
@@ -636,8 +895,7 @@ class CertificateManager:
         self._wake = asyncio.Event()
         try:
             while True:
-                for identity in self.renew_due(self._clock()):
-                    self.renew(identity)
+                await self.renew_due_now()
                 # Cleared only now: pokes made while renewing were just served by the loop above.
                 self._wake.clear()
                 wake_at = self.next_wakeup(self._clock())
@@ -677,6 +935,21 @@ def _state(slot: _Slot, now: float) -> str:
     return "valid"
 
 
+def _issuing_root(chain_pem: bytes, roots: Iterable[x509.Certificate]) -> x509.Certificate | None:
+    """The root among `roots` that a chain (leaf first) leads to: its last certificate is that
+    root, or was signed by it; None when no root fits."""
+    last = x509.load_pem_x509_certificates(chain_pem)[-1]
+    for root in roots:
+        if root == last:
+            return root
+        try:
+            last.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):  # another issuer, key type or signature
+            continue
+        return root
+    return None
+
+
 def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: bytes) -> ssl.SSLContext:
     """A mutual-TLS 1.3 context speaking h2 that trusts only the roots in `trust_bundle`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
@@ -686,6 +959,12 @@ def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: byte
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED  # on the server side: a client certificate is required
     context.load_verify_locations(cadata=trust_bundle.decode("ascii"))
+    load_chain_and_key(context, chain_and_key_pem)
+    return context
+
+
+def load_chain_and_key(context: ssl.SSLContext, chain_and_key_pem: bytes) -> None:
+    """Loads a certificate chain and its key into `context` without writing the key to disk."""
     # ssl can only load a key from a path; an anonymous memory file keeps the key off the disk.
     fd = os.memfd_create("amesh-workload-cert", os.MFD_CLOEXEC)
     try:
@@ -695,4 +974,3 @@ def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: byte
         context.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-    return context
