@@ -45,6 +45,7 @@ class ServiceSpec:
     selector: dict[str, str]
     port_name: str = "http"
     annotations: dict[str, str] = field(default_factory=dict)
+    traffic_distribution: str | None = None  # spec.trafficDistribution ("PreferClose")
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Mesh:
                 "metadata": {"name": svc.name, "namespace": svc.namespace, "annotations": svc.annotations},
                 "spec": {"clusterIP": svc.cluster_ip, "selector": svc.selector,
                          "ports": [{"name": svc.port_name, "port": svc.port, "targetPort": svc.target_port,
-                                    "protocol": "TCP"}]},
+                                    "protocol": "TCP"}],
+                         **({"trafficDistribution": svc.traffic_distribution} if svc.traffic_distribution else {})},
             })
         return docs + self.policies
 
@@ -389,3 +391,20 @@ def exchange(bed: Bed, pod: Pod, ip: str, port: int, payload: bytes, timeout: fl
             received += chunk
     name, _, echoed = bytes(received).partition(b"\n")
     return name.decode(), echoed
+
+
+def tcp_route(namespace: str, name: str, parent: str, weights: dict[str, int], port: int = 80) -> dict:
+    """A Gateway API TCPRoute splitting Service `parent` (the GAMMA pattern) to the backend
+    Services of `weights` on `port`."""
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": port, "weight": weight}
+                                                for backend, weight in weights.items()]}]}}
+
+
+def destination_rule(namespace: str, host: str, policy: dict) -> dict:
+    """An Istio DestinationRule named after its Service `host`, with `policy` as its trafficPolicy."""
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": host, "namespace": namespace},
+            "spec": {"host": f"{host}.{namespace}.svc.cluster.local", "trafficPolicy": policy}}
