@@ -1,6 +1,9 @@
 # Quick start (Debian 12, as root): `make demo`, then `make test`. Each installs what it needs.
 PYTHON := .venv/bin/python
 MODE ?= p2p
+# 1: the demo runs the test API server and the cluster CA (agents hold no root key); 0: a registry
+# file and the local CA on each node (the weaker trust model)
+CLUSTER ?= 1
 
 .PHONY: deps demo test unit e2e fuzz bench
 
@@ -8,7 +11,7 @@ deps:
 	./scripts/install-deps.sh $(PKGS)
 
 demo: deps
-	$(PYTHON) -m tests.demo --mode $(MODE)
+	$(PYTHON) -m tests.demo --mode $(MODE) $(if $(filter 1,$(CLUSTER)),--control-plane)
 
 # tcpdump: the e2e tests look at the bytes on the wire between nodes; prometheus: promtool and a
 # real server scraping an agent; tmux: a terminal for `ameshctl top`; iperf3, stunnel4, haproxy:

@@ -87,7 +87,7 @@ class AdminServer:
     async def _certs(self, request: web.Request) -> web.Response:
         certs = self.agent.certs
         return web.json_response({"trust_domain": certs.trust_domain, "root_fingerprint": certs.root_fingerprint,
-                                  "certificates": certs.certificates()})
+                                  "ca": self.agent.ca_status(), "certificates": certs.certificates()})
 
     async def _renew_certs(self, request: web.Request) -> web.Response:
         """Renews every workload certificate now; live connections keep the ones they have."""

@@ -19,6 +19,8 @@ import uvloop
 
 from agent import views
 from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig, default
+from ca.config import CA_PORT
+from ca.config import METRICS_PORT as CA_METRICS_PORT
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -60,6 +62,12 @@ def main(ctx: click.Context, admin: str) -> None:
               help="namespace whose AuthorizationPolicies and PeerAuthentications apply mesh-wide")
 @click.option("--ca-dir", default=DEFAULT_CA_DIR, show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="directory of the root CA (ca.key, ca.crt); created there when absent")
+@click.option("--ca-address", default=None, help="the cluster CA (ameshctl ca serve) as HOST:PORT; without it the "
+              "agent signs with the local root CA in --ca-dir (the weaker trust model: the node holds the root key)")
+@click.option("--ca-token-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="projected service-account token (audience amesh-ca) shown to the cluster CA; re-read per request")
+@click.option("--trust-bundle", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM root certificate(s) the cluster CA and the mesh's peers are checked against")
 @click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
               type=click.IntRange(60), help="seconds a workload certificate is valid (renewed at half-life)")
 @click.option("--metrics-port", default=METRICS_PORT, show_default=True, type=click.IntRange(1, 65535),
@@ -85,6 +93,8 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     from ztunnel.identity import CAError
 
     setup_logging(log_level)
+    if options["ca_address"] and not (options["ca_token_file"] and options["trust_bundle"]):
+        raise click.UsageError("--ca-address needs --ca-token-file and --trust-bundle")
     # every other option is an AgentConfig field of the same name
     config = AgentConfig(cert_lifetime=timedelta(seconds=cert_lifetime), **options)
     try:
@@ -252,7 +262,7 @@ def lookup(admin: str, name: str, namespace: str, output: str) -> None:
 
 @main.group()
 def ca() -> None:
-    """The mesh's certificate authority: create its root."""
+    """The mesh's certificate authority: create its root, serve it as the cluster CA."""
 
 
 @ca.command(name="init")
@@ -267,6 +277,58 @@ def ca_init(directory: Path, trust_domain: str) -> None:
     except CAError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"root CA in {directory}: SHA-256 fingerprint {ca.root_fingerprint}")
+
+
+@ca.command(name="serve")
+@click.option("--ca-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="directory holding the root CA's ca.key and ca.crt (the Secret, mounted only here)")
+@click.option("--listen", default=f"0.0.0.0:{CA_PORT}", show_default=True, help="HOST:PORT to serve CSRs on (HTTPS)")
+@click.option("--metrics-port", default=CA_METRICS_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="Prometheus metrics at :PORT/metrics and readiness at :PORT/healthz/ready (plain HTTP)")
+@click.option("--kubeconfig", default=None, envvar="KUBECONFIG",
+              help="kubeconfig for the API server (default: in-cluster service account)")
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
+              type=click.IntRange(60), help="the longest a workload certificate may be valid, seconds")
+@click.option("--agent-service-account", default="amesh-system/amesh-agent", show_default=True,
+              help="NAMESPACE/NAME of the agents' service account: only its pod-bound tokens may ask")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def ca_serve(ca_dir: Path, listen: str, metrics_port: int, kubeconfig: str | None, trust_domain: str,
+             cert_lifetime: int, agent_service_account: str, log_level: str) -> None:
+    """Run the cluster CA: sign CSRs of agents for identities of pods on their own node."""
+    from agent.logs import setup_logging
+    from ca.config import CAConfig
+    from ca.server import ClusterCA
+    from ztunnel.identity import CAError
+
+    setup_logging(log_level)
+    host, _, port = listen.rpartition(":")
+    agent_namespace, _, agent_account = agent_service_account.partition("/")
+    if not host or not port.isdigit() or not agent_account:
+        raise click.UsageError("--listen is HOST:PORT and --agent-service-account NAMESPACE/NAME")
+    config = CAConfig(ca_dir, host, int(port), metrics_port, kubeconfig, trust_domain,
+                      timedelta(seconds=cert_lifetime), agent_namespace, agent_account)
+    try:
+        server = ClusterCA(config)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve_until_signal(server.run()))
+    except CAError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot start the cluster CA: {exc}") from exc
+
+
+async def _serve_until_signal(serving: Any) -> None:
+    """Runs `serving` until SIGTERM or SIGINT."""
+    task = asyncio.ensure_future(serving)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 @main.command(name="renew-certs")

@@ -38,6 +38,14 @@ class AgentConfig:
     # the root CA's ca.key and ca.crt (created there, mode 0600, when both are absent); every
     # agent of a cluster must use the same root
     ca_dir: Path = DEFAULT_CA_DIR
+    # the cluster CA (`ameshctl ca serve`) as host:port; None: the local root CA in ca_dir, the
+    # weaker trust model of the embedded demo and test beds (this node holds the root key)
+    ca_address: str | None = None
+    # the projected service-account token (audience amesh-ca) the agent shows the cluster CA,
+    # re-read for every request (kubelet rotates it), and the root certificates it checks the
+    # CA's TLS and its peers against: both needed with ca_address
+    ca_token_file: Path | None = None
+    trust_bundle: Path | None = None
     cert_lifetime: timedelta = DEFAULT_LIFETIME  # workload certificates; renewed at half-life
     metrics_port: int = METRICS_PORT
     readiness_port: int = READINESS_PORT

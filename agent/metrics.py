@@ -158,6 +158,7 @@ class AgentCollector:
             if cert["not_after"]:
                 expiry.add_metric([cert["identity"]], datetime.fromisoformat(cert["not_after"]).timestamp())
         yield expiry
+        yield from _ca_requests(agent)
         yield CounterMetricFamily("amesh_hbone_handshakes", "mTLS sessions the HBONE pool opened.",
                                   value=agent.pool.handshakes)
         yield GaugeMetricFamily("amesh_hbone_sessions", "Live pooled HBONE sessions.", value=agent.pool.sessions)
@@ -181,6 +182,16 @@ class AgentCollector:
         ready, _ = agent.readiness()
         yield GaugeMetricFamily("amesh_ready", "1 when the BPF programs, the listeners and the registry are up.",
                                 value=1 if ready else 0)
+
+
+def _ca_requests(agent: "NodeAgent") -> Iterator[Metric]:
+    """amesh_ca_requests_total{result}: the agent's requests to the cluster CA (none in local-CA mode)."""
+    requests = CounterMetricFamily("amesh_ca_requests", "Certificate requests to the cluster CA, by result: signed, "
+                                   "the CA's refusal reason, unreachable, bad_response or local_files.",
+                                   labels=["result"])
+    for result, count in sorted(agent.ca_status().get("requests", {}).items()):
+        requests.add_metric([result], count)
+    yield requests
 
 
 class TelemetryServer:

@@ -32,6 +32,7 @@ from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
 from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
+from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
 from registry.kubernetes import KubernetesSource
 from registry.model import RegistryError, RegistryState
@@ -39,7 +40,7 @@ from registry.registrations import MergedRegistry, RegistrationStore
 from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
-from ztunnel.identity import CertificateManager, FileCA, Identity, workload_identity
+from ztunnel.identity import CAError, CertificateManager, FileCA, Identity, workload_identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
 from ztunnel.limits import HandshakeLimiter
 from ztunnel.listener import NodeAddresses, transparent_listener
@@ -80,6 +81,7 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
         self.certs: CertificateManager | None = None
+        self.issuer: FileCA | ClusterCAClient | None = None
         self.pool = HboneClientPool()
         self.registry_errors = 0
         self._telemetry: TelemetryServer | None = None
@@ -203,9 +205,10 @@ class NodeAgent:
             log.info("event=registry_loaded source=%s generation=%d workloads=%d services=%d",
                      self._registry_name(), state.generation, len(state.workloads), len(state.services))
         config = self.config
-        ca = FileCA.load_or_create(config.ca_dir, config.trust_domain)
-        self.certs = CertificateManager(ca, config.trust_domain, config.cert_lifetime)
+        self.issuer = self._issuer()
+        self.certs = CertificateManager(self.issuer, config.trust_domain, config.cert_lifetime)
         self.certs.set_identities(self.local_identities())
+        await self.certs.renew_due_now()  # the cluster CA's first answers (each bounded by its timeout)
         sockets = {}
         try:
             for slot, port in LISTENER_PORTS.items():
@@ -233,6 +236,28 @@ class NodeAgent:
         await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
+
+    def _issuer(self) -> FileCA | ClusterCAClient:
+        """The cluster CA's client with --ca-address; else the local root CA (the weaker trust model)."""
+        config = self.config
+        if config.ca_address is None:
+            return FileCA.load_or_create(config.ca_dir, config.trust_domain)
+        assert config.ca_token_file is not None and config.trust_bundle is not None
+        try:
+            return ClusterCAClient(config.ca_address, config.ca_token_file, config.trust_bundle, config.trust_domain)
+        except (OSError, ValueError) as e:
+            raise CAError(f"cannot use the trust bundle {config.trust_bundle} for the cluster CA: {e}") from None
+
+    def ca_status(self) -> dict:
+        """Where this node's certificates come from, and (cluster CA) how its requests go."""
+        if isinstance(self.issuer, FileCA):
+            return {"mode": "local", "path": str(self.issuer.directory)}
+        if self.issuer is None:
+            return {"mode": "starting"}
+        status = self.issuer.status()
+        certificates = self.certs.certificates() if self.certs else []
+        expiries = sorted(c["not_after"] for c in certificates if c["not_after"])
+        return {**status, "first_expiry": expiries[0] if expiries else None}
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -309,6 +334,7 @@ class NodeAgent:
                 "last_error": self.registry.last_error,
                 "notice": self.registry.notice,
             },
+            "ca": self.ca_status(),
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,
             "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from tabulate import tabulate
 
@@ -30,6 +31,7 @@ def status(data: dict) -> str:
                           + f", last current at {registry['synced_at'] or 'never'}"],
         ["registry error", registry["last_error"] or "none"],
         *([["registry notice", registry["notice"]]] if registry.get("notice") else []),
+        *([["certificate authority", ca_line(data["ca"])]] if data.get("ca") else []),
         ["outbound listener", data["listeners"]["outbound"]],
         ["captured pods", ", ".join(datapath.get("enrolled_pod_ips", [])) or "none"],
         ["attached to", attached],
@@ -38,6 +40,24 @@ def status(data: dict) -> str:
         ["failures", ", ".join(f"{code} {n}" for code, n in sorted(conns["failures"].items())) or "none"],
     ]
     return tabulate(lines, tablefmt="plain")
+
+
+def ca_line(ca: dict) -> str:
+    """Where certificates come from; for the cluster CA, whether it answers and what that means."""
+    if ca["mode"] == "local":
+        return f"local root CA in {ca['path']} (this node holds the root key: the weaker trust model)"
+    if ca["mode"] != "cluster":
+        return ca["mode"]
+    if ca["last_error"] is None:
+        return f"cluster CA {ca['address']}: ok, last certificate at {_iso(ca['last_success'])}"
+    if not ca["unanswered"]:  # the CA answers, and refused the latest request (see ameshctl certs)
+        return f"cluster CA {ca['address']}: answering; the latest request was refused: {ca['last_error']}"
+    return (f"cluster CA {ca['address']}: FAILING since {_iso(ca['failing_since'])}: {ca['last_error']}; the "
+            f"certificates held keep serving until they expire (first at {ca['first_expiry'] or 'none held'})")
+
+
+def _iso(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds is not None else "never"
 
 
 def workloads(data: list[dict]) -> str:
@@ -142,7 +162,10 @@ def certs(data: dict) -> str:
     rows = [[c["identity"], c["serial"] or "-", c["not_before"] or "-", c["not_after"] or "-", c["state"],
              c["last_error"] or ""] for c in data["certificates"]]
     table = _table(["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "STATE", "LAST ERROR"], rows, "no certificates")
-    return f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}\n\n{table}"
+    head = f"trust domain {data['trust_domain']}, root fingerprint (SHA-256) {data['root_fingerprint']}"
+    if data.get("ca"):
+        head += f"\ncertificate authority: {ca_line(data['ca'])}"
+    return f"{head}\n\n{table}"
 
 
 def flows(data: list[dict]) -> str:

@@ -211,7 +211,8 @@ async def load_configuration(
 
 
 class KubernetesSource:
-    """A registry source that lists and watches the Kubernetes API server."""
+    """A registry source that lists and watches the Kubernetes API server (every kind of KINDS,
+    or those named in `kinds`: the cluster CA follows Pods only)."""
 
     def __init__(
         self,
@@ -231,10 +232,11 @@ class KubernetesSource:
         list_page: int = 500,  # objects per page of a list
         discovery_interval: float = 30.0,  # seconds between looks for policy kinds not served
         node: str | None = None,  # this node's name: its Node is watched for its zone; None: no Node
+        kinds: tuple[str, ...] | None = None,  # the kinds to follow (e.g. ("Pod",)); None: all of KINDS
     ) -> None:
         self.kubeconfig = kubeconfig
         self.node = node
-        self._kinds = tuple(k for k in KINDS if node or not k.own_node)
+        self._kinds = tuple(k for k in KINDS if (node or not k.own_node) and (kinds is None or k.kind in kinds))
         self.context = context
         self.publish_interval = publish_interval
         self.backoff_initial = backoff_initial

@@ -1,20 +1,28 @@
 """`make demo`: a live two-node mesh on a closed test bed, narrated, then torn down.
 
-    python -m tests.demo [--mode p2p|bridge] [--requests N]
+    python -m tests.demo [--mode p2p|bridge] [--requests N] [--control-plane]
 
 Builds the bed (nothing touches the root namespace), describes it in a registry file of
 Kubernetes objects, starts one `ameshctl agent` per node, sends traffic from an enrolled pod to
 a Service cluster IP that only the mesh can reach, and shows what `ameshctl` reports.
+
+With --control-plane (`make demo`'s default) the objects live in the test API server instead and
+the agents get their certificates from the cluster CA (`ameshctl ca serve`), both in the bed's
+fabric namespace; a last scene shows the CA refusing a node the identity of a pod on another node.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from typing import Iterator
+
+import yaml
 
 from tests.bed import Bed
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import ControlPlane, Mesh, ServiceSpec, claimed_pod, exchange
 
 SERVICE_IP = "10.96.0.10"
 
@@ -28,9 +36,49 @@ def show(mesh: Mesh, node: int, *args: str) -> None:
     print(mesh.ctl(node, *args).stdout, flush=True)
 
 
-def run(mode: str, requests: int) -> None:
+@contextlib.contextmanager
+def registry(mesh: Mesh, control_plane: bool) -> Iterator[ControlPlane | None]:
+    """The bed's objects in a registry file, or (control_plane) in the test API server with the
+    cluster CA beside it; the control plane is closed after the block."""
+    if not control_plane:
+        mesh.write_registry()
+        print(f"    {mesh.registry_path}")
+        yield None
+        return
+    say("control plane in the bed's fabric namespace (172.18.0.1): the test Kubernetes API server (:6443) "
+        "and the cluster CA `ameshctl ca serve` (:15012), the only holder of the root key; agents get a "
+        "token bound to their agent pod and the root certificate only")
+    plane = ControlPlane.start(mesh)
+    try:
+        print(f"    Secret (root key, CA only): {plane.secret_dir}\n    trust bundle (agents): {plane.trust_bundle}")
+        yield plane
+    finally:
+        plane.close()
+
+
+def cluster_ca_refusal_scene(mesh: Mesh, plane: ControlPlane) -> None:
+    """A compromised node-2 claims shop/client runs on it; the CA, going by the API server, refuses."""
+    say("node-2 is compromised: its agent is restarted with a registry of its own that claims a pod of "
+        "service account shop/client runs on node-2. The cluster CA goes by the API server (client runs on "
+        "node-1) and refuses; node-2 still gets shop/web, whose pod server-b it does run")
+    bed = mesh.bed
+    lie = claimed_pod(mesh, "server-b", "client-copy", "client", "10.244.2.50")
+    path = bed.logdir / "node-2-lies.yaml"
+    path.write_text(yaml.safe_dump_all(mesh.objects() + [lie], sort_keys=False))
+    mesh.stop_agent(2)
+    mesh.start_agent(2, "--registry-file", str(path))
+    client = "spiffe://cluster.local/ns/shop/sa/client"
+    mesh.wait_for("the CA's answer", lambda: any(
+        c["identity"] == client and c["last_error"] for c in mesh.ctl_json(2, "certs")["certificates"]), 10)
+    show(mesh, 2, "certs")
+    refused = sum(v for labels, v in mesh.metrics(2).get("amesh_ca_requests_total", [])
+                  if labels["result"] == "identity_on_other_node")
+    print(f"    node-2's amesh_ca_requests_total{{result=\"identity_on_other_node\"}} {refused:g}")
+
+
+def run(mode: str, requests: int, control_plane: bool = False) -> None:
     say(f"building a closed test bed: 2 nodes, {mode} pod networking, in network namespaces only")
-    with Bed(nodes=2, mode=mode) as bed:
+    with Bed(nodes=2, mode=mode) as bed, contextlib.ExitStack() as stack:
         mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=8080)
         client = bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
         for name, node in (("server-a", 1), ("server-b", 2)):
@@ -46,13 +94,16 @@ def run(mode: str, requests: int) -> None:
         say(f"registry: namespace shop labelled amesh.io/dataplane-mode=ambient, legacy not; "
             f"Service shop/web {SERVICE_IP}:80 -> http")
         mesh.services.append(ServiceSpec("web", "shop", SERVICE_IP, 80, "http", {"app": "web"}))
-        mesh.write_registry()
-        print(f"    {mesh.registry_path}")
+        plane = stack.enter_context(registry(mesh, control_plane))
 
-        say("starting one amesh agent per node (compiles and attaches the BPF capture program; the first "
-            "creates the mesh's root CA, each issues certificates for its pods' service accounts)")
+        say("starting one amesh agent per node (compiles and attaches the BPF capture program; "
+            + ("the first creates the mesh's root CA, each issues" if plane is None else
+               "each asks the cluster CA, sending CSRs (keys stay on the node), for")
+            + " certificates for its pods' service accounts)")
         for node in bed.nodes:
             mesh.start_agent(node)
+        if plane is not None:
+            plane.wait_synced()
         show(mesh, 1, "status")
 
         say(f"client -> {SERVICE_IP}:80, {requests} connections (no route to that address exists: "
@@ -100,6 +151,9 @@ def run(mode: str, requests: int) -> None:
         say("why? `ameshctl check` asks the same decision without sending a packet")
         show(mesh, 2, "check", "--from", "shop/client", "--to", "shop/server-b", "--port", "8080")
 
+        if plane is not None:
+            cluster_ca_refusal_scene(mesh, plane)
+
         say("stopping the agents (SIGTERM: each removes its filters, rule and route) and the bed")
         for node in bed.nodes:
             mesh.stop_agent(node)
@@ -110,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["p2p", "bridge"], default="p2p")
     parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--control-plane", action="store_true",
+                        help="the test API server and the cluster CA instead of a registry file and a local CA")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("make demo builds network namespaces and loads BPF programs: run it as root", file=sys.stderr)
         return 1
-    run(args.mode, args.requests)
+    run(args.mode, args.requests, args.control_plane)
     return 0
 
 

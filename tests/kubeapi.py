@@ -39,6 +39,11 @@ What it serves, as the real API does:
   event (410 Expired), then the stream ends. allowWatchBookmarks=true adds BOOKMARK events every
   bookmark_interval seconds and right after compact(); sendInitialEvents=true ends the initial
   ADDED events with the "k8s.io/initial-events-end" bookmark. timeoutSeconds ends the stream.
+- service-account tokens: POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token (TokenRequest,
+  boundObjectRef to a Pod) mints a JWT with the real claims; POST
+  /apis/authentication.k8s.io/v1/tokenreviews answers for tokens this server minted (user, groups,
+  the bound pod and its node in user.extra, the audiences) and `authenticated: false` with the
+  error for expired, foreign, wrong-audience or invalidated (bound pod gone) tokens.
 - not enforced: namespace existence for namespaced objects, authentication, validation beyond
   kind/name/namespace.
 
@@ -57,10 +62,14 @@ import base64
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import json
 import re
+import secrets
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -605,6 +614,7 @@ class _Handlers:
         self.watch_count = 0
         self.list_count = 0
         self.address = ""
+        self.tokens = TokenAuthority(store)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=16 * 1024 * 1024)
@@ -617,6 +627,8 @@ class _Handlers:
         app.router.add_post("/_test/delete", self._test_delete)
         app.router.add_post("/_test/cut-watches", self._test_cut)
         app.router.add_post("/_test/compact", self._test_compact)
+        app.router.add_post("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", self._token_request)
+        app.router.add_post(f"/apis/{AUTHENTICATION_GROUP}/v1/tokenreviews", self._token_review)
         app.router.add_route("*", "/api/{rest:.*}", self._resource)
         app.router.add_route("*", "/apis/{rest:.*}", self._resource)
         return app
@@ -684,6 +696,32 @@ class _Handlers:
     async def _test_compact(self, request: web.Request) -> web.Response:
         self.compact()
         return web.json_response({"compactedResourceVersion": str(self.store.compacted_rv)})
+
+    # service-account tokens
+
+    async def _token_request(self, request: web.Request) -> web.Response:
+        """TokenRequest (serviceaccounts/{name}/token), as kubelet asks for a projected token."""
+        body = await _body(request)
+        spec = body.get("spec") or {}
+        seconds = spec.get("expirationSeconds", DEFAULT_TOKEN_SECONDS)
+        if not isinstance(seconds, int) or seconds < MIN_TOKEN_SECONDS:
+            raise APIError(422, "Invalid", f"TokenRequest.authentication.k8s.io is invalid: spec.expirationSeconds: "
+                           f"Invalid value: {seconds!r}: may not specify a duration less than 10 minutes")
+        token, expires = self.tokens.mint(request.match_info["namespace"], request.match_info["name"],
+                                          tuple(spec.get("audiences") or ()), seconds, spec.get("boundObjectRef"))
+        return web.json_response({
+            "kind": "TokenRequest", "apiVersion": f"{AUTHENTICATION_GROUP}/v1", "metadata": {"creationTimestamp": None},
+            "spec": {**spec, "expirationSeconds": seconds},
+            "status": {"token": token, "expirationTimestamp": _timestamp(expires)}}, status=201)
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        """TokenReview: who a token belongs to, or authenticated false with the reason."""
+        body = await _body(request)
+        spec = body.get("spec") or {}
+        status = self.tokens.review(str(spec.get("token") or ""), tuple(spec.get("audiences") or ()))
+        return web.json_response({"kind": "TokenReview", "apiVersion": f"{AUTHENTICATION_GROUP}/v1",
+                                  "metadata": {"creationTimestamp": None}, "spec": spec, "status": status},
+                                 status=201)
 
     # controls (on the loop)
 
@@ -994,6 +1032,128 @@ def _validated(obj: JSON, res: Resource | None, ns: str | None) -> JSON:
     return obj
 
 
+# --- service-account tokens: TokenRequest and TokenReview --------------------------------------
+
+AUTHENTICATION_GROUP = "authentication.k8s.io"
+TOKEN_ISSUER = "https://kubernetes.default.svc.cluster.local"  # the iss claim, and the audience by default
+MIN_TOKEN_SECONDS = 600  # TokenRequest's floor for spec.expirationSeconds, as the real API validates it
+DEFAULT_TOKEN_SECONDS = 3600
+# user.extra keys of a token bound to a pod (Kubernetes 1.32 adds the node's when it knows it)
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+CREDENTIAL_ID_EXTRA = "authentication.kubernetes.io/credential-id"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _timestamp(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class TokenAuthority:
+    """Mints and reviews service-account tokens as the real API server does: JWTs with its
+    claims (iss, sub, aud, exp, and the bound pod and node under "kubernetes.io"), signed with a
+    key only this server holds (HS256 here, where the real one uses RS256: a token another server
+    minted is foreign). A review checks the signature, expiry, audiences and that the bound pod
+    still exists with the same uid. Used only on the server's loop."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+
+    def mint(self, namespace: str, service_account: str, audiences: tuple[str, ...], seconds: float,
+             bound: JSON | None = None) -> tuple[str, float]:
+        """(token, expiry in Unix seconds); bound: a boundObjectRef naming a Pod (APIError otherwise)."""
+        now = self._clock()
+        claims: JSON = {"iss": TOKEN_ISSUER, "sub": f"system:serviceaccount:{namespace}:{service_account}",
+                        "aud": list(audiences or (TOKEN_ISSUER,)), "iat": int(now), "nbf": int(now),
+                        "exp": int(now + seconds), "jti": str(uuid.uuid4()),
+                        "kubernetes.io": {"namespace": namespace, "serviceaccount": {
+                            "name": service_account, "uid": _account_uid(namespace, service_account)}}}
+        if bound:
+            claims["kubernetes.io"].update(self._bound_pod(namespace, service_account, bound))
+        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{header}.{payload}.{self._sign(f'{header}.{payload}')}", now + seconds
+
+    def _bound_pod(self, namespace: str, service_account: str, ref: JSON) -> JSON:
+        if ref.get("kind") != "Pod":
+            raise APIError(422, "Invalid", f"TokenRequest.authentication.k8s.io is invalid: spec.boundObjectRef.kind: "
+                           f"Unsupported value: {ref.get('kind')!r}: this test server binds tokens to Pods only")
+        name = str(ref.get("name") or "")
+        pod = self._store.objects.get(("Pod", namespace, name))
+        if pod is None:
+            raise _not_found(BY_KIND["Pod"], name)
+        uid = pod["metadata"]["uid"]
+        if ref.get("uid") and ref["uid"] != uid:
+            raise APIError(409, "Conflict", f"the UID in the bound object reference ({ref['uid']}) does not match "
+                           f"the UID in record. The object might have been deleted and then recreated")
+        if (pod.get("spec") or {}).get("serviceAccountName", "default") != service_account:
+            raise APIError(400, "BadRequest", f'cannot bind token for serviceaccount "{service_account}" to pod '
+                           "running with different serviceaccount name.")
+        claims: JSON = {"pod": {"name": name, "uid": uid}}
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            claims["node"] = {"name": node}
+        return claims
+
+    def review(self, token: str, audiences: tuple[str, ...]) -> JSON:
+        """A TokenReview's status for `token` checked against `audiences` (default: this server's)."""
+        try:
+            claims = self._verified(token)
+        except ValueError as e:
+            return {"authenticated": False, "user": {}, "error": f"[invalid bearer token, {e}]"}
+        wanted = audiences or (TOKEN_ISSUER,)
+        common = [a for a in claims["aud"] if a in wanted]
+        if not common:
+            return {"authenticated": False, "user": {}, "error": "[invalid bearer token, token audiences "
+                    f"{json.dumps(claims['aud'])} is invalid for the target audiences {json.dumps(list(wanted))}]"}
+        k8s = claims["kubernetes.io"]
+        extra = {CREDENTIAL_ID_EXTRA: [f"JTI={claims['jti']}"]}
+        if "pod" in k8s:
+            pod = self._store.objects.get(("Pod", k8s["namespace"], k8s["pod"]["name"]))
+            if pod is None or pod["metadata"]["uid"] != k8s["pod"]["uid"]:
+                return {"authenticated": False, "user": {}, "error": "[invalid bearer token, service account token "
+                        f"has been invalidated: pod {k8s['namespace']}/{k8s['pod']['name']} no longer exists]"}
+            extra[POD_NAME_EXTRA] = [k8s["pod"]["name"]]
+            extra[POD_UID_EXTRA] = [k8s["pod"]["uid"]]
+            if "node" in k8s:
+                extra[NODE_NAME_EXTRA] = [k8s["node"]["name"]]
+        namespace = k8s["namespace"]
+        return {"authenticated": True, "audiences": common, "user": {
+            "username": claims["sub"], "uid": k8s["serviceaccount"]["uid"],
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+            "extra": extra}}
+
+    def _verified(self, token: str) -> JSON:
+        """The claims of a token this server signed and that has not expired; ValueError otherwise."""
+        parts = token.split(".")
+        if len(parts) != 3 or not hmac.compare_digest(self._sign(f"{parts[0]}.{parts[1]}"), parts[2]):
+            raise ValueError("token not signed by this API server")
+        claims = json.loads(_unb64(parts[1]))
+        if claims.get("iss") != TOKEN_ISSUER:
+            raise ValueError("token issued by another issuer")
+        if claims["exp"] <= self._clock():
+            raise ValueError("service account token has expired")
+        return claims
+
+    def _sign(self, text: str) -> str:
+        return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
+
+
+def _account_uid(namespace: str, name: str) -> str:
+    """A stable uid for a ServiceAccount (this server keeps no ServiceAccount objects)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"serviceaccount/{namespace}/{name}"))
+
+
 # --- the synchronous wrapper ------------------------------------------------------------------
 
 class KubeAPIServer:
@@ -1135,6 +1295,15 @@ class KubeAPIServer:
     def compact(self) -> None:
         """Drop history up to now: watches and Exact lists from older RVs get 410 Gone."""
         self._on_loop(self._handlers.compact)
+
+    def request_token(self, namespace: str, service_account: str, pod: str | None = None,
+                      audiences: Iterable[str] = (), seconds: float = DEFAULT_TOKEN_SECONDS) -> str:
+        """A service-account token as TokenRequest mints it, bound to `pod` when given; a test may
+        ask for any lifetime (the HTTP API refuses less than 10 minutes)."""
+        bound = {"kind": "Pod", "apiVersion": "v1", "name": pod} if pod else None
+        token, _ = self._on_loop(self._handlers.tokens.mint, namespace, service_account, tuple(audiences),
+                                 seconds, bound)
+        return token
 
     def write_kubeconfig(self, path: str | Path) -> Path:
         """Write a kubeconfig for this server (no auth, current-context set); returns path."""

@@ -19,13 +19,18 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.bed import Bed, Node, Pod, netns_socket
+from ca.admission import AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT as AGENT_ACCOUNT, AUDIENCE as CA_AUDIENCE
+from ca.config import CA_PORT
+from ca.config import METRICS_PORT as CA_METRICS_PORT
+from tests.bed import Bed, Node, Pod, in_netns, netns_socket
+from tests.kubeapi import KubeAPIServer
 
 AMESHCTL = str(Path(sys.executable).with_name("ameshctl"))  # the installed console script
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 METRICS_PORT = 15020
 AGENT_START_TIMEOUT = 30.0  # seconds; compiling the BPF program takes about one
+CONTROL_PLANE_IP, API_PORT = "172.18.0.1", 6443  # on the fabric bridge: the control plane's node network
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Mesh:
     container_port: int = 8080  # every pod's "http" container port, for named target ports
     agents: dict[str, subprocess.Popen] = field(default_factory=dict)
     kubeconfig: Path | None = None  # set: agents watch this API server instead of the registry file
+    # set (by ControlPlane): agents ask the cluster CA instead of holding the root CA themselves
+    control_plane: ControlPlane | None = None
     policies: list[dict] = field(default_factory=list)  # AuthorizationPolicies, PeerAuthentications
 
     @property
@@ -78,7 +85,11 @@ class Mesh:
         return docs + self.policies
 
     def write_registry(self, text: str | None = None) -> None:
-        """Replaces the registry file at once (write and rename), as kubectl-driven tooling does."""
+        """Replaces the registry file at once (write and rename), as kubectl-driven tooling does;
+        with a control plane, makes the API server hold exactly these objects instead."""
+        if self.control_plane is not None:
+            self.control_plane.publish(list(yaml.safe_load_all(text)) if text is not None else self.objects())
+            return
         path = self.registry_path
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text if text is not None else yaml.safe_dump_all(self.objects(), sort_keys=False))
@@ -96,7 +107,8 @@ class Mesh:
             self.write_registry()
         source = (["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig
                   else ["--registry-file", str(self.registry_path)])
-        argv = [AMESHCTL, "agent", "--node", nd.name, *source, "--ca-dir", str(self.ca_dir), *extra_args]
+        ca = self.control_plane.agent_args(nd) if self.control_plane else ["--ca-dir", str(self.ca_dir)]
+        argv = [AMESHCTL, "agent", "--node", nd.name, *source, *ca, *extra_args]
         proc = self.bed.spawn(nd, argv, self.agent_log(nd))
         self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=proc)
         self.agents[nd.name] = proc
@@ -144,11 +156,7 @@ class Mesh:
         """The agent's Prometheus samples by name: [(labels, value), ...]."""
         status, body = self.http(node, METRICS_PORT, "/metrics")
         assert status == 200, body
-        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-        return samples
+        return _samples(body)
 
     def access_log(self, node: Node | str | int) -> list[dict]:
         """The JSON access-log lines the node's agent wrote so far."""
@@ -165,6 +173,167 @@ class Mesh:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             time.sleep(interval)
+
+
+@dataclass
+class ControlPlane:
+    """A bed's control plane in its fabric namespace (the node network): the test API server and
+    the cluster CA (`ameshctl ca serve`), the only process holding the root key. Each node has an
+    agent pod (amesh-system/amesh-agent-<node>) in the API server, and its agent a token bound to
+    that pod, as kubelet projects it. Build it with `ControlPlane.start(mesh)`; `close()` ends both."""
+
+    mesh: Mesh
+    api: KubeAPIServer
+    ca: subprocess.Popen | None = None
+    published: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, namespace, name) of the mesh's objects
+
+    @classmethod
+    def start(cls, mesh: Mesh) -> ControlPlane:
+        """The API server (holding the mesh's objects) and the CA, listening on CONTROL_PLANE_IP."""
+        bed = mesh.bed
+        bed.run(bed.fabric, ["ip", "addr", "replace", f"{CONTROL_PLANE_IP}/24", "dev", "br0"])
+        with in_netns(bed.fabric):  # the server's thread, and so its sockets, live in the fabric namespace
+            api = KubeAPIServer(CONTROL_PLANE_IP, API_PORT, objects=[_agent_pod(node) for node in bed.nodes])
+            api.start()
+        plane = cls(mesh, api)
+        try:
+            plane.publish(mesh.objects())
+            mesh.kubeconfig = api.write_kubeconfig(bed.logdir / "kubeconfig")
+            mesh.control_plane = plane
+            bed.run(bed.fabric, [AMESHCTL, "ca", "init", str(plane.secret_dir)])
+            plane.trust_bundle.parent.mkdir(exist_ok=True)
+            plane.trust_bundle.write_bytes((plane.secret_dir / "ca.crt").read_bytes())  # the certificate only
+            plane.start_ca()
+        except BaseException:
+            plane.close()
+            raise
+        return plane
+
+    @property
+    def secret_dir(self) -> Path:
+        """The Secret amesh-ca (ca.key, ca.crt), mounted only into the CA."""
+        return self.mesh.bed.logdir / "amesh-ca-secret"
+
+    @property
+    def trust_bundle(self) -> Path:
+        """The ConfigMap amesh-trust-bundle (ca.crt only), mounted into every agent."""
+        return self.mesh.bed.logdir / "amesh-trust-bundle" / "ca.crt"
+
+    @property
+    def ca_address(self) -> str:
+        return f"{CONTROL_PLANE_IP}:{CA_PORT}"
+
+    def start_ca(self) -> subprocess.Popen:
+        """Runs `ameshctl ca serve` in the fabric namespace; returns once it listens."""
+        bed = self.mesh.bed
+        argv = [AMESHCTL, "ca", "serve", "--ca-dir", str(self.secret_dir), "--listen", self.ca_address,
+                "--metrics-port", str(CA_METRICS_PORT), "--kubeconfig", str(self.mesh.kubeconfig)]
+        self.ca = bed.spawn(bed.fabric, argv, bed.logdir / "ca.log")
+        bed.wait_listening(bed.fabric, CA_PORT, timeout=AGENT_START_TIMEOUT, proc=self.ca)
+        return self.ca
+
+    def stop_ca(self) -> None:
+        if self.ca is not None:
+            self.mesh.bed.stop(self.ca)
+            self.ca = None
+
+    def token_file(self, node: Node | str | int) -> Path:
+        return self.mesh.bed.logdir / "tokens" / self.mesh.bed.node(node).name
+
+    def write_token(self, node: Node | str | int, token: str | None = None) -> str:
+        """Projects a token for the node's agent (bound to its pod, audience amesh-ca), or `token`."""
+        nd = self.mesh.bed.node(node)
+        if token is None:
+            token = self.api.request_token(AGENT_NAMESPACE, AGENT_ACCOUNT, f"amesh-agent-{nd.name}", [CA_AUDIENCE])
+        path = self.token_file(nd)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(token)
+        os.replace(tmp, path)  # as kubelet swaps a projected token: never half-written
+        return token
+
+    def agent_args(self, node: Node) -> list[str]:
+        """`ameshctl agent` flags for asking the cluster CA (the token projected first)."""
+        if not self.token_file(node).exists():
+            self.write_token(node)
+        return ["--ca-address", self.ca_address, "--ca-token-file", str(self.token_file(node)),
+                "--trust-bundle", str(self.trust_bundle)]
+
+    def wait_synced(self, timeout: float = 10.0) -> None:
+        """Until every running agent has synced from the API server and holds a valid certificate
+        for each identity it serves (the cluster CA answered)."""
+        mesh = self.mesh
+
+        def synced(node: str) -> bool:
+            if not mesh.ctl_json(node, "status")["registry"]["connected"]:
+                return False
+            serves = {(w["namespace"], w["service_account"]) for w in mesh.ctl_json(node, "workloads")
+                      if w["local"] and w["enrolled"]}
+            states = [c["state"] for c in mesh.ctl_json(node, "certs")["certificates"]]
+            return states == ["valid"] * len(serves)
+
+        for node in mesh.agents:
+            mesh.wait_for(f"{node}'s sync and certificates", lambda: synced(node), timeout)
+
+    def publish(self, objects: list[dict]) -> None:
+        """The API server holds exactly `objects` of the mesh (besides the agent pods) from now on."""
+        keys = set()
+        for obj in objects:
+            stored = self.api.apply(obj)
+            keys.add((stored["kind"], stored["metadata"].get("namespace", ""), stored["metadata"]["name"]))
+        for kind, namespace, name in self.published - keys:
+            self.api.delete(kind, name, namespace or None)
+        self.published = keys
+
+    def ca_metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """The CA's Prometheus samples by name."""
+        sock = netns_socket(self.mesh.bed.fabric)
+        try:
+            sock.settimeout(5)
+            sock.connect((CONTROL_PLANE_IP, CA_METRICS_PORT))
+            connection = http.client.HTTPConnection(CONTROL_PLANE_IP, CA_METRICS_PORT, timeout=5)
+            connection.sock = sock
+            connection.request("GET", "/metrics")
+            return _samples(connection.getresponse().read().decode())
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        try:
+            self.stop_ca()
+        finally:
+            self.api.close()
+
+
+def _agent_pod(node: Node) -> dict:
+    """The node's agent as the DaemonSet's pod: host network, the agents' service account."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"amesh-agent-{node.name}", "namespace": AGENT_NAMESPACE,
+                     "labels": {"app.kubernetes.io/name": "amesh-agent"}},
+        "spec": {"nodeName": node.name, "serviceAccountName": AGENT_ACCOUNT, "hostNetwork": True,
+                 "containers": [{"name": "agent"}]},
+        "status": {"phase": "Running", "podIP": node.ip, "hostIP": node.ip,
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def claimed_pod(mesh: Mesh, like: str, name: str, service_account: str, ip: str) -> dict:
+    """A pod object as bed pod `like`'s (its node) but named `name`, running as `service_account`
+    at `ip`: what a compromised node's registry may claim."""
+    pod = _pod_object(mesh.bed.pods[like], mesh.container_port)
+    pod["metadata"]["name"] = name
+    pod["spec"]["serviceAccountName"] = service_account
+    pod["status"]["podIP"] = ip
+    return pod
 
 
 def _pod_object(pod: Pod, container_port: int) -> dict:

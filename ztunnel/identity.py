@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -156,6 +156,62 @@ class Issuer(Protocol):
     ) -> IssuedCertificate:
         """A certificate for `identity` over `public_key`; IssueError when it cannot sign."""
         ...
+
+
+@runtime_checkable
+class RemoteIssuer(Protocol):
+    """An issuer across the network (the cluster CA): it signs a CSR, so it sees no private key
+    and gets proof that the asker holds the key. Each call is a round trip that may take up to its
+    timeout, so the CertificateManager makes it in a worker thread, never on the event loop."""
+
+    @property
+    def trust_bundle(self) -> bytes:
+        """As Issuer.trust_bundle: PEM of every root CA certificate peers may be signed by."""
+        ...
+
+    @property
+    def root_fingerprint(self) -> str:
+        """As Issuer.root_fingerprint."""
+        ...
+
+    def issue_request(
+        self, identity: Identity, request: x509.CertificateSigningRequest, lifetime: timedelta
+    ) -> IssuedCertificate:
+        """A certificate for the CSR `request` of `identity`; IssueError when it is not signed."""
+        ...
+
+
+def signing_request(
+    identity: Identity, key: ec.EllipticCurvePrivateKey
+) -> x509.CertificateSigningRequest:
+    """A PKCS#10 CSR for `identity` (its SPIFFE ID the only SAN), signed by `key`."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+
+
+def requested_key(
+    request: x509.CertificateSigningRequest, identity: Identity
+) -> CertificatePublicKeyTypes:
+    """The public key of a CSR that is signed by its own key and asks for exactly `identity`
+    (one URI SAN, nothing else); IssueError naming what is wrong otherwise."""
+    if not request.is_signature_valid:
+        raise IssueError(f"the CSR for {identity} is not signed by the key it carries")
+    try:
+        names = list(request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        names = []
+    if names != [x509.UniformResourceIdentifier(identity.uri)]:
+        found = ", ".join(str(getattr(n, "value", n)) for n in names) or "none"
+        raise IssueError(
+            f"the CSR must name exactly one SAN, the URI {identity.uri}, but names: {found}"
+        )
+    return request.public_key()  # type: ignore[return-value]
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -477,12 +533,13 @@ class CertificateManager:
 
     Each issue uses a new ECDSA P-256 key made here; the key goes into OpenSSL through a memfd
     and is kept only inside the two SSLContexts built from the certificate. Call the methods
-    from the event loop's thread.
+    from the event loop's thread. With a RemoteIssuer the manager sends a CSR, and every issue
+    happens in run(), in a worker thread: set_identities only makes the new identities due.
     """
 
     def __init__(
         self,
-        issuer: Issuer,
+        issuer: Issuer | RemoteIssuer,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         lifetime: timedelta = DEFAULT_LIFETIME,
         clock: Callable[[], float] = time.time,
@@ -500,6 +557,7 @@ class CertificateManager:
         self._rng = rng if rng is not None else random.Random()
         self._slots: dict[Identity, _Slot] = {}
         self._wake: asyncio.Event | None = None  # made by run(), on the loop that runs it
+        self._remote = isinstance(issuer, RemoteIssuer)
         self.issued_count = 0
 
     def __repr__(self) -> str:
@@ -526,7 +584,8 @@ class CertificateManager:
             log.info("cert.dropped identity=%s", identity)
         for identity in sorted(wanted - set(self._slots), key=str):
             self._slots[identity] = _Slot()
-            self.renew(identity)
+            if not self._remote:  # a remote issuer's round trip waits for run()
+                self.renew(identity)
         self._poke()
 
     def renew_now(self, identity: Identity) -> None:
@@ -553,16 +612,45 @@ class CertificateManager:
         # Any issuer failure, even an issuer bug, is recorded and retried: it must not stop the
         # renewal of other identities or end run().
         except Exception as e:
-            slot.failures += 1
-            slot.last_error = str(e) if isinstance(e, IssueError) else f"{type(e).__name__}: {e}"
-            delay = self._retry_delay(slot.failures)
-            slot.due_at = now + delay
-            log.warning(
-                "cert.issue_failed identity=%s failures=%d retry_in=%.1fs error=%r",
-                identity, slot.failures, delay, slot.last_error,
-                exc_info=not isinstance(e, IssueError),
-            )
-            return False
+            return self._failed(identity, slot, now, e)
+        return self._issued(identity, held)
+
+    async def renew_in_thread(self, identity: Identity) -> bool:
+        """renew(), with the issuer called in a worker thread: a remote CA's round trip (or its
+        timeout) never stalls the connections on the event loop."""
+        slot = self._slot(identity)
+        now = self._clock()
+        try:
+            held = await asyncio.to_thread(self._issue, identity, now)
+        except Exception as e:
+            return self._failed(identity, slot, now, e)
+        if self._slots.get(identity) is not slot:
+            return False  # dropped (set_identities) while the CA was asked
+        return self._issued(identity, held)
+
+    async def renew_due_now(self) -> None:
+        """Renews every identity due now: remote ones concurrently in worker threads."""
+        due = self.renew_due(self._clock())
+        if self._remote:
+            await asyncio.gather(*(self.renew_in_thread(identity) for identity in due))
+        else:
+            for identity in due:
+                self.renew(identity)
+
+    def _failed(self, identity: Identity, slot: _Slot, now: float, error: Exception) -> bool:
+        """Records a failed issue and schedules the retry (the certificate held keeps serving)."""
+        slot.failures += 1
+        slot.last_error = str(error) if isinstance(error, IssueError) else f"{type(error).__name__}: {error}"
+        delay = self._retry_delay(slot.failures)
+        slot.due_at = now + delay
+        log.warning(
+            "cert.issue_failed identity=%s failures=%d retry_in=%.1fs error=%r",
+            identity, slot.failures, delay, slot.last_error,
+            exc_info=not isinstance(error, IssueError),
+        )
+        return False
+
+    def _issued(self, identity: Identity, held: _Held) -> bool:
         self._slots[identity] = _Slot(held=held, due_at=held.renew_at)
         self.issued_count += 1
         log.info(
@@ -575,7 +663,10 @@ class CertificateManager:
 
     def _issue(self, identity: Identity, now: float) -> _Held:
         key = ec.generate_private_key(ec.SECP256R1())
-        issued = self._issuer.issue(identity, key.public_key(), self._lifetime)
+        if isinstance(self._issuer, RemoteIssuer):
+            issued = self._issuer.issue_request(identity, signing_request(identity, key), self._lifetime)
+        else:
+            issued = self._issuer.issue(identity, key.public_key(), self._lifetime)
         not_after = issued.certificate.not_valid_after_utc.timestamp()
         if not_after <= now:  # would make the half-life below lie in the past: renewal in a loop
             raise IssueError(
@@ -636,8 +727,7 @@ class CertificateManager:
         self._wake = asyncio.Event()
         try:
             while True:
-                for identity in self.renew_due(self._clock()):
-                    self.renew(identity)
+                await self.renew_due_now()
                 # Cleared only now: pokes made while renewing were just served by the loop above.
                 self._wake.clear()
                 wake_at = self.next_wakeup(self._clock())
@@ -686,6 +776,12 @@ def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: byte
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED  # on the server side: a client certificate is required
     context.load_verify_locations(cadata=trust_bundle.decode("ascii"))
+    load_chain_and_key(context, chain_and_key_pem)
+    return context
+
+
+def load_chain_and_key(context: ssl.SSLContext, chain_and_key_pem: bytes) -> None:
+    """Loads a certificate chain and its key into `context` without writing the key to disk."""
     # ssl can only load a key from a path; an anonymous memory file keeps the key off the disk.
     fd = os.memfd_create("amesh-workload-cert", os.MFD_CLOEXEC)
     try:
@@ -695,4 +791,3 @@ def _tls_context(server_side: bool, trust_bundle: bytes, chain_and_key_pem: byte
         context.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-    return context

@@ -104,7 +104,8 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     command = main.get_command(click.Context(main), name)
     params = command.make_context(name, args).params
     assert params["node"] == "$(NODE_NAME)" and params["drain_grace"] == 5.0
-    assert str(params["ca_dir"]) == "/etc/amesh-ca" and params["registry_file"] is None  # the API server
+    assert params["registry_file"] is None  # the API server
+    assert params["ca_address"] == "amesh-ca.amesh-system.svc:15012"  # no root key on the node: the cluster CA
     rules = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ClusterRole"][0]["rules"]
     granted = {(group, resource) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]}
     assert granted == {("", "namespaces"), ("", "pods"), ("", "services"), ("", "nodes"),
