@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import copy
 import dataclasses
 import datetime as dt
@@ -613,6 +614,7 @@ class _Handlers:
         self.watches: set[_Watch] = set()
         self.watch_count = 0
         self.list_count = 0
+        self.requests: collections.Counter[str] = collections.Counter()  # resource requests by verb
         self.address = ""
         self.tokens = TokenAuthority(store)
 
@@ -782,6 +784,7 @@ class _Handlers:
             raise web.HTTPNotFound()
         res, ns, name = self._route(request)
         method = request.method
+        self.requests[_verb(method, name, _parse_bool(request.query.get("watch")))] += 1
         if name is None:
             if method == "GET":
                 if _parse_bool(request.query.get("watch")):
@@ -1156,6 +1159,13 @@ def _account_uid(namespace: str, name: str) -> str:
 
 # --- the synchronous wrapper ------------------------------------------------------------------
 
+def _verb(method: str, name: str | None, watch: bool) -> str:
+    """The Kubernetes verb of a resource request, as the API server's audit log names it."""
+    if method == "GET":
+        return "watch" if watch else ("list" if name is None else "get")
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+
+
 class KubeAPIServer:
     """The test API server in a background thread; every control is safe from any thread.
 
@@ -1259,6 +1269,11 @@ class KubeAPIServer:
     @property
     def list_count(self) -> int:
         return self._handlers.list_count
+
+    @property
+    def requests(self) -> dict[str, int]:
+        """Resource requests served so far, by verb (list, watch, get, create, update, patch, delete)."""
+        return dict(self._handlers.requests)
 
     @property
     def open_watches(self) -> int:
