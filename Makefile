@@ -35,10 +35,12 @@ fuzz: deps
 
 # iperf3 drives the throughput figures; stunnel4 and haproxy are the mTLS proxies amesh is compared
 # with (installed as tools: no service starts); matplotlib (the "bench" extra) draws the chart.
-# bench.run (amesh vs direct/stunnel/haproxy), then bench.telemetry_cost and bench.policy_cost.
+# bench.run (amesh vs direct/stunnel/haproxy), then bench.telemetry_cost, bench.policy_cost and
+# bench.registry (10,000 pods and 2,000 Services from the test API server, one agent's registry).
 # QUICK=1: one short repeat of each, to check the harness.
 bench: PKGS = iperf3 stunnel4 haproxy
 bench: deps
 	$(PYTHON) -m bench.run $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.telemetry_cost $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.policy_cost $(if $(QUICK),--quick)
+	$(PYTHON) -m bench.registry $(if $(QUICK),--pods 1000 --services 200 --events 99)

@@ -218,9 +218,10 @@ class IncrementalRegistry:
         self._pods_in: dict[str, set[NameKey]] = {}  # namespace -> its pods
         self._ip_claims: dict[str, dict[NameKey, int]] = {}  # pod address -> pods with it -> place
         self._read_services: dict[NameKey, tuple[Service, int]] = {}  # as read, without endpoints
-        self._services_in: dict[str, set[NameKey]] = {}  # namespace -> its Services
+        # (namespace, label, value) -> the Services whose selector's first label that is: a pod
+        # with labels L can be picked only by Services under one of L's labels
+        self._selecting: dict[tuple[str, str, str], set[NameKey]] = {}
         self._vip_claims: dict[str, dict[NameKey, int]] = {}
-        self._members: dict[NameKey, set[NameKey]] = {}  # Service -> the workloads its selector picks
         self._slices: dict[NameKey, tuple[_Slice, int]] = {}
         self._slices_of: dict[NameKey, set[NameKey]] = {}  # Service -> its EndpointSlices
         self._slice_zones: dict[str, Counter[str]] = {}  # node -> the zones slices give it
@@ -403,18 +404,14 @@ class IncrementalRegistry:
     def _set_service(self, key: NameKey, service: Service | None, seq: int) -> None:
         old = self._read_services.pop(key, None)
         if old is not None:
-            self._services_in[old[0].namespace].discard(key)
+            if old[0].selector:
+                self._selecting[(old[0].namespace, *min(old[0].selector.items()))].discard(key)
             self._unclaim(self._vip_claims, old[0].cluster_ip, key, self._dirty_services)
         if service is not None:
             self._read_services[key] = (service, seq)
-            self._services_in.setdefault(service.namespace, set()).add(key)
+            if service.selector:
+                self._selecting.setdefault((service.namespace, *min(service.selector.items())), set()).add(key)
             self._claim(self._vip_claims, service.cluster_ip, key, seq, self._dirty_services)
-            if old is None or old[0].selector != service.selector:
-                workloads = self.state._workloads
-                picked = (workloads.get(p) for p in self._pods_in.get(service.namespace, ()))
-                self._members[key] = {w.key for w in picked if _matches(service.selector, w)}
-        else:
-            self._members.pop(key, None)
         self._dirty_services.add(key)
 
     def _set_slice(self, key: NameKey, endpoint_slice: _Slice | None, seq: int) -> None:
@@ -548,18 +545,28 @@ class IncrementalRegistry:
         return w
 
     def _reselect(self, old: Workload | None, new: Workload | None) -> None:
-        """The Services of the workload's namespace whose selector picked it before or picks it now."""
+        """Marks the Services without EndpointSlices whose selector picked the workload before or
+        picks it now (with slices, a Service's endpoints are its slices')."""
         namespace = (new or old).namespace  # type: ignore[union-attr]
-        for service_key in self._services_in.get(namespace, ()):
-            selector = self._read_services[service_key][0].selector
-            was, now = _matches(selector, old), _matches(selector, new)
-            if was or now:
-                members = self._members[service_key]
-                if now:
-                    members.add(new.key)  # type: ignore[union-attr]
-                else:
-                    members.discard(old.key)  # type: ignore[union-attr]
-                self._dirty_services.add(service_key)
+        labels = {*(old.labels.items() if old else ()), *(new.labels.items() if new else ())}
+        for label in labels:
+            for service_key in self._selecting.get((namespace, *label), ()):
+                if self._slices_of.get(service_key):
+                    continue
+                selector = self._read_services[service_key][0].selector
+                if _matches(selector, old) or _matches(selector, new):
+                    self._dirty_services.add(service_key)
+
+    def _selected(self, service: Service) -> list[_Pod]:
+        """The pods in the state a Service's selector picks, in order: a scan of its namespace's pods,
+        made only for a Service without EndpointSlices."""
+        picked = []
+        for key in self._pods_in.get(service.namespace, ()):
+            pod = self._pods[key]
+            w = pod.workload
+            if _matches(service.selector, w) and _winner(self._ip_claims[w.ip]) == key:
+                picked.append(pod)
+        return sorted(picked, key=lambda p: p.seq)
 
     def _present(self, key: NameKey) -> bool:
         """Whether the Service is in the state: read, and first with its cluster IP."""
@@ -581,8 +588,7 @@ class IncrementalRegistry:
             ordered = sorted((self._slices[k] for k in slice_keys), key=lambda s: s[1])
             endpoints = _sliced_endpoints(service, (s for s, _ in ordered), zones)
         else:
-            pods = sorted((self._pods[k] for k in self._members.get(key, ())), key=lambda p: p.seq)
-            endpoints = _selected_endpoints(service, pods, zones)
+            endpoints = _selected_endpoints(service, self._selected(service), zones)
         service = replace(service, endpoints=endpoints)
         fqdn = service_fqdn(service)
         rule_keys = set(self._rules_by_host.get(fqdn, ()))
