@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import copy
 import dataclasses
@@ -615,6 +616,7 @@ class _Handlers:
         self.watch_count = 0
         self.list_count = 0
         self.requests: collections.Counter[str] = collections.Counter()  # resource requests by verb
+        self._last_list: tuple[tuple[Any, ...], list[JSON], list[tuple[str, ...]]] | None = None  # see _matching
         self.address = ""
         self.tokens = TokenAuthority(store)
 
@@ -836,6 +838,20 @@ class _Handlers:
         return Filter(res, ns, parse_label_selector(q.get("labelSelector", "")),
                       parse_field_selector(q.get("fieldSelector", "")))
 
+    def _matching(self, rv: int, res: Resource, ns: str | None, flt: Filter,
+                  request: web.Request) -> tuple[list[JSON], list[tuple[str, ...]]]:
+        """The objects a list matches at rv, in key order, and their (namespace, name) keys. The
+        last answer is kept for the pages after the first, which ask at the same rv (as etcd
+        serves each page as a key range, not by sorting the whole collection again)."""
+        query = (rv, self.store.compacted_rv, res.kind, ns, request.query.get("labelSelector"),
+                 request.query.get("fieldSelector"))
+        if self._last_list is not None and self._last_list[0] == query:
+            return self._last_list[1], self._last_list[2]
+        matched = sorted((o for o in self.store.snapshot(rv).values() if flt.matches(o)), key=_key)
+        keys = [_key(o)[1:] for o in matched]
+        self._last_list = (query, matched, keys)
+        return matched, keys
+
     def _list(self, request: web.Request, res: Resource, ns: str | None) -> web.Response:
         self.list_count += 1
         q = request.query
@@ -858,19 +874,17 @@ class _Handlers:
             except ValueError:
                 raise APIError(400, "BadRequest", "resourceVersionMatch=Exact needs a "
                                "resourceVersion") from None
-        objects = self.store.snapshot(rv)
-        items = sorted((o for o in objects.values() if flt.matches(o)), key=_key)
-        items = [o for o in items if "/".join(_key(o)[1:]) > start] if start else items
+        matched, keys = self._matching(rv, res, ns, flt, request)
+        begin = bisect.bisect_right(keys, tuple(start.split("/", 1))) if start else 0
+        items = matched[begin:]
         meta: JSON = {"resourceVersion": str(rv)}
         limit = int(q.get("limit", "0") or 0)
         if limit > 0 and len(items) > limit:
             items = items[:limit]
-            last = "/".join(_key(items[-1])[1:])
+            last = "/".join(keys[begin + limit - 1])
             meta["continue"] = base64.urlsafe_b64encode(
                 json.dumps({"rv": rv, "start": last}).encode()).decode()
-            meta["remainingItemCount"] = sum(
-                1 for o in objects.values() if flt.matches(o)
-                and "/".join(_key(o)[1:]) > last)
+            meta["remainingItemCount"] = len(matched) - begin - limit
         if _wants_table(request):
             include = q.get("includeObject", "Metadata")
             return web.json_response(_table(res, items, include, True, meta))
