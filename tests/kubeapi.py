@@ -86,6 +86,7 @@ DEFAULT_BOOKMARK_INTERVAL = 1.0  # seconds; the real server sends one about ever
 CLOSE_CHECK_INTERVAL = 0.5  # seconds; how often an idle watch notices its client went away
 CONTROL_TIMEOUT = 10.0  # seconds a synchronous control waits for the server's loop
 SHUTDOWN_TIMEOUT = 0.5  # seconds stop() gives in-flight requests before closing them
+LISTS_KEPT = 16  # paginated lists whose sorted answer is kept for their next pages
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -616,7 +617,7 @@ class _Handlers:
         self.watch_count = 0
         self.list_count = 0
         self.requests: collections.Counter[str] = collections.Counter()  # resource requests by verb
-        self._last_list: tuple[tuple[Any, ...], list[JSON], list[tuple[str, ...]]] | None = None  # see _matching
+        self._last_lists: dict[tuple[Any, ...], tuple[list[JSON], list[tuple[str, ...]]]] = {}  # see _matching
         self.address = ""
         self.tokens = TokenAuthority(store)
 
@@ -841,16 +842,18 @@ class _Handlers:
     def _matching(self, rv: int, res: Resource, ns: str | None, flt: Filter,
                   request: web.Request) -> tuple[list[JSON], list[tuple[str, ...]]]:
         """The objects a list matches at rv, in key order, and their (namespace, name) keys. The
-        last answer is kept for the pages after the first, which ask at the same rv (as etcd
-        serves each page as a key range, not by sorting the whole collection again)."""
+        last answers (of lists of several kinds paging at once) are kept for the pages after the
+        first, which ask at the same rv (as etcd serves each page as a key range, not by sorting
+        the whole collection again)."""
         query = (rv, self.store.compacted_rv, res.kind, ns, request.query.get("labelSelector"),
                  request.query.get("fieldSelector"))
-        if self._last_list is not None and self._last_list[0] == query:
-            return self._last_list[1], self._last_list[2]
+        if query in self._last_lists:
+            return self._last_lists[query]
         matched = sorted((o for o in self.store.snapshot(rv).values() if flt.matches(o)), key=_key)
-        keys = [_key(o)[1:] for o in matched]
-        self._last_list = (query, matched, keys)
-        return matched, keys
+        answer = self._last_lists[query] = (matched, [_key(o)[1:] for o in matched])
+        while len(self._last_lists) > LISTS_KEPT:
+            del self._last_lists[next(iter(self._last_lists))]  # the oldest
+        return answer
 
     def _list(self, request: web.Request, res: Resource, ns: str | None) -> web.Response:
         self.list_count += 1
