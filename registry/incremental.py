@@ -58,8 +58,6 @@ from registry.model import (
 from registry.objects import KubeObject
 from registry.policies import read_authorization_policy, read_peer_authentication
 from registry.traffic import (
-    DestinationRule,
-    Split,
     read_destination_rule,
     read_tcp_route,
     read_traffic_split,
