@@ -163,8 +163,8 @@ class AgentCollector:
     def _agent(self) -> Iterator[Metric]:
         agent = self.agent
         state = agent.state
-        yield GaugeMetricFamily("amesh_registry_workloads", "Workloads in the registry.", value=len(state.workloads))
-        yield GaugeMetricFamily("amesh_registry_services", "Services in the registry.", value=len(state.services))
+        yield GaugeMetricFamily("amesh_registry_workloads", "Workloads in the registry.", value=state.workload_count)
+        yield GaugeMetricFamily("amesh_registry_services", "Services in the registry.", value=state.service_count)
         synced = agent.registry.synced_at
         yield GaugeMetricFamily("amesh_registry_last_sync_age_seconds", "Seconds since the registry last "
                                 "confirmed a good, current state.", value=time.time() - synced if synced else float("nan"))

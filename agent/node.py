@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
+from agent.local import LocalPods
 from agent.metrics import TelemetryServer
 from bpf.datapath import NodeDatapath, Slot
 from ca.client import ClusterCAClient
@@ -40,7 +41,7 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.cawatch import CADirectoryWatch
-from ztunnel.identity import CAError, CertificateManager, FileCA, Identity, workload_identity
+from ztunnel.identity import CAError, CertificateManager, FileCA, Identity
 from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
 from ztunnel.limits import HandshakeLimiter
 from ztunnel.listener import NodeAddresses, transparent_listener
@@ -85,6 +86,7 @@ class NodeAgent:
         self.datapath: NodeDatapath | None = None
         self._datapath_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._reconcile_now = asyncio.Event()
+        self._local = LocalPods(config.node, config.trust_domain)
         self._stopping = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
         self.certs: CertificateManager | None = None
@@ -128,11 +130,11 @@ class NodeAgent:
         self._merged.state(self.registry.state or EMPTY_STATE)  # applied now, so changes never pile up
 
     def local_enrolled_ips(self) -> list[str]:
-        return sorted(w.ip for w in self.state.enrolled_on(self.config.node))
+        return list(self._local.of(self.state).ips)
 
     def local_identities(self) -> set[Identity]:
         """The identities this node serves: one per service account of its enrolled pods."""
-        return {workload_identity(w, self.config.trust_domain) for w in self.state.enrolled_on(self.config.node)}
+        return set(self._local.of(self.state).identities)
 
     def renew_certificates(self) -> list[str]:
         """Makes every held certificate due now; the manager's task renews them at once."""
@@ -147,7 +149,7 @@ class NodeAgent:
 
     def _on_registry_state(self, state: RegistryState) -> None:
         log.info("event=registry_updated generation=%d workloads=%d services=%d policies=%d", state.generation,
-                 len(state.workloads), len(state.services), len(state.authorization_policies))
+                 state.workload_count, state.service_count, len(state.authorization_policies))
         self._enforce_policy_change(state)
         self._reconcile_now.set()
 
@@ -282,12 +284,17 @@ class NodeAgent:
         while True:
             try:
                 await asyncio.wait_for(self._reconcile_now.wait(), self.config.resync_interval)
+                periodic = False
             except asyncio.TimeoutError:
-                pass
+                periodic = True  # interfaces and routes may have changed: synced whatever the registry says
             self._reconcile_now.clear()
             assert self.datapath is not None and self.certs is not None
-            self.certs.set_identities(self.local_identities())
-            await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
+            state = self.state
+            local = self._local.changed(state)
+            if local is not None:  # a change on another node changes neither capture nor certificates
+                self.certs.set_identities(local.identities)
+            if local is not None or periodic:
+                await self._in_datapath_thread(self.datapath.sync, self._local.of(state).ips)
 
     async def _stop(self) -> None:
         log.info("event=stopping drain_grace_s=%s live_connections=%d", self.config.drain_grace,

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import yaml
 
@@ -100,7 +100,14 @@ class _Pod:
     named_ports: dict[str, int]  # containerPort by name, for named service targetPorts
 
 
-@dataclass
+class _Serving(Protocol):
+    """What a Service's selector reads of a pod: its workload and its named container ports."""
+
+    workload: Workload
+    named_ports: Mapping[str, int]
+
+
+@dataclass(slots=True)
 class _SliceEndpoint:
     ip: str
     ready: bool
@@ -109,7 +116,7 @@ class _SliceEndpoint:
     zone: str | None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slice:
     service_key: str  # "namespace/name" of the Service it belongs to
     ports: dict[str, int]  # endpoint port by port name
@@ -328,6 +335,18 @@ def _objects(text: str) -> Iterator[KubeObject]:
             yield KubeObject(item, f"{where} items[{i}]")
 
 
+def supported(obj: KubeObject) -> bool:
+    """Whether amesh reads objects of this kind (others are skipped); RegistryError if it does but
+    not at the object's apiVersion."""
+    expected = API_VERSIONS.get(obj.kind)
+    if expected is None:
+        return False
+    if obj.raw["apiVersion"] not in expected:
+        problem = f"must be {' or '.join(expected)} for kind {obj.kind}, got {show(obj.raw['apiVersion'])}"
+        raise obj.fail("apiVersion", problem)
+    return True
+
+
 def _check_unique_ips(owners: Iterable[tuple[KubeObject, str]], path: str) -> None:
     """Raise when two objects claim one address: the ztunnel could not tell them apart."""
     first: dict[str, KubeObject] = {}
@@ -367,7 +386,7 @@ def _zones(nodes: Mapping[str, str], slices: Iterable[_Slice]) -> dict[str, str]
     return {**zones, **nodes}
 
 
-def _selected_endpoints(service: Service, pods: list[_Pod], zones: Mapping[str, str]) -> tuple[Endpoint, ...]:
+def _selected_endpoints(service: Service, pods: Iterable[_Serving], zones: Mapping[str, str]) -> tuple[Endpoint, ...]:
     """Endpoints of a Service with no EndpointSlice: its selector's pods that have an address."""
     if not service.selector:
         return ()  # a Service without a selector gets endpoints only from slices
@@ -389,21 +408,16 @@ def _selected_endpoints(service: Service, pods: list[_Pod], zones: Mapping[str, 
     return tuple(endpoints)
 
 
-def _sliced_endpoints(service: Service, slices: list[_Slice], zones: Mapping[str, str]) -> tuple[Endpoint, ...]:
+def _sliced_endpoints(service: Service, slices: Iterable[_Slice], zones: Mapping[str, str]) -> tuple[Endpoint, ...]:
     """Endpoints of a Service from all its EndpointSlices, ports matched by name; an endpoint
     whose slice gives no zone takes its node's."""
-    return tuple(
-        Endpoint(
-            ip=e.ip,
-            ports={sp.name: s.ports[sp.name] for sp in service.ports if sp.name in s.ports},
-            ready=e.ready,
-            workload=e.workload,
-            node=e.node,
-            zone=e.zone or (zones.get(e.node) if e.node else None),
-        )
-        for s in slices
-        for e in s.endpoints
-    )
+    endpoints = []
+    for s in slices:
+        ports = {sp.name: s.ports[sp.name] for sp in service.ports if sp.name in s.ports}  # one for the slice
+        endpoints += (Endpoint(ip=e.ip, ports=ports, ready=e.ready, workload=e.workload, node=e.node,
+                               zone=e.zone or (zones.get(e.node) if e.node else None))
+                      for e in s.endpoints)
+    return tuple(endpoints)
 
 
 def parse_objects(text: str, source: str = "file", generation: int = 0) -> RegistryState:
@@ -432,12 +446,8 @@ def build_state(
     for raw in objects:
         # The file reader hands over objects it has already located in their documents.
         obj = raw if isinstance(raw, KubeObject) else KubeObject(raw, "")
-        expected = API_VERSIONS.get(obj.kind)
-        if expected is None:
+        if not supported(obj):
             continue
-        if obj.raw["apiVersion"] not in expected:
-            problem = f"must be {' or '.join(expected)} for kind {obj.kind}, got {show(obj.raw['apiVersion'])}"
-            raise obj.fail("apiVersion", problem)
         other = seen.setdefault((obj.kind, obj.namespace, obj.name), obj)
         if other is not obj:
             problem = f"duplicate: {obj.label} is already defined in {other.where}"

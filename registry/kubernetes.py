@@ -4,9 +4,12 @@
 Istio's security.istio.io AuthorizationPolicies and PeerAuthentications, the custom resources that
 shape traffic (Istio's networking.istio.io DestinationRules, Gateway API TCPRoutes, SMI
 TrafficSplits) and this node's own Node (for its zone), then watches each from
-the list's resourceVersion (with bookmarks), keeps a local cache of the objects, and publishes a
-`RegistryState` built by `registry.kubefile.build_state` (the same rules as the registry file)
-after the initial sync and after each burst of changes. A cut watch resumes from the last
+the list's resourceVersion (with bookmarks), and reads each object into a
+`registry.incremental.IncrementalRegistry` as it arrives (the same rules as the registry file's
+`build_state`, but an event recomputes only what it touches, and only what the rules use of an
+object is kept, not its JSON); it publishes the registry's state after the initial sync and after
+each burst of changes. Lists are read in pages (`list_page` objects each), so the initial list
+never holds the whole cluster's JSON at once. A cut watch resumes from the last
 resourceVersion seen; 410 Gone relists that kind; connection errors retry with capped
 exponential backoff and jitter, while the last good state keeps serving. An object the rules
 reject is skipped and reported, never the whole state.
@@ -33,7 +36,7 @@ second HTTP stack (httpx2, msgspec). kubernetes_asyncio is generated from the Ku
 OpenAPI spec at every release, so every list and watch parameter is there (resourceVersion,
 allowWatchBookmarks, limit/continue, timeoutSeconds); it runs on aiohttp, which amesh already
 uses; it loads kubeconfig (with exec and OIDC plugins) and in-cluster config; and with
-`_preload_content=False` it hands back the raw JSON, so objects reach `build_state` as the same
+`_preload_content=False` it hands back the raw JSON, so objects reach the registry as the same
 dicts a file holds, without a round trip through its models. Its cost is size (27 MB of
 generated models) and a `Watch` helper that retries 410 from the same resourceVersion, so we
 drive list and watch ourselves: the library does configuration, authentication, TLS and URLs;
@@ -60,8 +63,8 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.config import ConfigException, load_kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
-from registry.kubefile import build_state
-from registry.model import RegistryError, RegistryState
+from registry.incremental import IncrementalRegistry
+from registry.model import RegistryState
 from registry.objects import CLUSTER_SCOPED
 from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
 from registry.traffic import DESTINATION_RULE_API_VERSIONS, TCP_ROUTE_API_VERSIONS, TRAFFIC_SPLIT_API_VERSIONS
@@ -107,13 +110,6 @@ KINDS = (
           "TCPRoute splits"),
     _Kind("TrafficSplit", TRAFFIC_SPLIT_API_VERSIONS, "custom", "trafficsplits", True, "SMI's", "TrafficSplits"),
 )
-# kinds whose rejected version leaves the last good one in force: dropping a policy could widen
-# access; dropping a Service or a traffic rule, its limits, split or breaker settings
-_LAST_GOOD_KINDS = frozenset(k.kind for k in KINDS if k.policy) | {"Service"}
-
-# Pods that have finished keep their status.podIP, which the cluster may already have given to a
-# new pod: they have nothing to capture or route to, and would only collide with the new one.
-_TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 class _Gone(Exception):
@@ -222,7 +218,7 @@ class KubernetesSource:
         *,
         context: str | None = None,
         configuration: k8s.Configuration | None = None,  # ready-made, instead of loading one
-        publish_interval: float = 0.05,  # seconds; a burst of changes becomes one state
+        publish_interval: float = 0.0,  # seconds to wait for the rest of a burst; 0: the events already read
         backoff_initial: float = 0.5,  # seconds before the first retry after an error
         backoff_cap: float = 30.0,  # seconds; the longest wait between retries
         watch_timeout: float = 300.0,  # seconds; the server ends a watch after 1-2x this
@@ -253,8 +249,7 @@ class KubernetesSource:
         self._on_error = on_error
         self._configuration = configuration
         self._state: RegistryState | None = None
-        self._generation = 0
-        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k.kind: {} for k in self._kinds}
+        self._registry = IncrementalRegistry(SOURCE)
         self._rv: dict[str, str | None] = {k.kind: None for k in self._kinds}
         self._watching: dict[str, bool] = {k.kind: False for k in self._kinds}
         self._listed: set[str] = set()
@@ -262,9 +257,6 @@ class KubernetesSource:
         self._not_served: set[str] = set()  # policy kinds the server serves at none of their versions
         self._healthy_at: float | None = None  # wall clock when last seen all-healthy
         self._changed = asyncio.Event()
-        self._rejected: dict[ObjectKey, str] = {}  # the message reported for each
-        # each object of _LAST_GOOD_KINDS as it was last built into the state: its last good version
-        self._in_force: dict[ObjectKey, dict[str, Any]] = {}
         # ADDED/MODIFIED/DELETED events applied, by kind (not bookmarks, not list items)
         self.event_counts: dict[str, int] = {k.kind: 0 for k in self._kinds}
         self._outage_reported = False
@@ -289,9 +281,10 @@ class KubernetesSource:
         else the objects rejected; None when there is none."""
         if self._outage is not None:
             return self._outage
-        if self._rejected:
-            first = next(iter(self._rejected.values()))
-            more = f" (and {len(self._rejected) - 1} more; see the agent's log)" if len(self._rejected) > 1 else ""
+        rejected = self._registry.rejected
+        if rejected:
+            first = next(iter(rejected.values()))
+            more = f" (and {len(rejected) - 1} more; see the agent's log)" if len(rejected) > 1 else ""
             return f"rejected {first}{more}"
         return None
 
@@ -324,7 +317,7 @@ class KubernetesSource:
     def rejected(self) -> dict[ObjectKey, str]:
         """Objects whose current version the rules reject, with the reason and what was done
         (skipped, or the policy's last good version kept in force)."""
-        return dict(self._rejected)
+        return dict(self._registry.rejected)
 
     # --- running ---
 
@@ -406,14 +399,16 @@ class KubernetesSource:
             return  # still not served: nothing changed
         log.warning("event=k8s_kind_not_served kind=%s api_versions=%s retry_in_s=%g", kind.kind,
                     ",".join(kind.api_versions), self.discovery_interval)
-        self._objects[kind.kind] = {}
+        for key in self._registry.keys(kind.kind):
+            self._registry.delete(*key)
         self._listed.add(kind.kind)
         self._set_served(kind.kind, False)
         self._changed.set()
 
     async def _list(self, kind: _Kind, api_version: str, method: Callable[..., Any]) -> None:
-        """List every object of one kind (page by page) and replace its cache at once."""
-        objects: dict[tuple[str, str], dict[str, Any]] = {}
+        """List every object of one kind page by page into the registry; those it no longer
+        lists (deleted while a watch was down) are deleted."""
+        listed: set[tuple[str, str, str]] = set()
         token: str | None = None
         rv = ""
         while True:
@@ -423,19 +418,21 @@ class KubernetesSource:
             body = await self._get_json(method, params)
             for item in body.get("items") or ():
                 item = _with_kind(item, kind.kind, api_version)
-                objects[_ns_name(item)] = item
+                listed.add((kind.kind, *_ns_name(item)))
+                self._registry.apply(item)
             meta = body.get("metadata") or {}
             rv = meta.get("resourceVersion") or rv
             token = meta.get("continue")
             if not token:
                 break
-        self._objects[kind.kind] = objects
+        for key in set(self._registry.keys(kind.kind)) - listed:
+            self._registry.delete(*key)
         self._rv[kind.kind] = rv
         self._api_version[kind.kind] = api_version
         self._listed.add(kind.kind)
         self._set_served(kind.kind, True)
         log.info("event=k8s_listed kind=%s api_version=%s objects=%d rv=%s", kind.kind, api_version,
-                 len(objects), rv)
+                 len(listed), rv)
         self._changed.set()
 
     async def _get_json(self, method: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -511,11 +508,10 @@ class KubernetesSource:
             return
         obj = _with_kind(obj, kind.kind, self._api_version[kind.kind])
         key = _ns_name(obj)
-        cache = self._objects[kind.kind]
         if kind_of_event in ("ADDED", "MODIFIED"):
-            cache[key] = obj
+            self._registry.apply(obj)
         elif kind_of_event == "DELETED":
-            cache.pop(key, None)
+            self._registry.delete(kind.kind, *key)
         else:
             raise ValueError(f"unknown watch event type {kind_of_event!r} for {kind.kind}")
         if rv:
@@ -574,62 +570,23 @@ class KubernetesSource:
             self._publish()
 
     def _publish(self) -> None:
-        try:
-            state = self._build()
-        except RegistryError as e:  # a problem no single object can be blamed for
-            log.warning("event=k8s_state_rejected error=%r", str(e))
-            self._on_error(f"Kubernetes objects rejected, keeping the last good state: {e}")
-            return
-        last = self._state
-        if last is not None and _content(last) == _content(state):
-            return
-        self._generation = state.generation
+        state = self._registry.commit()
+        for (kind, namespace, name), message in self._registry.take_reports():
+            log.warning("event=k8s_object_rejected kind=%s namespace=%s name=%s error=%r", kind, namespace, name,
+                        message)
+            self._on_error(message)
+        if state is None:
+            if self._state is not None:
+                return
+            state = self._registry.state  # the first state is published even when empty
         self._state = state
         if self._healthy_at is None:
             self._healthy_at = time.time()
         log.info("event=k8s_state generation=%d workloads=%d services=%d authorization_policies=%d "
-                 "peer_authentications=%d rejected=%d", state.generation, len(state.workloads),
-                 len(state.services), len(state.authorization_policies), len(state.peer_authentications),
-                 len(self._rejected))
+                 "peer_authentications=%d rejected=%d", state.generation, state.workload_count,
+                 state.service_count, len(state.authorization_policies), len(state.peer_authentications),
+                 len(self._registry.rejected))
         self._on_state(state)
-
-    def _build(self) -> RegistryState:
-        """The state of every cached object the rules accept; each rejected one is reported, and
-        for a rejected policy its last good version stands in."""
-        objects: dict[ObjectKey, dict[str, Any]] = {}
-        for kind in self._kinds:
-            for (namespace, name), obj in self._objects[kind.kind].items():
-                if kind.kind == "Pod" and (obj.get("status") or {}).get("phase") in _TERMINAL_PHASES:
-                    continue
-                objects[(kind.kind, namespace if kind.kind not in CLUSTER_SCOPED else "", name)] = obj
-        rejected: dict[ObjectKey, str] = {}
-        while True:
-            try:
-                state = build_state(objects.values(), SOURCE, self._generation + 1)
-                break
-            except RegistryError as e:
-                key = getattr(e, "object_key", None)
-                if key not in objects:  # cannot tell which object: keep the last good state
-                    raise
-                last_good = self._in_force.get(key)
-                if last_good is not None and last_good is not objects[key]:
-                    # dropping a policy could widen access, a Service or rule its limits: the
-                    # version before stays in force
-                    objects[key] = last_good
-                    rejected[key] = f"{e} (the version before it stays in force)"
-                else:
-                    # one bad object must not take the cluster's other objects down with it
-                    del objects[key]
-                    rejected[key] = f"{e} (object skipped)"
-        for key, message in rejected.items():
-            if self._rejected.get(key) != message:  # report each problem once
-                log.warning("event=k8s_object_rejected kind=%s namespace=%s name=%s error=%r",
-                            key[0], key[1], key[2], message)
-                self._on_error(message)
-        self._rejected = rejected
-        # a deleted object is no longer in the cache, so it leaves nothing in force behind it
-        self._in_force = {key: obj for key, obj in objects.items() if key[0] in _LAST_GOOD_KINDS}
-        return state
 
     def _lister(self, apis: dict[str, Any], kind: _Kind, api_version: str) -> Callable[..., Any]:
         """The kubernetes_asyncio call that lists (and watches) `kind` at `api_version` cluster-wide
@@ -639,12 +596,6 @@ class KubernetesSource:
             return functools.partial(apis["custom"].list_cluster_custom_object, group, version, kind.method)
         method = getattr(apis[kind.api], kind.method)
         return functools.partial(method, field_selector=f"metadata.name={self.node}") if kind.own_node else method
-
-
-def _content(state: RegistryState) -> tuple[Any, ...]:
-    """What the mesh reads of a state: equal contents need not be published again."""
-    return (state.workloads, state.services, state.authorization_policies, state.peer_authentications,
-            state.node_zones)
 
 
 def _with_kind(obj: dict[str, Any], kind: str, api_version: str) -> dict[str, Any]:

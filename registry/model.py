@@ -1,7 +1,9 @@
 """The workload and service model every registry source produces and the ztunnel reads.
 
 A source builds a whole `RegistryState` and swaps it in at once, so readers always see one
-consistent snapshot and never a half-applied change. Registrations (registry/registrations.py)
+consistent snapshot and never a half-applied change. The Kubernetes source changes its state
+object by object (registry/incremental.py): its `IncrementalState`, like registrations'
+`MergedState`, keeps the indexes in persistent maps shared between one snapshot and the next. Registrations (registry/registrations.py)
 are layered on a source's state change by change instead: their `MergedState` is a RegistryState
 too, whose indexes are persistent maps shared between one snapshot and the next.
 """
@@ -262,6 +264,16 @@ class RegistryState:
         for policy in self.authorization_policies:
             by_namespace.setdefault(policy.namespace, []).append(policy)
         object.__setattr__(self, "_policies_by_namespace", {ns: tuple(ps) for ns, ps in by_namespace.items()})
+
+    @property
+    def workload_count(self) -> int:
+        """How many workloads (without building the listing of a state that builds it on demand)."""
+        return len(self.workloads)
+
+    @property
+    def service_count(self) -> int:
+        """How many Services (without building the listing of a state that builds it on demand)."""
+        return len(self.services)
 
     def authorization_policies_in(self, namespace: str) -> tuple[AuthorizationPolicy, ...]:
         """The AuthorizationPolicies of one namespace."""

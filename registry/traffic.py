@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping
 
 from registry.model import Backend, LoadBalancer, OutlierSettings, Service, TrafficPolicy
 from registry.objects import KubeObject, known_fields, list_field, mapping_field, show, string_field
@@ -383,19 +383,32 @@ def shape_services(services: Iterable[Service], rules: Iterable[DestinationRule]
     backend naming no Service of the registry is a warning."""
     services = tuple(services)
     known = {s.key for s in services}
-    ordered_rules = sorted(rules, key=lambda r: (r.host.startswith("*"), r.created, r.namespace, r.name))
+    ordered_rules = sorted(rules, key=rule_order)
     splits_by_service: dict[str, list[Split]] = {}
-    for split in sorted(splits, key=lambda s: (s.created, s.label)):
+    for split in sorted(splits, key=split_order):
         splits_by_service.setdefault(split.service, []).append(split)
-    return tuple(_shaped(s, [r for r in ordered_rules if _selects(r.host, s)], splits_by_service.get(s.key, []),
+    return tuple(shaped(s, [r for r in ordered_rules if selects(r.host, s)], splits_by_service.get(s.key, []),
                          known) for s in services)
 
 
-def _selects(host: str, service: Service) -> bool:
+def rule_order(rule: DestinationRule) -> tuple[bool, str, str, str]:
+    """The order Istio merges the DestinationRules of one host in: exact hosts first, then the oldest."""
+    return (rule.host.startswith("*"), rule.created, rule.namespace, rule.name)
+
+
+def split_order(split: Split) -> tuple[str, str]:
+    """The order the splits of one Service are tried in: the oldest wins."""
+    return (split.created, split.label)
+
+
+def selects(host: str, service: Service) -> bool:
+    """Whether a DestinationRule's host (an FQDN or a wildcard one) names `service`."""
     return fnmatch.fnmatchcase(service_fqdn(service), host) if host.startswith("*") else host == service_fqdn(service)
 
 
-def _shaped(service: Service, rules: list[DestinationRule], splits: list[Split], known: set[str]) -> Service:
+def shaped(service: Service, rules: list[DestinationRule], splits: list[Split], known: Container[str]) -> Service:
+    """`service` with the settings of the rules selecting it (in rule_order) and of its splits (in
+    split_order); `known` holds the key of every Service of the registry."""
     traffic = service.traffic
     configured = list(traffic.configured_by)
     warnings = list(traffic.warnings)

@@ -59,6 +59,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
+import collections
 import copy
 import dataclasses
 import datetime as dt
@@ -84,6 +86,7 @@ DEFAULT_BOOKMARK_INTERVAL = 1.0  # seconds; the real server sends one about ever
 CLOSE_CHECK_INTERVAL = 0.5  # seconds; how often an idle watch notices its client went away
 CONTROL_TIMEOUT = 10.0  # seconds a synchronous control waits for the server's loop
 SHUTDOWN_TIMEOUT = 0.5  # seconds stop() gives in-flight requests before closing them
+LISTS_KEPT = 16  # paginated lists whose sorted answer is kept for their next pages
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -613,6 +616,8 @@ class _Handlers:
         self.watches: set[_Watch] = set()
         self.watch_count = 0
         self.list_count = 0
+        self.requests: collections.Counter[str] = collections.Counter()  # resource requests by verb
+        self._last_lists: dict[tuple[Any, ...], tuple[list[JSON], list[tuple[str, ...]]]] = {}  # see _matching
         self.address = ""
         self.tokens = TokenAuthority(store)
 
@@ -782,6 +787,7 @@ class _Handlers:
             raise web.HTTPNotFound()
         res, ns, name = self._route(request)
         method = request.method
+        self.requests[_verb(method, name, _parse_bool(request.query.get("watch")))] += 1
         if name is None:
             if method == "GET":
                 if _parse_bool(request.query.get("watch")):
@@ -833,6 +839,22 @@ class _Handlers:
         return Filter(res, ns, parse_label_selector(q.get("labelSelector", "")),
                       parse_field_selector(q.get("fieldSelector", "")))
 
+    def _matching(self, rv: int, res: Resource, ns: str | None, flt: Filter,
+                  request: web.Request) -> tuple[list[JSON], list[tuple[str, ...]]]:
+        """The objects a list matches at rv, in key order, and their (namespace, name) keys. The
+        last answers (of lists of several kinds paging at once) are kept for the pages after the
+        first, which ask at the same rv (as etcd serves each page as a key range, not by sorting
+        the whole collection again)."""
+        query = (rv, self.store.compacted_rv, res.kind, ns, request.query.get("labelSelector"),
+                 request.query.get("fieldSelector"))
+        if query in self._last_lists:
+            return self._last_lists[query]
+        matched = sorted((o for o in self.store.snapshot(rv).values() if flt.matches(o)), key=_key)
+        answer = self._last_lists[query] = (matched, [_key(o)[1:] for o in matched])
+        while len(self._last_lists) > LISTS_KEPT:
+            del self._last_lists[next(iter(self._last_lists))]  # the oldest
+        return answer
+
     def _list(self, request: web.Request, res: Resource, ns: str | None) -> web.Response:
         self.list_count += 1
         q = request.query
@@ -855,19 +877,17 @@ class _Handlers:
             except ValueError:
                 raise APIError(400, "BadRequest", "resourceVersionMatch=Exact needs a "
                                "resourceVersion") from None
-        objects = self.store.snapshot(rv)
-        items = sorted((o for o in objects.values() if flt.matches(o)), key=_key)
-        items = [o for o in items if "/".join(_key(o)[1:]) > start] if start else items
+        matched, keys = self._matching(rv, res, ns, flt, request)
+        begin = bisect.bisect_right(keys, tuple(start.split("/", 1))) if start else 0
+        items = matched[begin:]
         meta: JSON = {"resourceVersion": str(rv)}
         limit = int(q.get("limit", "0") or 0)
         if limit > 0 and len(items) > limit:
             items = items[:limit]
-            last = "/".join(_key(items[-1])[1:])
+            last = "/".join(keys[begin + limit - 1])
             meta["continue"] = base64.urlsafe_b64encode(
                 json.dumps({"rv": rv, "start": last}).encode()).decode()
-            meta["remainingItemCount"] = sum(
-                1 for o in objects.values() if flt.matches(o)
-                and "/".join(_key(o)[1:]) > last)
+            meta["remainingItemCount"] = len(matched) - begin - limit
         if _wants_table(request):
             include = q.get("includeObject", "Metadata")
             return web.json_response(_table(res, items, include, True, meta))
@@ -1156,6 +1176,13 @@ def _account_uid(namespace: str, name: str) -> str:
 
 # --- the synchronous wrapper ------------------------------------------------------------------
 
+def _verb(method: str, name: str | None, watch: bool) -> str:
+    """The Kubernetes verb of a resource request, as the API server's audit log names it."""
+    if method == "GET":
+        return "watch" if watch else ("list" if name is None else "get")
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+
+
 class KubeAPIServer:
     """The test API server in a background thread; every control is safe from any thread.
 
@@ -1259,6 +1286,11 @@ class KubeAPIServer:
     @property
     def list_count(self) -> int:
         return self._handlers.list_count
+
+    @property
+    def requests(self) -> dict[str, int]:
+        """Resource requests served so far, by verb (list, watch, get, create, update, patch, delete)."""
+        return dict(self._handlers.requests)
 
     @property
     def open_watches(self) -> int:
