@@ -162,6 +162,8 @@ class AgentCollector:
         yield CounterMetricFamily("amesh_hbone_handshakes", "mTLS sessions the HBONE pool opened.",
                                   value=agent.pool.handshakes)
         yield GaugeMetricFamily("amesh_hbone_sessions", "Live pooled HBONE sessions.", value=agent.pool.sessions)
+        yield CounterMetricFamily("amesh_hbone_dead_peers", "Pooled HBONE sessions dropped because the peer "
+                                  "answered no HTTP/2 PING within the keepalive timeout.", value=agent.pool.dead_peers)
         inbound = agent.inbound_hbone
         mitigations = CounterMetricFamily("amesh_hbone_mitigations", "HTTP/2 limits HBONE peers crossed (floods, "
                                           "rapid reset, oversized frames, refused streams, deadlines), by kind.",

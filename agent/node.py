@@ -348,7 +348,8 @@ class NodeAgent:
             "ca": self.ca_status(),
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,
-            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions},
+            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions,
+                      "dead_peers": self.pool.dead_peers},
             "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
                             "failures": dict(self.table.failures)},
         }

@@ -47,6 +47,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
+from ztunnel.hbone.keepalive import Keepalive, KeepaliveAction, KeepaliveSettings
 from ztunnel.hbone.limits import CONTINUATION, DATA, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
 from ztunnel.hbone.protocol import REASON_HEADER, HboneError, code_name, header_value, hostport, reset_error
 from ztunnel.logbound import RateLimitedLog, cut
@@ -330,7 +331,9 @@ class H2Session(asyncio.BufferedProtocol):
     `open_stream`; server sessions hand each incoming request to `on_request`, refuse streams
     beyond MAX_CONCURRENT_STREAMS one by one (REFUSED_STREAM), tell `on_reset` of a stream the
     client reset, and give the client PREFACE_TIMEOUT for its SETTINGS. `on_close` is told once
-    when the connection is gone.
+    when the connection is gone. With `keepalive` settings a session PINGs a peer it has not
+    heard from for their interval and drops the connection when nothing answers within their
+    timeout (`keepalive_expired` then says so): a peer whose node vanished is found.
 
     What the peer sends is held to `ztunnel.hbone.limits` (a `FrameGuard`): crossing a limit ends
     the connection with GOAWAY (ENHANCE_YOUR_CALM, FRAME_SIZE_ERROR for a frame above our
@@ -351,6 +354,7 @@ class H2Session(asyncio.BufferedProtocol):
         autostart: bool = False,  # start() as soon as connected, not waiting for the owner
         preface_timeout: float | None = None,  # server side: seconds for the client's SETTINGS
         mitigations: Counter[str] | None = None,
+        keepalive: KeepaliveSettings | None = None,
     ) -> None:
         self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
         self.peer = peer
@@ -359,6 +363,10 @@ class H2Session(asyncio.BufferedProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._preface_timeout = preface_timeout
         self._preface_timer: asyncio.TimerHandle | None = None
+        self._keepalive_settings = keepalive
+        self._keepalive: Keepalive | None = None  # from start()
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self.keepalive_expired = False  # dropped because the peer answered no PING
         self._on_request, self._on_close, self._on_reset = on_request, on_close, on_reset
         self._autostart = autostart
         self._streams: dict[int, HboneStream] = {}
@@ -374,7 +382,7 @@ class H2Session(asyncio.BufferedProtocol):
         self._pass_frames = 0  # frames handed to h2 in this read pass
         self._yielded = False  # this pass hit H2_FRAMES_PER_PASS: reading waits for the next one
         self._backlog_scheduled = False  # a call of _receive_backlog is due
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._settings_received = loop.create_future()
         self._lost = loop.create_future()  # the transport is gone
         self._transport: asyncio.Transport | None = None
@@ -419,6 +427,8 @@ class H2Session(asyncio.BufferedProtocol):
         assert buffer is not None
         if self.closed:
             return  # what a closing transport still hands over
+        if self._keepalive is not None:
+            self._keepalive.heard(self._loop.time())
         self._pass_frames = 0
         self._receive_guarded(buffer[:nbytes])
         if nbytes == len(buffer) and self._read_map is None and not self.closed:
@@ -521,6 +531,10 @@ class H2Session(asyncio.BufferedProtocol):
         if not self.closed:
             self._transport.resume_reading()
         self._arm_idle_timer()
+        if self._keepalive_settings is not None and not self.closed:
+            self._keepalive = Keepalive(self._keepalive_settings, self._loop.time())
+            self._keepalive_timer = self._loop.call_at(self._keepalive.due(self._loop.time())[1],
+                                                       self._keepalive_check)
         if self._preface_timeout is not None and not self.closed:
             self._preface_timer = asyncio.get_running_loop().call_later(
                 self._preface_timeout, self._preface_expired)
@@ -531,6 +545,29 @@ class H2Session(asyncio.BufferedProtocol):
             limited_log.log(logging.INFO, "hbone.preface_timeout", "hbone.preface_timeout peer=%s timeout=%ss",
                             self.peer, self._preface_timeout)
             self.close()
+
+    def _keepalive_check(self) -> None:
+        """Carries out the keepalive's decision: a PING, or the end of a session to a dead peer."""
+        keepalive = self._keepalive
+        assert keepalive is not None
+        if self.closed:
+            return
+        now = self._loop.time()
+        action, again = keepalive.due(now)
+        if action is KeepaliveAction.DEAD:
+            self.keepalive_expired = True
+            log.warning("event=hbone_peer_dead peer=%s timeout_s=%s action=\"dropping the session; new "
+                        "connections open a fresh one\"", self.peer, keepalive.settings.timeout)
+            self._terminate(f"dropped: it answered no HTTP/2 PING within {keepalive.settings.timeout}s "
+                            f"(is its node gone?)")
+            assert self._transport is not None
+            self._transport.abort()  # nothing would ever acknowledge a graceful close
+            return
+        if action is KeepaliveAction.PING:
+            self.h2.ping(bytes(8))  # any answer proves the peer alive: no payload to match
+            self.flush()
+            keepalive.pinged(now)
+        self._keepalive_timer = self._loop.call_at(again, self._keepalive_check)
 
     async def wait_settings(self) -> None:
         """Waits for the peer's first SETTINGS (its stream limit and windows)."""
@@ -881,7 +918,7 @@ class H2Session(asyncio.BufferedProtocol):
             return
         self.closed = True
         self._why_closed = why
-        for timer in (self._idle_timer, self._preface_timer):
+        for timer in (self._idle_timer, self._preface_timer, self._keepalive_timer):
             if timer is not None:
                 timer.cancel()
         error = reset_error(f"HBONE connection to {self.peer} {why}")
