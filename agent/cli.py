@@ -49,6 +49,9 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--admin-port", default=ADMIN_PORT, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--drain-grace", default=default("drain_grace"), show_default=True, type=click.FloatRange(0),
               help="seconds live connections get to finish on shutdown")
+@click.option("--drain-deadline", default=default("drain_deadline"), show_default=True, type=click.FloatRange(0),
+              help="seconds live connections get to finish when the agent drains (SIGUSR2, POST /drain, or an "
+                   "upgrade: a new agent took over the node)")
 @click.option("--max-handshakes-per-source", default=default("max_handshakes_per_source"), show_default=True,
               type=click.IntRange(1), help="TLS handshakes on the HBONE port under way at once from one address")
 @click.option("--max-handshakes", default=default("max_handshakes"), show_default=True, type=click.IntRange(1),

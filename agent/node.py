@@ -11,6 +11,9 @@ Lifecycle, in the order that keeps pods safe:
            certificates and the datapath match exactly the enrolled pods on this node.
   stop     close the listeners first (new SYNs of enrolled pods are dropped: fail closed),
            drain live connections, then remove every filter, rule and route.
+  drain    (SIGUSR2, POST /drain) as stop, but first a graceful HTTP/2 GOAWAY on every HBONE
+           session (peers open their new streams elsewhere), and live connections get
+           `drain_deadline`, not `drain_grace`; a stop signal meanwhile does not shorten it.
 
 The datapath runs on its own thread: pyroute2's synchronous API drives its own event loop,
 which cannot nest in ours, and its netlink round trips must not stall the proxy.
@@ -86,6 +89,7 @@ class NodeAgent:
         self._datapath_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._reconcile_now = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._draining = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
         self.certs: CertificateManager | None = None
         # the local CA's directory, re-read for a new signing root or trust bundle (a root rotation)
@@ -180,6 +184,7 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR2, self.request_drain, "SIGUSR2")
         try:
             await self._start()
             # What is loaded by now (the Kubernetes client models, the aiohttp and TLS code, the
@@ -198,11 +203,12 @@ class NodeAgent:
             if isinstance(self.issuer, FileCA):  # local-CA mode: its directory may change (a root rotation)
                 tasks.append(asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory"))
             stop = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
+            drain = asyncio.create_task(self._draining.wait())
+            done, _ = await asyncio.wait([stop, drain, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in [*tasks, stop, drain]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for task in done - {stop}:
+            await asyncio.gather(*tasks, stop, drain, return_exceptions=True)
+            for task in done - {stop, drain}:
                 task.result()  # a background task that died is the agent's failure
         finally:
             await self._stop()
@@ -281,16 +287,27 @@ class NodeAgent:
             self.certs.set_identities(self.local_identities())
             await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
 
+    def request_drain(self, by: str) -> None:
+        """Starts the drain (see the module docstring); asking again changes nothing."""
+        if not self._draining.is_set():
+            log.info("event=drain_requested by=%r deadline_s=%s live_connections=%d", by,
+                     self.config.drain_deadline, len(self.table.live()))
+            self._draining.set()
+
     async def _stop(self) -> None:
-        log.info("event=stopping drain_grace_s=%s live_connections=%d", self.config.drain_grace,
+        draining = self._draining.is_set()
+        grace = self.config.drain_deadline if draining else self.config.drain_grace
+        log.info("event=stopping draining=%s grace_s=%s live_connections=%d", draining, grace,
                  len(self.table.live()))
+        if draining and self.inbound_hbone is not None:
+            self.inbound_hbone.go_away()
         if self._admin is not None:
             await self._admin.stop()
         if self._telemetry is not None:
             await self._telemetry.stop()
         # All listeners close at once (new connections are refused from here on), then the
         # live ones share one grace period.
-        await asyncio.gather(*(proxy.close(grace=self.config.drain_grace) for proxy in self._proxies.values()))
+        await asyncio.gather(*(proxy.close(grace=grace) for proxy in self._proxies.values()))
         await self.pool.close()
         if self.datapath is not None:
             await self._in_datapath_thread(self.datapath.close)
@@ -320,7 +337,7 @@ class NodeAgent:
         if self.datapath is None:
             problems.append("BPF program not loaded")
         missing = [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
-        if missing or self._stopping.is_set():
+        if missing or self._stopping.is_set() or self._draining.is_set():
             problems.append("listeners not serving: " + ", ".join(missing or ["stopping"]))
         return not problems, problems
 

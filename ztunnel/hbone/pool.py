@@ -127,6 +127,10 @@ class HboneClientPool:
                 session = H2Session(client_side=True, peer=peer, idle_timeout=self.idle_timeout,
                                      on_close=lambda s: self._drop(key, s), mitigations=self.mitigations,
                                      keepalive=self.keepalive)
+                # a peer that drains (its agent is being replaced) sends a graceful GOAWAY: its
+                # streams run on, new ones go on a fresh session (to the same address, now served
+                # by the peer's new agent)
+                session.on_going_away = lambda s: self._drop(key, s)
                 # (uvloop returns its TLS protocol, not ours, as the second value)
                 await asyncio.get_running_loop().create_connection(
                     lambda: session, ip, port, ssl=ssl_context, server_hostname=None)

@@ -48,7 +48,7 @@ from h2.settings import SettingCodes
 from h2.stream import StreamState
 
 from ztunnel.hbone.keepalive import Keepalive, KeepaliveAction, KeepaliveSettings
-from ztunnel.hbone.limits import CONTINUATION, DATA, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
+from ztunnel.hbone.limits import CONTINUATION, DATA, GOAWAY, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
 from ztunnel.hbone.protocol import REASON_HEADER, HboneError, code_name, header_value, hostport, reset_error
 from ztunnel.logbound import RateLimitedLog, cut
 from ztunnel.streams import Receiver
@@ -84,6 +84,11 @@ _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts her
 _CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, split), type, flags, stream id
 _END_HEADERS = 0x4  # flag: the header block ends with this frame
+# A graceful GOAWAY (RFC 9113 6.8): NO_ERROR and the highest stream id, "open no new streams",
+# with every stream already open served to its end. Sent and read past h2, whose connection
+# state machine takes any GOAWAY as the end of the connection and refuses the open streams' frames.
+_GOAWAY_PAYLOAD = struct.Struct(">LL")  # last stream id, error code
+_LAST_STREAM_ID = 2**31 - 1
 # h2 stream states in which the peer may still send DATA
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
@@ -367,6 +372,9 @@ class H2Session(asyncio.BufferedProtocol):
         self._keepalive: Keepalive | None = None  # from start()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self.keepalive_expired = False  # dropped because the peer answered no PING
+        # a graceful GOAWAY was sent or received: no new streams, the open ones run to their end
+        self.going_away = False
+        self.on_going_away: Callable[[H2Session], None] | None = None  # told when the peer's arrives
         self._on_request, self._on_close, self._on_reset = on_request, on_close, on_reset
         self._autostart = autostart
         self._streams: dict[int, HboneStream] = {}
@@ -583,8 +591,39 @@ class H2Session(asyncio.BufferedProtocol):
         )
 
     def has_capacity(self) -> bool:
-        """Open and below the peer's MAX_CONCURRENT_STREAMS."""
-        return not self.closed and len(self._streams) < self.h2.remote_settings.max_concurrent_streams
+        """Open, not going away, and below the peer's MAX_CONCURRENT_STREAMS."""
+        return (not self.closed and not self.going_away
+                and len(self._streams) < self.h2.remote_settings.max_concurrent_streams)
+
+    def go_away(self) -> None:
+        """Graceful GOAWAY: the peer opens no new streams here; those open run to their end, and
+        the session closes when the last one has (at once, without any)."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        self.flush()
+        self._queue(_FRAME_HEADER.pack(0, _GOAWAY_PAYLOAD.size, GOAWAY, 0, 0),
+                    _GOAWAY_PAYLOAD.pack(_LAST_STREAM_ID, ErrorCodes.NO_ERROR))
+        if not self._streams:
+            self.close()
+
+    def _peer_goes_away(self, payload: memoryview) -> bool:
+        """A GOAWAY frame's payload from the peer: True if it was a graceful one (NO_ERROR and the
+        highest stream id, RFC 9113's "shutdown imminent"), which we keep from h2; False leaves it
+        to h2 (the end of the connection, as any other GOAWAY is)."""
+        if len(payload) < _GOAWAY_PAYLOAD.size:
+            return False
+        last_stream_id, code = _GOAWAY_PAYLOAD.unpack_from(payload)
+        if code != ErrorCodes.NO_ERROR or last_stream_id & _LAST_STREAM_ID != _LAST_STREAM_ID:
+            return False
+        if not self.going_away:
+            self.going_away = True
+            log.debug("hbone.going_away peer=%s streams=%d", self.peer, len(self._streams))
+            if self.on_going_away is not None:
+                self.on_going_away(self)
+            if not self._streams:
+                self.close()
+        return True
 
     async def open_stream(
         self, authority: str, headers: Sequence[tuple[str, str]], timeout: float
@@ -716,7 +755,10 @@ class H2Session(asyncio.BufferedProtocol):
     def forget(self, stream: HboneStream) -> None:
         """The stream is finished or broken; a session left without streams may go idle."""
         if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
-            self._arm_idle_timer()
+            if self.going_away:
+                self.close()
+            else:
+                self._arm_idle_timer()
 
     def close(self) -> None:
         """GOAWAY, then closes the connection; streams still open see ConnectionResetError."""
@@ -817,7 +859,12 @@ class H2Session(asyncio.BufferedProtocol):
             if next_frame > end:
                 self._head_charged = True
                 break
-            done = next_frame
+            frame_start, done = done, next_frame
+            if kind == GOAWAY and self._peer_goes_away(view[frame_start + 9:done]):
+                if start < frame_start:
+                    self._h2_receive(bytes(view[start:frame_start]))
+                start = done
+                continue
             if kind in (HEADERS, PUSH_PROMISE, CONTINUATION) and flags & _END_HEADERS:
                 self._h2_receive(bytes(view[start:done]))
                 start = done
