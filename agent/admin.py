@@ -58,7 +58,8 @@ class AdminServer:
 
     async def start(self, port: int) -> None:
         await self._runner.setup()
-        await web.TCPSite(self._runner, ADMIN_HOST, port, reuse_address=True).start()
+        # reuse_port: a new agent serves beside this one until this one drains (an upgrade)
+        await web.TCPSite(self._runner, ADMIN_HOST, port, reuse_address=True, reuse_port=True).start()
 
     async def stop(self) -> None:
         await self._runner.cleanup()

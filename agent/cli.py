@@ -94,6 +94,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     from agent.logs import setup_logging
     from agent.node import NodeAgent
     from bpf.datapath import DatapathError
+    from bpf.handover import HandoverError
     from registry.model import RegistryError
     from ztunnel.identity import CAError
 
@@ -105,7 +106,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[config.event_loop]) as runner:
             runner.run(NodeAgent(config).run())
-    except (RegistryError, DatapathError, CAError) as exc:
+    except (RegistryError, DatapathError, CAError, HandoverError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot start the agent: {exc}") from exc

@@ -216,7 +216,7 @@ class TelemetryServer:
         # all addresses of the node: Prometheus and the kubelet scrape and probe from outside
         for runner, port in zip(self._runners, (metrics_port, readiness_port)):
             await runner.setup()
-            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
+            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True, reuse_port=True).start()  # as admin's
 
     async def stop(self) -> None:
         for runner in self._runners:

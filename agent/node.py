@@ -14,6 +14,10 @@ Lifecycle, in the order that keeps pods safe:
   drain    (SIGUSR2, POST /drain) as stop, but first a graceful HTTP/2 GOAWAY on every HBONE
            session (peers open their new streams elsewhere), and live connections get
            `drain_deadline`, not `drain_grace`; a stop signal meanwhile does not shorten it.
+  upgrade  an agent started where one runs takes its datapath over (bpf/handover.py) instead of
+           loading its own: its listeners (SO_REUSEPORT, the same ports) replace the old ones
+           in the sockmap, then it asks the old agent to drain; the old one removes nothing at
+           its exit, and keeps offering the handover until then.
 
 The datapath runs on its own thread: pyroute2's synchronous API drives its own event loop,
 which cannot nest in ours, and its netlink round trips must not stall the proxy.
@@ -34,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
 from agent.metrics import TelemetryServer
-from bpf.datapath import NodeDatapath, Slot
+from bpf import handover
+from bpf.datapath import NodeDatapath, Slot, migrate_requests_on_close
 from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
 from registry.model import RegistryError, RegistryState
@@ -58,6 +63,7 @@ log = logging.getLogger("amesh.agent")
 
 T = TypeVar("T")
 
+HANDOVER_ADDRESS_RETRY = 0.5  # seconds between tries for the handover address the previous agent holds
 EMPTY_STATE = RegistryState()  # one object: a new one per read would look like a new base state
 
 LISTENER_PORTS = {
@@ -91,6 +97,9 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._draining = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
+        self._listeners: dict[Slot, Any] = {}  # the listening sockets, for a failed takeover's undo
+        self._handover_channel: Any = None  # to the agent we took over from, until it drains
+        self._handovers: asyncio.Task[None] | None = None
         self.certs: CertificateManager | None = None
         # the local CA's directory, re-read for a new signing root or trust bundle (a root rotation)
         self.ca_watch = CADirectoryWatch(config.ca_dir, config.trust_domain, config.ca_poll_interval)
@@ -202,6 +211,8 @@ class NodeAgent:
                      asyncio.create_task(self.certs.run(), name="certificates")]
             if isinstance(self.issuer, FileCA):  # local-CA mode: its directory may change (a root rotation)
                 tasks.append(asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory"))
+            # offered until the agent exits: a successor may start while this one drains
+            self._handovers = asyncio.create_task(self._offer_handovers(), name="handovers")
             stop = asyncio.create_task(self._stopping.wait())
             drain = asyncio.create_task(self._draining.wait())
             done, _ = await asyncio.wait([stop, drain, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -212,6 +223,9 @@ class NodeAgent:
                 task.result()  # a background task that died is the agent's failure
         finally:
             await self._stop()
+            if self._handovers is not None:
+                self._handovers.cancel()
+                await asyncio.gather(self._handovers, return_exceptions=True)
             self._datapath_thread.shutdown()
 
     async def _start(self) -> None:
@@ -227,14 +241,24 @@ class NodeAgent:
         self.certs.set_identities(self.local_identities())
         await self.certs.renew_due_now()  # the cluster CA's first answers (each bounded by its timeout)
         sockets = {}
+        taken = None
         try:
             for slot, port in LISTENER_PORTS.items():
                 sockets[slot] = transparent_listener(port)
-            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting)
+            taken = await self._in_datapath_thread(handover.take_over)
+            if taken is not None:
+                log.info("event=taking_over reason=\"an agent runs on this node: its datapath is handed over\"")
+                await self._in_datapath_thread(migrate_requests_on_close)
+            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting,
+                                                           taken[1] if taken else None)
         except BaseException:
             for sock in sockets.values():
                 sock.close()
+            if taken is not None:
+                taken[0].close()  # unasked to drain, the running agent takes its sockmap slots back
             raise
+        self._listeners = sockets
+        self._handover_channel = taken[0] if taken else None
         state, timeout = (lambda: self.state), config.connect_timeout
         transport = MeshTransport(config.node, self.certs, self.pool)
         own_ports = frozenset([*LISTENER_PORTS.values(), config.admin_port, config.metrics_port, config.readiness_port])
@@ -253,6 +277,42 @@ class NodeAgent:
         await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
+        if self._handover_channel is not None:  # serving: the agent we took over from may drain
+            with self._handover_channel as channel:
+                channel.send(handover.DRAIN_REQUEST)
+            self._handover_channel = None
+            log.info("event=took_over reason=\"the previous agent drains\"")
+
+    async def _offer_handovers(self) -> None:
+        """Answers at handover.HANDOVER_ADDRESS until the agent exits, once the agent we took
+        over from (if any) has let go of it."""
+        loop = asyncio.get_running_loop()
+        while (server := handover.listen()) is None:
+            await asyncio.sleep(HANDOVER_ADDRESS_RETRY)
+        with server:
+            while True:
+                channel, _ = await loop.sock_accept(server)
+                with channel:
+                    await self._hand_over(channel)
+
+    async def _hand_over(self, channel: Any) -> None:
+        """One new agent's takeover: our datapath's fds, then its drain request (or its death)."""
+        if not handover.peer_is_us(channel):
+            log.warning("event=handover_refused reason=\"the connecting process runs as another user\"")
+            return
+        assert self.datapath is not None
+        handover.send_offer(channel, self.datapath.signature, self.datapath.handover_fds())
+        log.info("event=handover_offered")
+        try:
+            message = await asyncio.get_running_loop().sock_recv(channel, len(handover.DRAIN_REQUEST))
+        except OSError:
+            message = b""
+        if message == handover.DRAIN_REQUEST:
+            self.datapath.hand_over()
+            self.request_drain("a new agent took over the node's datapath")
+        elif not self._draining.is_set():
+            log.warning("event=takeover_failed action=\"putting our listeners back in the sockmap\"")
+            await self._in_datapath_thread(self.datapath.put_listeners, self._listeners)
 
     def _issuer(self) -> FileCA | ClusterCAClient:
         """The cluster CA's client with --ca-address; else the local root CA (the weaker trust model)."""

@@ -14,25 +14,16 @@ from typing import Iterator
 
 import pytest
 
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import Mesh, exchange
+from tests.transfer import SERVICE_IP, client_server_bed, client_server_mesh
 from ztunnel.hbone.keepalive import KEEPALIVE_TIMEOUT
 
-SERVICE_IP = "10.96.0.10"
-PORT = 8080
 DETECTION_BOUND = 30.0  # seconds from the cut to the session's end (the figure)
 
 
 @pytest.fixture
 def mesh(make_bed) -> Iterator[Mesh]:
-    bed = make_bed("p2p", nodes=2)
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
-    bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
-    bed.add_pod("server", 2, namespace="shop", service_account="web", labels={"app": "web"})
-    bed.start_podserver(bed.pods["server"], PORT)
-    mesh.services.append(ServiceSpec("web", "shop", SERVICE_IP, 80, "http", {"app": "web"}))
-    mesh.write_registry()
-    mesh.start_agent(1)
-    mesh.start_agent(2)
+    mesh = client_server_mesh(client_server_bed(make_bed("p2p", nodes=2)))
     yield mesh
     mesh.print_logs()
 
