@@ -281,6 +281,7 @@ class NodeAgent:
             with self._handover_channel as channel:
                 channel.send(handover.DRAIN_REQUEST)
             self._handover_channel = None
+            self.datapath.own()
             log.info("event=took_over reason=\"the previous agent drains\"")
 
     async def _offer_handovers(self) -> None:
@@ -361,6 +362,9 @@ class NodeAgent:
                  len(self.table.live()))
         if draining and self.inbound_hbone is not None:
             self.inbound_hbone.go_away()
+        if self._handover_channel is not None:  # a takeover that failed: the old agent serves on
+            self._handover_channel.close()
+            self._handover_channel = None
         if self._admin is not None:
             await self._admin.stop()
         if self._telemetry is not None:

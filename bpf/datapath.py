@@ -277,7 +277,9 @@ class NodeDatapath:
         self._not_routed_here: tuple[str, ...] = ()
         self._listener_lookup_link: int | None = None
         self.program: CaptureProgram | None = None
-        self.handed_over = False  # a new agent took this datapath over: close() removes nothing
+        # whether close() removes the filters, rule and route: not while an adopted datapath's
+        # previous agent still owns them (own()), nor once a new agent took them over (hand_over())
+        self.owner = offer is None
         # The link dies with the last fd to it; numbered above the listeners, it is closed after
         # them when the agent is killed (a process's files close in fd order), so there is no
         # moment with the listeners still in the sockmap and the lookup gone, which would let
@@ -332,9 +334,13 @@ class NodeDatapath:
         for slot, sock in listeners.items():
             self.program.set_listener(slot, sock)
 
+    def own(self) -> None:
+        """The agent we took over from was told to drain: the node's capture is ours to remove."""
+        self.owner = True
+
     def hand_over(self) -> None:
         """A new agent serves the node now: close() will only close our fds."""
-        self.handed_over = True
+        self.owner = False
 
     def _install_routing(self) -> None:
         lo = self._ipr.link_lookup(ifname="lo")[0]
@@ -428,16 +434,16 @@ class NodeDatapath:
 
     def close(self) -> None:
         """Removes every filter, qdisc, rule and route this datapath added and the sk_lookup link,
-        then closes the programs' and maps' fds; once handed over, only closes our fds (the new
-        agent holds its own to the same objects)."""
-        if not self.handed_over:
+        then closes the programs' and maps' fds; unless it is not the `owner`, which only closes its
+        fds (the other agent holds its own to the same objects)."""
+        if self.owner:
             for attachment in self._attached.values():
                 self._detach(attachment)
         self._attached.clear()
         if self._listener_lookup_link is not None:
             os.close(self._listener_lookup_link)
             self._listener_lookup_link = None
-        if not self.handed_over:
+        if self.owner:
             remove_leftovers(self._ipr)
         self._ipr.close()
         if self.program is not None:

@@ -18,11 +18,12 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.bed import Bed, netns_snapshot
+from tests.bed import Bed, netns_snapshot, netns_socket
 from tests.mesh import AGENT_START_TIMEOUT, AMESHCTL, Mesh, exchange
 from tests.transfer import EXIT_AFTER_LAST, SERVICE_IP, Transfer, amesh_state, client_server_bed, client_server_mesh
 
@@ -69,19 +70,24 @@ def mesh(make_bed) -> Iterator[Mesh]:
         print(f"--- {path.name} ---", *path.read_text(errors="replace").splitlines()[-40:], sep="\n")
 
 
-def start_generation(mesh: Mesh, node: int, generation: int) -> subprocess.Popen:
+def start_generation(mesh: Mesh, node: int, generation: int, *extra_args: str) -> subprocess.Popen:
     """Starts another agent on `node` beside the one running; returns once it serves."""
-    bed = mesh.bed
-    nd = bed.node(node)
-    log = bed.logdir / f"agent-{nd.name}-gen{generation}.log"
-    argv = [AMESHCTL, "agent", "--node", nd.name, "--registry-file", str(mesh.registry_path),
-            "--ca-dir", str(mesh.ca_dir)]
-    proc = bed.spawn(nd, argv, log)
-    mesh.wait_for(f"agent generation {generation} on {nd.name} to serve",
+    proc, log = spawn_generation(mesh, node, generation, *extra_args)
+    mesh.wait_for(f"agent generation {generation} on node-{node} to serve",
                   lambda: proc.poll() is not None or (log.exists() and "event=ready" in log.read_text()),
                   timeout=AGENT_START_TIMEOUT, interval=0.1)
     assert proc.poll() is None, log.read_text()
     return proc
+
+
+def spawn_generation(mesh: Mesh, node: int, generation: int, *extra_args: str) -> tuple[subprocess.Popen, Path]:
+    """Starts another agent on `node`; returns it and its log."""
+    bed = mesh.bed
+    nd = bed.node(node)
+    log = bed.logdir / f"agent-{nd.name}-gen{generation}.log"
+    argv = [AMESHCTL, "agent", "--node", nd.name, "--registry-file", str(mesh.registry_path),
+            "--ca-dir", str(mesh.ca_dir), *extra_args]
+    return bed.spawn(nd, argv, log), log
 
 
 def served_at_once(mesh: Mesh) -> float:
@@ -149,3 +155,23 @@ def test_sigkill_of_either_generation_mid_upgrade_recovers_capture_and_leaves_no
     if killed == "new":
         assert old.wait(timeout=EXIT_AFTER_LAST + 5) == 0  # its last connection ended
     assert amesh_state(netns_snapshot(netns)) == []  # nothing of amesh's is left on the node
+
+
+def test_a_new_agent_that_fails_after_taking_the_sockmap_gives_capture_back_and_removes_nothing(mesh: Mesh):
+    bed = mesh.bed
+    netns = bed.node(2).netns
+    before = amesh_state(netns_snapshot(netns))
+    old = mesh.agents["node-2"]
+    blocker = netns_socket(netns)  # a port the new agent's admin API cannot have (no SO_REUSEPORT here)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    with blocker:
+        new, log = spawn_generation(mesh, 2, 2, "--admin-port", str(blocker.getsockname()[1]))
+        assert new.wait(timeout=AGENT_START_TIMEOUT) != 0
+    assert "event=datapath_taken_over" in log.read_text()  # it had put its listeners in the sockmap
+    took = served_at_once(mesh)
+    print(f"capture back {took:.2f} s after the failed takeover")
+    assert took <= RECOVERY, took
+    assert old.poll() is None and "event=takeover_failed" in (bed.logdir / "agent-node-2.log").read_text()
+    assert "drain_requested" not in (bed.logdir / "agent-node-2.log").read_text()
+    assert amesh_state(netns_snapshot(netns)) == before  # the failed agent removed nothing
