@@ -5,7 +5,7 @@ MODE ?= p2p
 # file and the local CA on each node (the weaker trust model)
 CLUSTER ?= 1
 
-.PHONY: deps demo test unit e2e fuzz bench
+.PHONY: deps demo test unit e2e fuzz bench image image-test
 
 deps:
 	./scripts/install-deps.sh $(PKGS)
@@ -35,10 +35,22 @@ fuzz: deps
 
 # iperf3 drives the throughput figures; stunnel4 and haproxy are the mTLS proxies amesh is compared
 # with (installed as tools: no service starts); matplotlib (the "bench" extra) draws the chart.
-# bench.run (amesh vs direct/stunnel/haproxy), then bench.telemetry_cost and bench.policy_cost.
+# bench.run (amesh vs direct/stunnel/haproxy), then bench.telemetry_cost, bench.policy_cost,
+# bench.traffic_cost and bench.failover.
 # QUICK=1: one short repeat of each, to check the harness.
 bench: PKGS = iperf3 stunnel4 haproxy
 bench: deps
 	$(PYTHON) -m bench.run $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.telemetry_cost $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.policy_cost $(if $(QUICK),--quick)
+	$(PYTHON) -m bench.traffic_cost $(if $(QUICK),--quick)
+	$(PYTHON) -m bench.failover $(if $(QUICK),--quick)
+
+# The OCI image build/amesh-<version>.oci.tar (Containerfile), without a Docker daemon: buildah over
+# a Debian 12 tree from debootstrap (cached in build/image/). image-test builds it and runs the agents
+# from it on a test bed (tests/e2e/test_image.py, which `make test` runs too once the image exists).
+image:
+	./image/build.sh
+
+image-test: image
+	$(PYTHON) -m pytest -q -rs tests/e2e/test_image.py

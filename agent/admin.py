@@ -22,6 +22,7 @@ from registry.registrations import RegistrationError, shown
 from ztunnel.authz import check_between
 from ztunnel.connections import iso_utc
 from ztunnel.outliers import OutlierDetector
+from ztunnel.shaping import TrafficShaper
 
 if TYPE_CHECKING:
     from agent.node import NodeAgent
@@ -76,13 +77,23 @@ class AdminServer:
         ])
 
     async def _services(self, request: web.Request) -> web.Response:
-        """Services with their endpoints, each with its breaker (outlier detection) state."""
+        """Services with their endpoints, each with its breaker (outlier detection) state and
+        live connections from this node; the Service's live connections and its split's counts."""
         outbound = self.agent.outbound
+        # before the listener serves, nothing has been decided: an empty shaper says so
+        shaper = outbound.shaper if outbound else TrafficShaper(self.agent.config.node)
         services = []
         for service in sorted(self.agent.state.services, key=lambda s: s.key):
             view = {**_plain(service), "key": service.key}
+            live = shaper.live.endpoints(service.key)
             for endpoint in view["endpoints"]:
-                endpoint["breaker"] = breaker_view(outbound.outliers, service.key, endpoint) if outbound else "CLOSED"
+                endpoint["breaker"] = breaker_view(shaper.outliers, service.key, endpoint)
+                endpoint["connections"] = sum(live.get(f"{endpoint['ip']}:{port}", 0)
+                                              for port in endpoint["ports"].values())
+            view["connections"] = shaper.live.by_service.get(service.key, 0)
+            picks = shaper.router.splits.picks(service.key)
+            for backend in view["traffic"]["split"]:
+                backend["connections"] = picks.get(backend["service"], 0)
             services.append(view)
         return web.json_response(services)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from agent import views
 from agent.config import ADMIN_HOST, ADMIN_PORT, DEFAULT_CA_DIR, METRICS_PORT, READINESS_PORT, AgentConfig, default
 from ca.config import CA_PORT
 from ca.config import METRICS_PORT as CA_METRICS_PORT
+from ztunnel.cawatch import POLL_INTERVAL as CA_POLL_INTERVAL
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 from ztunnel.telemetry import DEFAULT_CLUSTER
 
@@ -66,7 +68,8 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--ca-dir", default=DEFAULT_CA_DIR, show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="directory of the root CA (ca.key, ca.crt, trust-bundle.pem); created there when absent")
 @click.option("--ca-poll-interval", default=default("ca_poll_interval"), show_default=True,
-              type=click.FloatRange(0.1), help="seconds between checks of --ca-dir for a new root or trust bundle")
+              type=click.FloatRange(0.1), help="seconds between checks of --ca-dir (with --ca-address: of "
+              "--trust-bundle) for a new root or trust bundle")
 @click.option("--ca-address", default=None, help="the cluster CA (ameshctl ca serve) as HOST:PORT; without it the "
               "agent signs with the local root CA in --ca-dir (the weaker trust model: the node holds the root key)")
 @click.option("--ca-token-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -292,13 +295,24 @@ def ca_rotate() -> None:
 
 
 ROTATION_DIRECTORY = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+TRUST_BUNDLE_OUT = click.option("--trust-bundle-out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                                help="also write DIRECTORY's trust bundle (root certificates only) to this file, "
+                                "for the agents of the cluster CA (the ConfigMap amesh-trust-bundle's ca.crt)")
+# With the cluster CA, after each step that changed DIRECTORY: the order of the two updates, and why
+KUBERNETES_ORDER = {
+    "prepare": "the Secret, then the ConfigMap; wait until every agent trusts the new root before activate",
+    "activate": "the Secret first; once the CA signs with the new root (its log: event=ca_root_changed; metric "
+                "amesh_ca_server_signing_root), the ConfigMap, whose change makes every agent renew from the CA",
+    "finish": "the Secret, then the ConfigMap: agents refuse the old root once their bundle drops it",
+}
 CERT_LIFETIME = click.option("--cert-lifetime", default=int(DEFAULT_LIFETIME.total_seconds()), show_default=True,
                              type=click.IntRange(60), help="seconds the agents' certificates live (their "
                              "--cert-lifetime): finish waits that long after activate")
 
 
-def _rotation_step(directory: Path, decide) -> None:
-    """Carries out one rotation step on DIRECTORY; prints what it did, the bundle, and what comes next."""
+def _rotation_step(directory: Path, step: str, decide, trust_bundle_out: Path | None) -> None:
+    """Carries out one rotation step on DIRECTORY; prints what it did, the bundle, how to publish
+    it on Kubernetes, and what comes next; writes the bundle to `trust_bundle_out` when given."""
     from ztunnel.identity import CAError, fingerprint
     from ztunnel.rotation import RotationError, run_step, short
 
@@ -310,13 +324,34 @@ def _rotation_step(directory: Path, decide) -> None:
     for root in ca.roots:
         role = "signs" if fingerprint(root) == ca.root_fingerprint else "trusted"
         click.echo(f"  {role:8} {fingerprint(root)} (ROOT {short(fingerprint(root))})")
+    if trust_bundle_out is not None:
+        _write_replacing(trust_bundle_out, ca.trust_bundle)
+        click.echo(f"trust bundle written to {trust_bundle_out}")
+    if (plan.writes or plan.removes) and step in KUBERNETES_ORDER:
+        click.echo(f"with the cluster CA on Kubernetes, update {KUBERNETES_ORDER[step]}:")
+        click.echo(f"  kubectl -n amesh-system create secret generic amesh-ca --from-file={directory}/ "
+                   "--dry-run=client -o yaml | kubectl replace -f -")
+        click.echo(f"  kubectl -n amesh-system create configmap amesh-trust-bundle --from-file=ca.crt={directory}/"
+                   "trust-bundle.pem --dry-run=client -o yaml | kubectl replace -f -")
     click.echo(f"next: {plan.next}")
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file renamed over it: readers see all or nothing."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write the trust bundle to {path}: {exc.strerror}") from exc
 
 
 @ca_rotate.command(name="prepare")
 @ROTATION_DIRECTORY
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True, help="named in the new root")
-def ca_rotate_prepare(directory: Path, trust_domain: str) -> None:
+@TRUST_BUNDLE_OUT
+def ca_rotate_prepare(directory: Path, trust_domain: str, trust_bundle_out: Path | None) -> None:
     """Step 1: make a new root and add it to the trust bundle; the old root still signs."""
     from ztunnel import rotation
     from ztunnel.identity import new_root, private_pem
@@ -325,7 +360,7 @@ def ca_rotate_prepare(directory: Path, trust_domain: str) -> None:
         key, root = new_root(trust_domain, time.time())
         return private_pem(key), root
 
-    _rotation_step(directory, lambda files, now: rotation.prepare(files, now, new_pair))
+    _rotation_step(directory, "prepare", lambda files, now: rotation.prepare(files, now, new_pair), trust_bundle_out)
 
 
 def _add_rotation_command(name: str, help: str) -> None:
@@ -334,11 +369,13 @@ def _add_rotation_command(name: str, help: str) -> None:
     @ca_rotate.command(name=name, help=help)
     @ROTATION_DIRECTORY
     @CERT_LIFETIME
-    def command(directory: Path, cert_lifetime: int) -> None:
+    @TRUST_BUNDLE_OUT
+    def command(directory: Path, cert_lifetime: int, trust_bundle_out: Path | None) -> None:
         from ztunnel import rotation
 
         decide = getattr(rotation, name)
-        _rotation_step(directory, lambda files, now: decide(files, now, timedelta(seconds=cert_lifetime)))
+        _rotation_step(directory, name, lambda files, now: decide(files, now, timedelta(seconds=cert_lifetime)),
+                       trust_bundle_out)
 
 
 _add_rotation_command("activate", "Step 2: sign with the new root (agents renew at once); the old root stays trusted.")
@@ -349,12 +386,14 @@ _add_rotation_command("activate", "Step 2: sign with the new root (agents renew 
 @CERT_LIFETIME
 @click.option("--force", is_flag=True, help="finish before the old root's certificates can have expired "
               "(after checking that `ameshctl certs` on every node shows only the new ROOT)")
-def ca_rotate_finish(directory: Path, cert_lifetime: int, force: bool) -> None:
+@TRUST_BUNDLE_OUT
+def ca_rotate_finish(directory: Path, cert_lifetime: int, force: bool, trust_bundle_out: Path | None) -> None:
     """Step 3: drop the old root from the trust bundle; certificates it signed are refused."""
     from ztunnel import rotation
 
     lifetime = timedelta(seconds=cert_lifetime)
-    _rotation_step(directory, lambda files, now: rotation.finish(files, now, lifetime, force))
+    _rotation_step(directory, "finish", lambda files, now: rotation.finish(files, now, lifetime, force),
+                   trust_bundle_out)
 
 
 _add_rotation_command("status", "Where a rotation in DIRECTORY stands and what to run next (changes nothing).")
@@ -373,10 +412,12 @@ _add_rotation_command("status", "Where a rotation in DIRECTORY stands and what t
               type=click.IntRange(60), help="the longest a workload certificate may be valid, seconds")
 @click.option("--agent-service-account", default="amesh-system/amesh-agent", show_default=True,
               help="NAMESPACE/NAME of the agents' service account: only its pod-bound tokens may ask")
+@click.option("--ca-poll-interval", default=CA_POLL_INTERVAL, show_default=True, type=click.FloatRange(0.1),
+              help="seconds between checks of --ca-dir for a root rotation step (a new signing root or bundle)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def ca_serve(ca_dir: Path, listen: str, metrics_port: int, kubeconfig: str | None, trust_domain: str,
-             cert_lifetime: int, agent_service_account: str, log_level: str) -> None:
+             cert_lifetime: int, agent_service_account: str, ca_poll_interval: float, log_level: str) -> None:
     """Run the cluster CA: sign CSRs of agents for identities of pods on their own node."""
     from agent.logs import setup_logging
     from ca.config import CAConfig
@@ -389,7 +430,7 @@ def ca_serve(ca_dir: Path, listen: str, metrics_port: int, kubeconfig: str | Non
     if not host or not port.isdigit() or not agent_account:
         raise click.UsageError("--listen is HOST:PORT and --agent-service-account NAMESPACE/NAME")
     config = CAConfig(ca_dir, host, int(port), metrics_port, kubeconfig, trust_domain,
-                      timedelta(seconds=cert_lifetime), agent_namespace, agent_account)
+                      timedelta(seconds=cert_lifetime), agent_namespace, agent_account, ca_poll_interval)
     try:
         server = ClusterCA(config)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -110,7 +110,7 @@ class AgentCollector:
             failures.add_metric([reason], count)
         yield failures
         outbound = self.agent.outbound
-        outliers = outbound.outliers if outbound else None
+        outliers = outbound.shaper.outliers if outbound else None
         ejections = CounterMetricFamily("amesh_endpoint_ejections", "Times outlier detection ejected an endpoint "
                                         "(its breaker opened), by destination service.", labels=["service"])
         ejected = GaugeMetricFamily("amesh_endpoint_ejected", "Endpoints whose breaker is open or half-open now, "
@@ -120,6 +120,7 @@ class AgentCollector:
             ejected.add_metric([service], outliers.ejected(service))  # type: ignore[union-attr]
         yield ejections
         yield ejected
+        yield from self._traffic()
         attempts = CounterMetricFamily("amesh_upstream_connect_attempts", "Upstream connects tried, by result: ok, "
                                        "the failure's reason, or retry_budget_spent for a retry the budget "
                                        "refused.", labels=["result"])
@@ -139,6 +140,25 @@ class AgentCollector:
         for direction, count in by_direction.items():
             live.add_metric([direction], count)
         yield live
+
+    def _traffic(self) -> Iterator[Metric]:
+        """Live connections per destination Service (what maxConnections caps) and each split's
+        connections per backend; the refusals are amesh_connection_failures_total's
+        upstream_overflow and rate_limited."""
+        outbound = self.agent.outbound
+        live = GaugeMetricFamily("amesh_service_connections_live", "Outbound connections from this node open or "
+                                 "connecting now, by destination service.", labels=["service"])
+        split = CounterMetricFamily("amesh_split_connections", "Connections a weighted split sent to each backend "
+                                    "since its weights last changed, by split service and backend service.",
+                                    labels=["service", "backend"])
+        if outbound is not None:
+            for service, count in sorted(outbound.shaper.live.by_service.items()):
+                live.add_metric([service], count)
+            for service in self.agent.state.services:
+                for backend, count in sorted(outbound.shaper.router.splits.picks(service.key).items()):
+                    split.add_metric([service.key, backend], count)
+        yield live
+        yield split
 
     def _agent(self) -> Iterator[Metric]:
         agent = self.agent

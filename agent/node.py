@@ -211,6 +211,8 @@ class NodeAgent:
                      asyncio.create_task(self.certs.run(), name="certificates")]
             if isinstance(self.issuer, FileCA):  # local-CA mode: its directory may change (a root rotation)
                 tasks.append(asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory"))
+            elif isinstance(self.issuer, ClusterCAClient):  # the ConfigMap's bundle may change (a root rotation)
+                tasks.append(asyncio.create_task(self.issuer.trust.run(self._on_trust_bundle), name="trust-bundle"))
             # offered until the agent exits: a successor may start while this one drains
             self._handovers = asyncio.create_task(self._offer_handovers(), name="handovers")
             stop = asyncio.create_task(self._stopping.wait())
@@ -322,9 +324,15 @@ class NodeAgent:
             return self.ca_watch.load_or_create()
         assert config.ca_token_file is not None and config.trust_bundle is not None
         try:
-            return ClusterCAClient(config.ca_address, config.ca_token_file, config.trust_bundle, config.trust_domain)
-        except (OSError, ValueError) as e:
-            raise CAError(f"cannot use the trust bundle {config.trust_bundle} for the cluster CA: {e}") from None
+            return ClusterCAClient(config.ca_address, config.ca_token_file, config.trust_bundle, config.trust_domain,
+                                   poll_interval=config.ca_poll_interval)
+        except ValueError as e:  # the address; a bundle that does not load is a CAError naming the file
+            raise CAError(f"cannot use the cluster CA {config.ca_address}: {e}") from None
+
+    def _on_trust_bundle(self, roots: tuple[Any, ...]) -> None:
+        """A new trust bundle was read whole: every certificate is renewed, its contexts trusting it."""
+        assert self.certs is not None and self.issuer is not None
+        self.certs.set_issuer(self.issuer)
 
     def ca_status(self) -> dict:
         """Where this node's certificates come from, and (cluster CA) how its requests go."""
@@ -335,7 +343,7 @@ class NodeAgent:
         status = self.issuer.status()
         certificates = self.certs.certificates() if self.certs else []
         expiries = sorted(c["not_after"] for c in certificates if c["not_after"])
-        return {**status, "first_expiry": expiries[0] if expiries else None}
+        return {**status, "first_expiry": expiries[0] if expiries else None, "trust_bundle": self.issuer.trust.status()}
 
     async def _reconcile_loop(self) -> None:
         while True:

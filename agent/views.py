@@ -72,6 +72,8 @@ def _endpoint(e: dict, service_source: str) -> str:
     text = e["ip"] + ("" if e["ready"] else " (not ready)")
     if e.get("breaker", "CLOSED") != "CLOSED":
         text += f" [{e['breaker']}]"
+    if e.get("connections"):
+        text += f" ({e['connections']} live)"
     source = e.get("source") or service_source
     return text + (f" [{source}]" if source != service_source else "")
 
@@ -107,6 +109,17 @@ def _traffic(t: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _live(s: dict) -> tuple[str, str]:
+    """A Service's live connections from this node (of its maxConnections) and the connections
+    its split sent to each backend, as the admin API counts them."""
+    traffic = s["traffic"]
+    live = str(s.get("connections", 0))
+    if traffic["max_connections"] is not None:
+        live += f"/{traffic['max_connections']}"
+    split = " / ".join(f"{b['service'].split('/')[1]} {b.get('connections', 0)}" for b in traffic["split"])
+    return live, split or "-"
+
+
 def services(data: list[dict]) -> str:
     rows = []
     warnings = []
@@ -116,10 +129,11 @@ def services(data: list[dict]) -> str:
         ready = sum(1 for e in s["endpoints"] if e["ready"])
         endpoints = ", ".join(_endpoint(e, s["source"]) for e in s["endpoints"])
         rows.append([s["namespace"], s["name"], s["cluster_ip"] or "None", ports,
-                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", _traffic(s["traffic"]), s["source"]])
+                     f"{ready}/{len(s['endpoints'])}", endpoints or "-", *_live(s), _traffic(s["traffic"]),
+                     s["source"]])
         warnings += [f"  {s['namespace']}/{s['name']}: {w}" for w in s["traffic"]["warnings"]]
-    table = _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "TRAFFIC", "SOURCE"], rows,
-                   "no services")
+    table = _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS", "READY", "ENDPOINTS", "CONNECTIONS", "SPLIT COUNTS",
+                    "TRAFFIC", "SOURCE"], rows, "no services")
     return table + ("\n\nnot applied:\n" + "\n".join(warnings) if warnings else "")
 
 
@@ -172,6 +186,9 @@ def certs(data: dict) -> str:
     ca = data.get("ca_directory")
     if ca and ca.get("last_error"):
         lines.append(f"  CA directory {ca['directory']} refused, last good CA kept: {ca['last_error']}")
+    bundle = (data.get("ca") or {}).get("trust_bundle")
+    if bundle and bundle.get("last_error"):
+        lines.append(f"  trust bundle {bundle['file']} refused, last good bundle kept: {bundle['last_error']}")
     return "\n".join(lines) + f"\n\n{table}"
 
 

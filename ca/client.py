@@ -1,8 +1,10 @@
 """The agent's side of the cluster CA: a RemoteIssuer that sends CSRs to `ameshctl ca serve`.
 
 Each request reads the projected service-account token from its file again (kubelet rotates
-it), and the trust bundle too (the root certificates only: the agent never holds the root key).
-The CA's TLS certificate must chain to that bundle and carry the CA's SPIFFE ID. Calls block
+it). The trust bundle (the root certificates only: the agent never holds the root key) is
+followed by a TrustBundleWatch (ztunnel/cawatch.py), which the agent polls: a changed bundle is
+taken whole or refused whole. The CA's TLS certificate must chain to that bundle and carry the
+CA's SPIFFE ID. Calls block
 (http.client), so the CertificateManager makes them in a worker thread. Every outcome is counted
 by result for amesh_ca_requests_total, and the last success and failure are kept for
 `ameshctl status`.
@@ -24,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.config import CA_NAMESPACE, CA_SERVICE_ACCOUNT, PATH
+from ztunnel.cawatch import POLL_INTERVAL, TrustBundleWatch
 from ztunnel.identity import (
     Identity,
     IdentityError,
@@ -44,14 +47,14 @@ class ClusterCAClient:
     """Asks the cluster CA at `address` (host:port) for certificates; a RemoteIssuer."""
 
     def __init__(self, address: str, token_file: Path, trust_bundle_file: Path, trust_domain: str,
-                 timeout: float = REQUEST_TIMEOUT, clock: Callable[[], float] = time.time) -> None:
+                 timeout: float = REQUEST_TIMEOUT, clock: Callable[[], float] = time.time,
+                 poll_interval: float = POLL_INTERVAL) -> None:  # seconds between checks of the bundle
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"CA address {address!r} must be host:port")
         self.address = address
         self._host, self._port = host.strip("[]"), int(port)
         self.token_file = token_file
-        self.trust_bundle_file = trust_bundle_file
         self.ca_identity = Identity(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
         self._timeout = timeout
         self._clock = clock
@@ -61,18 +64,23 @@ class ClusterCAClient:
         self.last_error: str | None = None  # of the latest request, None when it got a certificate
         self.last_result: str | None = None  # the latest request's result label
         self.failing_since: float | None = None  # the first failure since the last success
-        self._bundle = self._read_bundle()
+        self.trust = TrustBundleWatch(trust_bundle_file, poll_interval, clock)
+        self.trust.start()  # CAError naming the file: the agent does not start without a bundle
 
     def __repr__(self) -> str:
         return f"ClusterCAClient(address={self.address!r}, token_file={str(self.token_file)!r})"
 
     @property
     def trust_bundle(self) -> bytes:
-        return self._bundle
+        """The PEM of the bundle's roots as last read whole (a refused change keeps them)."""
+        return self.trust.bundle
 
     @property
     def root_fingerprint(self) -> str:
-        return fingerprint(x509.load_pem_x509_certificate(self._bundle))
+        """The bundle's first root: the one the CA signs with (a rotation keeps it first)."""
+        roots = self.trust.current
+        assert roots  # start() loaded at least one, and a change without any is refused
+        return fingerprint(roots[0])
 
     def issue_request(self, identity: Identity, request: x509.CertificateSigningRequest,
                       lifetime: timedelta) -> IssuedCertificate:
@@ -96,9 +104,8 @@ class ClusterCAClient:
              lifetime: timedelta) -> IssuedCertificate:
         try:
             token = self.token_file.read_text(encoding="utf-8").strip()
-            self._bundle = self._read_bundle()
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise _Failed("local_files", f"cannot read the CA token or trust bundle: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise _Failed("local_files", f"cannot read the CA token {self.token_file}: {e}") from None
         if not token:
             raise _Failed("local_files", f"the service-account token file {self.token_file} is empty")
         body = json.dumps({"identity": identity.uri, "lifetime_s": lifetime.total_seconds(),
@@ -115,7 +122,7 @@ class ClusterCAClient:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.check_hostname = False  # the CA is known by its SPIFFE ID, checked below
-        context.load_verify_locations(cadata=self._bundle.decode("ascii"))
+        context.load_verify_locations(cadata=self.trust_bundle.decode("ascii"))
         connection = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=context)
         try:
             connection.connect()
@@ -153,13 +160,6 @@ class ClusterCAClient:
         if leaf.public_key().public_bytes(*_SPKI) != request.public_key().public_bytes(*_SPKI):
             raise _Failed("bad_response", f"the cluster CA {self.address} signed a key other than the one sent")
         return IssuedCertificate(certificate=leaf, chain_pem=chain_pem)
-
-    def _read_bundle(self) -> bytes:
-        bundle = self.trust_bundle_file.read_bytes()
-        x509.load_pem_x509_certificates(bundle)  # ValueError unless it is PEM certificates
-        if b"PRIVATE KEY" in bundle:
-            raise ValueError(f"{self.trust_bundle_file} holds a private key: give agents the root certificate only")
-        return bundle
 
     def status(self) -> dict[str, Any]:
         """For `ameshctl status`: where the CA is and how the latest requests went."""

@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ca.admission import AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT
+from ztunnel.cawatch import POLL_INTERVAL
 from ztunnel.identity import DEFAULT_LIFETIME, DEFAULT_TRUST_DOMAIN
 
 # istiod serves certificates on 15012 and its monitoring on 15014; the cluster CA does the same
@@ -32,3 +33,4 @@ class CAConfig:
     cert_lifetime: timedelta = DEFAULT_LIFETIME  # the longest a workload certificate may live
     agent_namespace: str = AGENT_NAMESPACE  # the agents' service account: the only one that may ask
     agent_service_account: str = AGENT_SERVICE_ACCOUNT
+    ca_poll_interval: float = POLL_INTERVAL  # seconds between checks of ca_dir for a rotation step

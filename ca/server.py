@@ -14,8 +14,14 @@ token goes to the Kubernetes TokenReview API; ca.admission.admit decides from th
 pods seen now. The CA never sees a private key, and keeps no state but its pod watch, so several
 replicas can serve from the same Secret. Its serving certificate is a leaf of the same root for
 its own SPIFFE ID (spiffe://<td>/ns/amesh-system/sa/amesh-ca), which agents check against the trust
-bundle they are given (the root certificate only). Metrics and readiness are plain HTTP on
+bundle they are given (the root certificates only). Metrics and readiness are plain HTTP on
 METRICS_PORT.
+
+The CA follows its directory (ztunnel/cawatch.py CADirectoryWatch, as a local-CA agent does): at
+each root rotation step (ztunnel/rotation.py) it signs with the directory's signing root from then
+on, and re-makes its serving certificate from it, which agents trusting the old and the new root
+accept alike. A directory that does not load is refused (logged, amesh_ca_server_root_refusals),
+and the last good root keeps signing.
 """
 
 from __future__ import annotations
@@ -43,12 +49,14 @@ from ca.admission import AdmissionPolicy, Decision, PodsByNode, Review, admit
 from ca.config import CA_NAMESPACE, CA_SERVICE_ACCOUNT, MAX_BODY, PATH, CAConfig
 from registry.kubernetes import KubernetesSource, load_configuration
 from registry.model import RegistryState
+from ztunnel.cawatch import CADirectoryWatch
 from ztunnel.identity import (
     CA_KEY_FILE,
     CAError,
     FileCA,
     Identity,
     IssueError,
+    fingerprint,
     load_chain_and_key,
     requested_key,
 )
@@ -128,7 +136,8 @@ class ClusterCA:
         if not (config.ca_dir / CA_KEY_FILE).exists():
             raise CAError(f"no root CA key in {config.ca_dir}: mount the Secret holding ca.key and ca.crt there "
                           "(create them with `ameshctl ca init DIR`)")
-        self.root = FileCA.load_or_create(config.ca_dir, config.trust_domain)
+        self.watch = CADirectoryWatch(config.ca_dir, config.trust_domain, config.ca_poll_interval)
+        self.root: FileCA = self.watch.load_or_create()
         self.policy = AdmissionPolicy(config.trust_domain, config.agent_namespace, config.agent_service_account)
         self.identity = Identity(config.trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
         self.results: Counter[str] = Counter()  # requests by reason code ("signed" or a refusal)
@@ -139,6 +148,7 @@ class ClusterCA:
         self._serving.minimum_version = ssl.TLSVersion.TLSv1_3
         self._runners: list[web.AppRunner] = []
         self._next_renewal = 0.0  # seconds from the last serving-certificate issue to the next
+        self._renewed = asyncio.Event()  # set when a new root re-made the serving certificate early
 
     def __repr__(self) -> str:
         return f"ClusterCA(root={self.root!r}, port={self.config.port})"
@@ -164,7 +174,7 @@ class ClusterCA:
             log.info("event=ca_serving listen=%s:%d root_fingerprint=%s trust_domain=%s", self.config.host,
                      self.config.port, self.root.root_fingerprint, self.config.trust_domain)
             try:
-                await asyncio.gather(source.run(), self._renew_serving_forever())
+                await asyncio.gather(source.run(), self._renew_serving_forever(), self.watch.run(self.use_root))
             finally:
                 for runner in self._runners:
                     await runner.cleanup()
@@ -182,10 +192,22 @@ class ClusterCA:
             await web.TCPSite(runner, self.config.host, port, ssl_context=tls, reuse_address=True).start()
             self._runners.append(runner)
 
+    def use_root(self, root: FileCA) -> None:
+        """Signs with `root` from now on (a rotation step changed the directory), its own serving
+        certificate too: handshakes under way finish with the old one, new ones get the new."""
+        previous, self.root = self.root, root
+        log.info("event=ca_root_changed signing_root=%s previous=%s trust_bundle=%s", root.root_fingerprint,
+                 previous.root_fingerprint, ",".join(fingerprint(r) for r in root.roots))
+        self._next_renewal = self.renew_serving_certificate()
+        self._renewed.set()
+
     async def _renew_serving_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._next_renewal)
-            self._next_renewal = self.renew_serving_certificate()
+            self._renewed.clear()
+            try:
+                await asyncio.wait_for(self._renewed.wait(), self._next_renewal)
+            except asyncio.TimeoutError:
+                self._next_renewal = self.renew_serving_certificate()
 
     def _on_pods(self, state: RegistryState) -> None:
         self._pods = PodsByNode(state.workloads)
@@ -269,3 +291,12 @@ class _Collector:
             requests.add_metric([result], count)
         yield requests
         yield GaugeMetricFamily("amesh_ca_pods", "Pods the cluster CA sees scheduled now.", value=self.ca.pod_count)
+        watch = self.ca.watch
+        yield CounterMetricFamily("amesh_ca_server_root_reloads", "New signing roots or trust bundles the cluster "
+                                  "CA took from its directory (root rotation steps).", value=watch.reloads)
+        yield CounterMetricFamily("amesh_ca_server_root_refusals", "Checks that found the CA directory changed but "
+                                  "not loadable; the last good root keeps signing.", value=watch.refusals)
+        root = GaugeMetricFamily("amesh_ca_server_signing_root", "1 for the root the cluster CA signs with now, "
+                                 "by SHA-256 fingerprint.", labels=["fingerprint"])
+        root.add_metric([self.ca.root.root_fingerprint], 1)
+        yield root

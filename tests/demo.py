@@ -4,7 +4,9 @@
 
 Builds the bed (nothing touches the root namespace), describes it in a registry file of
 Kubernetes objects, starts one `ameshctl agent` per node, sends traffic from an enrolled pod to
-a Service cluster IP that only the mesh can reach, and shows what `ameshctl` reports.
+a Service cluster IP that only the mesh can reach, and shows what `ameshctl` reports; then an
+endpoint killed mid-run (retries hide it, its breaker opens and closes), a 90/10 canary split
+and a rate limit, live.
 
 With --control-plane (`make demo`'s default) the objects live in the test API server instead and
 the agents get their certificates from the cluster CA (`ameshctl ca serve`), both in the bed's
@@ -16,13 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
+import time
+from collections import Counter
 from typing import Iterator
 
 import yaml
 
 from tests.bed import Bed
-from tests.mesh import ControlPlane, Mesh, ServiceSpec, claimed_pod, exchange
+from tests.mesh import ControlPlane, Mesh, ServiceSpec, claimed_pod, destination_rule, exchange, tcp_route
 
 SERVICE_IP = "10.96.0.10"
 
@@ -94,6 +99,7 @@ def run(mode: str, requests: int, control_plane: bool = False) -> None:
         say(f"registry: namespace shop labelled amesh.io/dataplane-mode=ambient, legacy not; "
             f"Service shop/web {SERVICE_IP}:80 -> http")
         mesh.services.append(ServiceSpec("web", "shop", SERVICE_IP, 80, "http", {"app": "web"}))
+        scene_servers = prepare_traffic_scenes(bed, mesh)
         plane = stack.enter_context(registry(mesh, control_plane))
 
         say("starting one amesh agent per node (compiles and attaches the BPF capture program; "
@@ -130,6 +136,8 @@ def run(mode: str, requests: int, control_plane: bool = False) -> None:
         show(mesh, 1, "workloads")
         show(mesh, 1, "services")
 
+        traffic_scenes(mesh, scene_servers)
+
         say("an AuthorizationPolicy (Istio's, as users write them): shop's web pods take connections only "
             "from the service account frontend, so client is no longer allowed")
         mesh.policies = [{
@@ -158,6 +166,117 @@ def run(mode: str, requests: int, control_plane: bool = False) -> None:
         for node in bed.nodes:
             mesh.stop_agent(node)
     say("done: the bed is gone and the root namespace was never touched")
+
+
+# --- resilience and traffic shaping (issue 14): a breaker, a canary split, a rate limit ---
+
+ORDERS_IP, CHECKOUT_IP, SEARCH_IP = "10.96.0.20", "10.96.0.21", "10.96.0.22"
+SEARCH_RATE = 10  # new connections a second to shop/search from each node
+
+
+def prepare_traffic_scenes(bed: Bed, mesh: Mesh) -> dict[str, subprocess.Popen]:
+    """A third web pod and a canary on node-2, and the Services and objects the scenes use:
+    orders (the web pods; a DestinationRule ejects an endpoint for 2 s after 5 failures),
+    checkout (a TCPRoute sends 90 % to checkout-v1, the web pods, 10 % to checkout-v2, the
+    canary), search (amesh.io/connection-rate-limit). Returns the pods' servers by name."""
+    servers = {}
+    for name, app in (("server-c", "web"), ("canary", "web-canary")):
+        servers[name] = bed.start_podserver(bed.add_pod(name, 2, namespace="shop", service_account="web",
+                                                        labels={"app": app}), 8080)
+    mesh.services += [
+        ServiceSpec("orders", "shop", ORDERS_IP, 80, "http", {"app": "web"}),
+        ServiceSpec("checkout", "shop", CHECKOUT_IP, 80, "http", {"app": "web"}),
+        ServiceSpec("checkout-v1", "shop", "10.96.0.23", 80, "http", {"app": "web"}),
+        ServiceSpec("checkout-v2", "shop", "10.96.0.24", 80, "http", {"app": "web-canary"}),
+        ServiceSpec("search", "shop", SEARCH_IP, 80, "http", {"app": "web"},
+                    annotations={"amesh.io/connection-rate-limit": f"{SEARCH_RATE}/s"}),
+    ]
+    mesh.policies += [
+        destination_rule("shop", "orders", {"outlierDetection": {"consecutiveGatewayErrors": 5,
+                                                                 "baseEjectionTime": "2s"}}),
+        canary_route(90, 10),
+    ]
+    return servers
+
+
+def canary_route(stable: int, canary: int) -> dict:
+    return tcp_route("shop", "checkout-canary", "checkout", {"checkout-v1": stable, "checkout-v2": canary})
+
+
+def served(mesh: Mesh, ip: str, count: int) -> list[str]:
+    """Who served each of `count` connections in a row from the client to `ip`:80 ("reset" if reset)."""
+    names = []
+    for _ in range(count):
+        try:
+            names.append(exchange(mesh.bed, mesh.bed.pods["client"], ip, 80, b"hello", timeout=5)[0])
+        except OSError:
+            names.append("reset")
+    return names
+
+
+def tally(names: list[str]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(Counter(names).items()))
+
+
+def traffic_scenes(mesh: Mesh, servers: dict[str, subprocess.Popen]) -> None:
+    """The three scenes of issue 14, one after another."""
+    scene_breaker(mesh, servers)
+    scene_canary(mesh)
+    scene_rate_limit(mesh)
+
+
+def scene_breaker(mesh: Mesh, servers: dict[str, subprocess.Popen]) -> None:
+    bed = mesh.bed
+    say(f"shop/orders {ORDERS_IP}:80 over server-a, server-b and server-c: 30 connections")
+    print(f"    {tally(served(mesh, ORDERS_IP, 30))}")
+    say("killing server-c's process mid-run (Kubernetes still lists it ready): 60 more connections")
+    bed.stop(servers["server-c"])
+    names = served(mesh, ORDERS_IP, 60)
+    print(f"    {tally(names)}: {names.count('reset')} failed; the first connects to server-c were retried on "
+          "another endpoint, and after 5 failures in a row its breaker opened")
+    show(mesh, 1, "services")
+    say("server-c comes back; after its 2 s ejection (DestinationRule orders: baseEjectionTime) one trial "
+        "connection closes the breaker")
+    servers["server-c"] = bed.start_podserver(bed.pods["server-c"], 8080)
+    server_c = bed.pods["server-c"].ip
+
+    def breaker() -> str:
+        [orders] = [s for s in mesh.ctl_json(1, "services") if s["key"] == "shop/orders"]
+        return next(e["breaker"] for e in orders["endpoints"] if e["ip"] == server_c)
+
+    print(f"    server-c's breaker now: {breaker()}")
+    mesh.wait_for("server-c's breaker to close", lambda: served(mesh, ORDERS_IP, 3) and breaker() == "CLOSED",
+                  timeout=10.0, interval=0.5)
+    print(f"    server-c's breaker now: {breaker()}; 30 more connections: {tally(served(mesh, ORDERS_IP, 30))}")
+
+
+def scene_canary(mesh: Mesh) -> None:
+    say(f"a canary: TCPRoute checkout-canary sends shop/checkout {CHECKOUT_IP}:80 90 % to checkout-v1 (the web "
+        "pods) and 10 % to checkout-v2 (the canary pod): 200 connections")
+    names = served(mesh, CHECKOUT_IP, 200)
+    print(f"    {tally(names)}")
+    print("    in order: " + "".join("C" if name == "canary" else "." for name in names[:60]) + " ... (C: canary)")
+    show(mesh, 1, "services")
+    say("the rollout goes on: weights 50/50, in force from the next connection")
+    mesh.policies = [canary_route(50, 50) if p["metadata"]["name"] == "checkout-canary" else p for p in mesh.policies]
+    mesh.write_registry()
+    mesh.wait_for("the new weights on node-1", lambda: [b["weight"] for s in mesh.ctl_json(1, "services")
+                                                         if s["key"] == "shop/checkout"
+                                                         for b in s["traffic"]["split"]] == [50, 50])
+    print(f"    {tally(served(mesh, CHECKOUT_IP, 100))}")
+
+
+def scene_rate_limit(mesh: Mesh) -> None:
+    say(f"a rate limit: shop/search takes {SEARCH_RATE} new connections a second from each node "
+        "(amesh.io/connection-rate-limit); the client opens 50 a second for 3 s")
+    names: list[str] = []
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < 3.0:
+        names += served(mesh, SEARCH_IP, 1)
+        time.sleep(max(0.0, len(names) / 50 - elapsed))
+    print(f"    {len(names) - names.count('reset')} served (a second's worth at once, then {SEARCH_RATE}/s), "
+          f"{names.count('reset')} refused at once")
+    show(mesh, 1, "status")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +45,7 @@ class ServiceSpec:
     selector: dict[str, str]
     port_name: str = "http"
     annotations: dict[str, str] = field(default_factory=dict)
+    traffic_distribution: str | None = None  # spec.trafficDistribution ("PreferClose")
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Mesh:
     # set (by ControlPlane): agents ask the cluster CA instead of holding the root CA themselves
     control_plane: ControlPlane | None = None
     policies: list[dict] = field(default_factory=list)  # AuthorizationPolicies, PeerAuthentications
+    # None: a node's agent is the venv's ameshctl, the spawned process. Else the argv of a container
+    # runtime's run of an image's ameshctl (tests/e2e/test_image.py): the runtime needs the host's
+    # cgroup mounts, and its agent is no child of the spawned process, so it is waited for by port
+    agent_container: Callable[[Node], list[str]] | None = None
 
     @property
     def registry_path(self) -> Path:
@@ -81,7 +87,8 @@ class Mesh:
                 "metadata": {"name": svc.name, "namespace": svc.namespace, "annotations": svc.annotations},
                 "spec": {"clusterIP": svc.cluster_ip, "selector": svc.selector,
                          "ports": [{"name": svc.port_name, "port": svc.port, "targetPort": svc.target_port,
-                                    "protocol": "TCP"}]},
+                                    "protocol": "TCP"}],
+                         **({"trafficDistribution": svc.traffic_distribution} if svc.traffic_distribution else {})},
             })
         return docs + self.policies
 
@@ -109,9 +116,10 @@ class Mesh:
         source = (["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig
                   else ["--registry-file", str(self.registry_path)])
         ca = self.control_plane.agent_args(nd) if self.control_plane else ["--ca-dir", str(self.ca_dir)]
-        argv = [AMESHCTL, "agent", "--node", nd.name, *source, *ca, *extra_args]
-        proc = self.bed.spawn(nd, argv, self.agent_log(nd))
-        self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=proc)
+        runtime = self.agent_container(nd) if self.agent_container else None
+        argv = [*(runtime or [AMESHCTL]), "agent", "--node", nd.name, *source, *ca, *extra_args]
+        proc = self.bed.spawn(nd, argv, self.agent_log(nd), host_mounts=runtime is not None)
+        self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=None if runtime else proc)
         self.agents[nd.name] = proc
         return proc
 
@@ -187,23 +195,24 @@ class ControlPlane:
     api: KubeAPIServer
     ca: subprocess.Popen | None = None
     published: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, namespace, name) of the mesh's objects
+    ca_options: tuple[str, ...] = ()  # more `ameshctl ca serve` flags
+    bundle_versions: int = 0  # versions of the ConfigMap volume written so far
 
     @classmethod
-    def start(cls, mesh: Mesh) -> ControlPlane:
+    def start(cls, mesh: Mesh, ca_options: tuple[str, ...] = ()) -> ControlPlane:
         """The API server (holding the mesh's objects) and the CA, listening on CONTROL_PLANE_IP."""
         bed = mesh.bed
         bed.run(bed.fabric, ["ip", "addr", "replace", f"{CONTROL_PLANE_IP}/24", "dev", "br0"])
         with in_netns(bed.fabric):  # the server's thread, and so its sockets, live in the fabric namespace
             api = KubeAPIServer(CONTROL_PLANE_IP, API_PORT, objects=[_agent_pod(node) for node in bed.nodes])
             api.start()
-        plane = cls(mesh, api)
+        plane = cls(mesh, api, ca_options=ca_options)
         try:
             plane.publish(mesh.objects())
             mesh.kubeconfig = api.write_kubeconfig(bed.logdir / "kubeconfig")
             mesh.control_plane = plane
             bed.run(bed.fabric, [AMESHCTL, "ca", "init", str(plane.secret_dir)])
-            plane.trust_bundle.parent.mkdir(exist_ok=True)
-            plane.trust_bundle.write_bytes((plane.secret_dir / "ca.crt").read_bytes())  # the certificate only
+            plane.publish_trust_bundle((plane.secret_dir / "ca.crt").read_bytes())  # the certificate only
             plane.start_ca()
         except BaseException:
             plane.close()
@@ -220,6 +229,20 @@ class ControlPlane:
         """The ConfigMap amesh-trust-bundle (ca.crt only), mounted into every agent."""
         return self.mesh.bed.logdir / "amesh-trust-bundle" / "ca.crt"
 
+    def publish_trust_bundle(self, pem: bytes) -> None:
+        """Makes `pem` the ConfigMap's ca.crt as kubelet updates a ConfigMap volume: the files in a
+        new timestamped directory, the ..data symlink renamed to point at it (ca.crt is a symlink
+        through ..data), so agents see the whole new file at once."""
+        volume = self.trust_bundle.parent
+        self.bundle_versions += 1
+        version = f"..v{self.bundle_versions}"
+        (volume / version).mkdir(parents=True)
+        (volume / version / self.trust_bundle.name).write_bytes(pem)
+        if not self.trust_bundle.is_symlink():
+            self.trust_bundle.symlink_to(Path("..data") / self.trust_bundle.name)
+        (volume / "..data_tmp").symlink_to(version)
+        os.replace(volume / "..data_tmp", volume / "..data")
+
     @property
     def ca_address(self) -> str:
         return f"{CONTROL_PLANE_IP}:{CA_PORT}"
@@ -228,7 +251,7 @@ class ControlPlane:
         """Runs `ameshctl ca serve` in the fabric namespace; returns once it listens."""
         bed = self.mesh.bed
         argv = [AMESHCTL, "ca", "serve", "--ca-dir", str(self.secret_dir), "--listen", self.ca_address,
-                "--metrics-port", str(CA_METRICS_PORT), "--kubeconfig", str(self.mesh.kubeconfig)]
+                "--metrics-port", str(CA_METRICS_PORT), "--kubeconfig", str(self.mesh.kubeconfig), *self.ca_options]
         self.ca = bed.spawn(bed.fabric, argv, bed.logdir / "ca.log")
         bed.wait_listening(bed.fabric, CA_PORT, timeout=AGENT_START_TIMEOUT, proc=self.ca)
         return self.ca
@@ -368,3 +391,20 @@ def exchange(bed: Bed, pod: Pod, ip: str, port: int, payload: bytes, timeout: fl
             received += chunk
     name, _, echoed = bytes(received).partition(b"\n")
     return name.decode(), echoed
+
+
+def tcp_route(namespace: str, name: str, parent: str, weights: dict[str, int], port: int = 80) -> dict:
+    """A Gateway API TCPRoute splitting Service `parent` (the GAMMA pattern) to the backend
+    Services of `weights` on `port`."""
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": port, "weight": weight}
+                                                for backend, weight in weights.items()]}]}}
+
+
+def destination_rule(namespace: str, host: str, policy: dict) -> dict:
+    """An Istio DestinationRule named after its Service `host`, with `policy` as its trafficPolicy."""
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": host, "namespace": namespace},
+            "spec": {"host": f"{host}.{namespace}.svc.cluster.local", "trafficPolicy": policy}}

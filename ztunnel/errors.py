@@ -63,6 +63,8 @@ REASONS: dict[str, FailureReason] = _table(
     FailureReason("policy_changed", "policy", False, "DENY",
                   "a policy change no longer allows the open connection, so it was closed"),
     FailureReason("handshake_limit", "local", False, "UO", "too many TLS handshakes were under way"),
+    FailureReason("upstream_overflow", "policy", False, "UO",
+                  "the Service's connection limit (maxConnections) from this node was reached"),
     FailureReason("rate_limited", "policy", False, "RL", "the Service's connection rate limit was reached"),
     FailureReason("client_reset", "client", False, "DC", "the client left before the tunnel opened"),
     FailureReason("shutdown", "local", False, "LR", "the ztunnel was shutting down"),

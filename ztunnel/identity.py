@@ -690,6 +690,7 @@ class CertificateManager:
         self._slots: dict[Identity, _Slot] = {}
         self._wake: asyncio.Event | None = None  # made by run(), on the loop that runs it
         self._remote = isinstance(issuer, RemoteIssuer)
+        self._issuer_changes = 0  # set_issuer calls: an issue begun before one is renewed again
         self.issued_count = 0
 
     def __repr__(self) -> str:
@@ -703,11 +704,13 @@ class CertificateManager:
     def root_fingerprint(self) -> str:
         return self._issuer.root_fingerprint
 
-    def set_issuer(self, issuer: Issuer) -> None:
-        """Issue from `issuer` from now on (a new signing root or trust bundle): every held
-        certificate is renewed at once, so new connections present its chain and trust its
-        bundle; live connections keep the TLS sessions they have."""
+    def set_issuer(self, issuer: Issuer | RemoteIssuer) -> None:
+        """Issue from `issuer` from now on (a new signing root or trust bundle; the same remote
+        issuer again once its bundle changed): every held certificate is renewed at once, so new
+        connections present its chain and trust its bundle; live connections keep the TLS
+        sessions they have."""
         self._issuer = issuer
+        self._issuer_changes += 1
         for slot in self._slots.values():
             slot.due_at = -math.inf
         log.info(
@@ -770,20 +773,24 @@ class CertificateManager:
         # renewal of other identities or end run().
         except Exception as e:
             return self._failed(identity, slot, now, e)
-        return self._issued(identity, held)
+        return self._issued(identity, held, slot, now)
 
     async def renew_in_thread(self, identity: Identity) -> bool:
         """renew(), with the issuer called in a worker thread: a remote CA's round trip (or its
         timeout) never stalls the connections on the event loop."""
         slot = self._slot(identity)
         now = self._clock()
+        changes = self._issuer_changes
         try:
             held = await asyncio.to_thread(self._issue, identity, now)
         except Exception as e:
             return self._failed(identity, slot, now, e)
         if self._slots.get(identity) is not slot:
             return False  # dropped (set_identities) while the CA was asked
-        return self._issued(identity, held)
+        self._issued(identity, held, slot, now)
+        if changes != self._issuer_changes:  # asked under the old bundle: its contexts may trust it
+            self.renew_now(identity)
+        return True
 
     async def renew_due_now(self) -> None:
         """Renews every identity due now: remote ones concurrently in worker threads."""
@@ -807,8 +814,20 @@ class CertificateManager:
         )
         return False
 
-    def _issued(self, identity: Identity, held: _Held) -> bool:
-        self._slots[identity] = _Slot(held=held, due_at=held.renew_at)
+    def _issued(self, identity: Identity, held: _Held, slot: _Slot, now: float) -> bool:
+        """Holds the new certificate; one from another root than the issuer's signing root (a
+        cluster CA that has not yet taken the root its agents' bundle lists first, mid-rotation)
+        serves, as its root is trusted, but is asked for again with backoff until that root signs."""
+        signing = self._issuer.root_fingerprint
+        if held.root == signing:
+            self._slots[identity] = _Slot(held=held, due_at=held.renew_at)
+        else:
+            failures = slot.failures + 1
+            delay = self._retry_delay(failures)
+            error = (f"issued by root {held.root}, not by {signing}, the signing root of the trust bundle: "
+                     f"asking again in {delay:.1f}s (the CA may not have taken the new root yet)")
+            self._slots[identity] = _Slot(held=held, due_at=now + delay, failures=failures, last_error=error)
+            log.warning("cert.issued_by_other_root identity=%s failures=%d error=%r", identity, failures, error)
         self.issued_count += 1
         log.info(
             "cert.issued identity=%s serial=%x not_after=%s",

@@ -18,21 +18,18 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Collection
 
-from registry.model import CONNECTION_RATE_ANNOTATION, RegistryState, Workload
+from registry.model import RegistryState, Workload
 from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
 from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
-from ztunnel.limits import ConnectionRateLimiter
-from ztunnel.outliers import OutlierDetector
-from ztunnel.retries import Attempts, RetryBudget
-from ztunnel.routing import Router, Upstream, captured_source, guard_self_loop
+from ztunnel.limits import Hold
+from ztunnel.routing import Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
+from ztunnel.shaping import TrafficShaper
 from ztunnel.streams import Stream, TcpStream, connect_tcp
 
-class RateLimited(ProxyError):
-    """Over the destination Service's connection rate limit: refused at once, never queued."""
 
 
 @dataclass
@@ -54,8 +51,13 @@ class OutboundProxy(CapturedListener):
     HBONE answered 503 or not at all) is retried on the next endpoint of the Router's plan, while
     the retry budget of the destination Service allows and within `connect_deadline` seconds in
     all; the client sees a working connection, or a reset once every attempt has failed. Each
-    outcome feeds the endpoint's breaker (`outliers`), which takes failing endpoints out of the
+    outcome feeds the endpoint's breaker (`shaper.outliers`), which takes failing endpoints out of the
     plans of new connections for a while.
+
+    Before any connect, `shaper` (ztunnel/shaping.py) decides: the plan, and the connection's
+    place among the destination Service's live connections (over the Service's maxConnections,
+    or its rate limit, it is refused at once). The place, and the endpoint's count LEAST_REQUEST
+    balances on, are given back when the connection ends, whichever way.
     """
 
     def __init__(
@@ -72,10 +74,7 @@ class OutboundProxy(CapturedListener):
     ) -> None:
         super().__init__(state_getter, table, authorizer, connect_timeout, original_destination)
         self._transport = transport
-        self._router = Router()
-        self._budget = RetryBudget()
-        self._rates = ConnectionRateLimiter()
-        self.outliers = OutlierDetector()  # the breaker of every Service endpoint, read by views and metrics
+        self.shaper = TrafficShaper(transport.node)  # its breakers, live counts and splits: read by views, metrics
         self._own_ports = own_ports
         self._node_addresses = node_addresses
         self._connect_deadline = connect_deadline
@@ -84,22 +83,21 @@ class OutboundProxy(CapturedListener):
                                destination: tuple[str, int]) -> None:
         state = self._state_getter()
         record = self.open_record(state, peer, hostport(*destination), "outbound")
-        await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, *destination))
+        hold = self.shaper.live.hold()
+        try:
+            await self.proxy(record, TcpStream(conn), lambda: self._open_upstream(state, record, hold, *destination))
+        finally:
+            hold.release()
 
-    async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, dst_ip: str,
+    async def _open_upstream(self, state: RegistryState, record: ConnectionRecord, hold: Hold, dst_ip: str,
                              dst_port: int) -> Stream:
         source = captured_source(state, self._transport.node, record.source_ip)
-        plan = self._router.plan(state, dst_ip, dst_port, self.outliers.unavailable)
-        service = plan.first.service
-        if service is not None and plan.rate_limit is not None and not self._rates.admit(service, plan.rate_limit):
-            raise RateLimited("rate_limited", f"service {service} takes at most {plan.rate_limit:g} new connections "
-                                              f"a second from each node (annotation {CONNECTION_RATE_ANNOTATION})")
-        loop = asyncio.get_running_loop()
-        attempts = Attempts(plan, self._budget, self.outliers, self._table.attempts, record.attempts,
-                            self._connect_deadline, loop.time)
+        attempts = self.shaper.admit(state, dst_ip, dst_port, hold, self._table.attempts, record.attempts,
+                                     self._connect_deadline)
         for route in attempts:
+            timeout = attempts.timeout(route, self._connect_timeout)
             try:
-                stream = await self._attempt(state, record, source, route, attempts.time_left())
+                stream = await self._attempt(state, record, source, route, timeout)
             except ProxyError as e:
                 if attempts.failed(route, e):
                     continue
@@ -112,11 +110,10 @@ class OutboundProxy(CapturedListener):
         raise AssertionError("a plan has at least one candidate")
 
     async def _attempt(self, state: RegistryState, record: ConnectionRecord, source: Workload, route: Upstream,
-                       time_left: float) -> Stream:
-        """One connect to `route`, within the per-try timeout and what is left of the deadline."""
+                       timeout: float) -> Stream:
+        """One connect to `route` within `timeout` seconds (the per-try timeout, within the deadline)."""
         record.service, record.upstream, record.upstream_workload = route.service, route.address, route.workload
         guard_self_loop(route, self._own_ports, self._node_addresses)
-        timeout = max(0.0, min(self._connect_timeout, time_left))
         target = state.workload_by_ip(route.ip)
         if target is None or not target.enrolled:
             record.security = "plaintext"

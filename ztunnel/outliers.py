@@ -7,9 +7,10 @@ ejection at connect time. Pure: a state machine per endpoint, fed with connect o
   HALF-OPEN  the ejection time is over: one trial connection decides, a success closes the
              breaker, a failure ejects it again for longer
 
-An ejection that would leave more than `max_ejection_percent` of a Service's endpoints ejected
-does not happen, so a breaker never empties a Service. An endpoint that stays CLOSED for
-max_ejection_time forgets its past ejections.
+Each Service's thresholds are its own (TrafficPolicy.outlier: a DestinationRule's outlierDetection,
+else Envoy's defaults), given with each outcome. An ejection that would leave more than
+`max_ejection_percent` of a Service's endpoints ejected does not happen, so a breaker never
+empties a Service. An endpoint that stays CLOSED for max_ejection_time forgets its past ejections.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-CONSECUTIVE_FAILURES = 5  # connect failures in a row that eject an endpoint (Envoy's consecutive_gateway_failure)
-BASE_EJECTION_TIME = 30.0  # seconds of the first ejection; each later one lasts this times its number
-MAX_EJECTION_TIME = 300.0  # seconds an ejection lasts at most (Envoy's default)
-MAX_EJECTION_PERCENT = 50  # of a Service's endpoints ejected at once at most
+from registry.model import OutlierSettings
 
 EndpointKey = tuple[str, str]  # (service "namespace/name", endpoint "ip:port")
 
@@ -38,12 +36,7 @@ class _Endpoint:
 class OutlierDetector:
     """Breaker state of every endpoint that has failed; endpoints never seen failing are CLOSED."""
 
-    def __init__(self, consecutive_failures: int = CONSECUTIVE_FAILURES, base_ejection_time: float = BASE_EJECTION_TIME,
-                 max_ejection_time: float = MAX_EJECTION_TIME, max_ejection_percent: int = MAX_EJECTION_PERCENT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.consecutive_failures = consecutive_failures
-        self.base_ejection_time, self.max_ejection_time = base_ejection_time, max_ejection_time
-        self.max_ejection_percent = max_ejection_percent
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         # service -> endpoint "ip:port" -> its breaker, for endpoints that have failed lately only
         self._endpoints: dict[str, dict[str, _Endpoint]] = {}
@@ -98,8 +91,10 @@ class OutlierDetector:
         """Endpoints of `service` OPEN or HALF-OPEN now."""
         return sum(1 for e in self._endpoints.get(service, {}).values() if e.ejected_until is not None)
 
-    def record(self, key: EndpointKey, ok: bool, endpoints_in_service: int) -> None:
-        """The outcome of a connect to `key`, a Service endpoint among `endpoints_in_service`."""
+    def record(self, key: EndpointKey, ok: bool, endpoints_in_service: int,
+               settings: OutlierSettings = OutlierSettings()) -> None:
+        """The outcome of a connect to `key`, a Service endpoint among `endpoints_in_service`,
+        judged by its Service's `settings` (a DestinationRule's outlierDetection, else Envoy's defaults)."""
         now = self._clock()
         service, address = key
         endpoint = self._get(key)
@@ -109,7 +104,7 @@ class OutlierDetector:
             if endpoint.ejected_until is not None:  # a good trial closes the breaker
                 endpoint.ejected_until, endpoint.trial, endpoint.healthy_since = None, False, now
             endpoint.failures = 0
-            if now - endpoint.healthy_since >= self.max_ejection_time:
+            if now - endpoint.healthy_since >= settings.max_ejection_time:
                 del self._endpoints[service][address]  # healthy long enough: its past ejections are forgotten
                 if not self._endpoints[service]:
                     del self._endpoints[service]
@@ -119,13 +114,13 @@ class OutlierDetector:
         endpoint.failures += 1
         if endpoint.ejected_until is not None:  # a failed trial: open again, for longer
             endpoint.trial = False
-            self._eject(key, endpoint, now)
-        elif endpoint.failures >= self.consecutive_failures:
-            allowed = endpoints_in_service * self.max_ejection_percent // 100
+            self._eject(key, endpoint, now, settings)
+        elif settings.consecutive_failures and endpoint.failures >= settings.consecutive_failures:
+            allowed = endpoints_in_service * settings.max_ejection_percent // 100
             if self.ejected(key[0]) < allowed:
-                self._eject(key, endpoint, now)
+                self._eject(key, endpoint, now, settings)
 
-    def _eject(self, key: EndpointKey, endpoint: _Endpoint, now: float) -> None:
+    def _eject(self, key: EndpointKey, endpoint: _Endpoint, now: float, settings: OutlierSettings) -> None:
         endpoint.ejections += 1
-        endpoint.ejected_until = now + min(self.base_ejection_time * endpoint.ejections, self.max_ejection_time)
+        endpoint.ejected_until = now + min(settings.base_ejection_time * endpoint.ejections, settings.max_ejection_time)
         self.ejections_total[key[0]] = self.ejections_total.get(key[0], 0) + 1

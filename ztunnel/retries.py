@@ -15,6 +15,7 @@ from collections import Counter, deque
 from typing import Callable, Iterator
 
 from ztunnel.errors import ProxyError
+from ztunnel.limits import Hold
 from ztunnel.outliers import OutlierDetector
 from ztunnel.routing import Plan, Upstream
 
@@ -68,7 +69,7 @@ class Attempts:
     the counters. The listener only connects:
 
         for route in attempts:
-            try: stream = await connect(route, attempts.time_left())
+            try: stream = await connect(route, attempts.timeout(route, default))
             except ProxyError as e:
                 if attempts.failed(route, e): continue
                 raise
@@ -77,16 +78,19 @@ class Attempts:
 
     A failure is retried when it is retriable (the failure table says so: nothing of the
     client's reached an upstream), another candidate is left, the deadline is not over and the
-    Service's retry budget allows; only failures that are the endpoint's own count against it.
+    Service's retry budget allows (the Service dialled: a split's, not its backend's); only
+    failures that are the endpoint's own count against it, judged by its own Service's settings.
+    The connection's `hold` follows it from endpoint to endpoint, for the live counts.
     """
 
-    def __init__(self, plan: Plan, budget: RetryBudget, outliers: OutlierDetector, counts: Counter[str],
-                 record: list[dict[str, str]], deadline: float, clock: Callable[[], float]) -> None:
-        self._plan, self._budget, self._outliers = plan, budget, outliers
+    def __init__(self, plan: Plan, budget: RetryBudget, outliers: OutlierDetector, hold: Hold,
+                 counts: Counter[str], record: list[dict[str, str]], deadline: float,
+                 clock: Callable[[], float]) -> None:
+        self._plan, self._budget, self._outliers, self._hold = plan, budget, outliers, hold
         self._counts, self._record = counts, record
         self._clock = clock
         self._ends = clock() + deadline
-        self._service = plan.first.service
+        self._service = plan.service
         if self._service is not None:
             budget.connection(self._service)
 
@@ -94,14 +98,21 @@ class Attempts:
         for route in self._plan.candidates:
             if route.service is not None:
                 self._outliers.begin(_breaker(route))
+                self._hold.connect(route.service, route.address)
             yield route
 
     def time_left(self) -> float:
         return max(0.0, self._ends - self._clock())
 
+    def timeout(self, route: Upstream, default: float) -> float:
+        """Seconds the connect to `route` may take: its Service's connect timeout (else
+        `default`), within what is left of the deadline."""
+        timeout = self._plan.pool(route.service).connect_timeout if route.service is not None else None
+        return max(0.0, min(default if timeout is None else timeout, self.time_left()))
+
     def succeeded(self, route: Upstream) -> None:
         if route.service is not None:
-            self._outliers.record(_breaker(route), True, self._plan.pool)
+            self._judge(route, True)
         self._outcome(route, "ok")
 
     def failed(self, route: Upstream, error: ProxyError) -> bool:
@@ -109,7 +120,7 @@ class Attempts:
         info = error.info
         if route.service is not None:
             if info.retriable and info.fault in ("upstream", "peer"):
-                self._outliers.record(_breaker(route), False, self._plan.pool)
+                self._judge(route, False)
             else:  # not the endpoint's doing (a policy, the client, this node)
                 self._outliers.release(_breaker(route))
         self._outcome(route, error.reason)
@@ -125,6 +136,10 @@ class Attempts:
         """The connect to `route` was cancelled: it says nothing of the endpoint."""
         if route.service is not None:
             self._outliers.release(_breaker(route))
+
+    def _judge(self, route: Upstream, ok: bool) -> None:
+        pool = self._plan.pool(route.service)  # type: ignore[arg-type]
+        self._outliers.record(_breaker(route), ok, pool.size, pool.outlier)
 
     def _outcome(self, route: Upstream, result: str) -> None:
         self._record.append({"upstream": route.address, "result": result})

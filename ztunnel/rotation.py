@@ -2,9 +2,9 @@
 
     prepare   a new root (next-ca.key, next-ca.crt) joins trust-bundle.pem; every agent comes to
               trust the old and the new root, and the old one still signs
-    activate  the new root becomes the signing root (ca.key, ca.crt); the old one stays in the
-              bundle, so the certificates it signed keep being accepted while every agent renews
-              its own (at once, when it notices the change)
+    activate  the new root becomes the signing root (ca.key, ca.crt) and moves to the front of
+              the bundle; the old one stays in it, so the certificates it signed keep being
+              accepted while every agent renews its own (at once, when it notices the change)
     finish    the old root leaves the bundle: certificates it signed are refused from then on
 
 From activate to finish, rotation.json records which root is retiring and when activation
@@ -16,6 +16,10 @@ that leaves the directory at a step boundary whatever the moment a crash stops i
 step completes it), and sentences saying what it did and what the operator does next. A step
 already done plans nothing; a step out of order is a `RotationError` that names the step to run.
 Agents re-read the directory on their own (ztunnel/cawatch.py).
+
+The bundle lists the signing root first at every step: agents of the cluster CA see only the
+bundle (the ConfigMap amesh-trust-bundle), so that is how they know which root signs, and why
+activate changes the bundle too: that change is what makes them renew every certificate.
 """
 
 from __future__ import annotations
@@ -215,6 +219,7 @@ def activate(files: RotationFiles, now: float, lifetime: timedelta = DEFAULT_LIF
         raise RotationError(f"{files.directory / NEXT_CERT_FILE} exists without {NEXT_KEY_FILE}: restore "
                             f"{NEXT_KEY_FILE}, or remove {NEXT_CERT_FILE} and its root from {TRUST_BUNDLE_FILE} "
                             "and prepare again")
+    writes += ((TRUST_BUNDLE_FILE, _pem((new,) + files.bundle)),)  # the signing root first
     return Plan(
         f"the new root {_fp(new)} signs now ({CA_KEY_FILE}, {CA_CERT_FILE}; the old key is gone): "
         "agents renew every certificate with it as they re-read the directory; the old root "

@@ -1,7 +1,8 @@
 """The benchmark's harness works: `python -m bench.run --quick` (one short repeat, 500 idle
 connections) exits 0 and writes figures for every path and scenario, a Markdown table and a
 chart. It checks that every path carried its bytes (echoes compared, iperf3 moved data), never
-how fast. About a minute.
+how fast. About a minute. bench.traffic_cost and bench.failover run their quick mode too (about
+15 s each).
 """
 
 from __future__ import annotations
@@ -45,3 +46,13 @@ def test_quick_bench_measures_every_path_and_scenario(tmp_path: Path) -> None:
     assert amesh and all(r["vs_direct"] and r["vs_stunnel"] for r in amesh)
     assert result.with_suffix(".md").read_text().startswith("| scenario |")
     assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bench", ["traffic_cost", "failover"])
+def test_quick_traffic_benches_run_and_print_their_table(bench: str) -> None:
+    # each checks its own bed (the split happened, nothing failed before the kill) and raises otherwise
+    cp = subprocess.run([sys.executable, "-m", f"bench.{bench}", "--quick"], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+    assert cp.returncode == 0, f"bench.{bench} --quick failed:\n{cp.stdout[-3000:]}\n{cp.stderr[-3000:]}"
+    rows = [line for line in cp.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3, cp.stdout  # the header and one row per configuration

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -31,8 +32,8 @@ PROBE_INTERVAL = 0.05  # seconds between new connections across nodes while the 
 PEER = Identity("cluster.local", "legacy", "default")  # who the old-root peer says it is
 
 
-@pytest.fixture
-def mesh(make_bed) -> Iterator[Mesh]:
+def rotation_mesh(make_bed) -> Mesh:
+    """The bed of the module's docstring, its pod servers running, no agent yet."""
     bed = make_bed("p2p", nodes=2)
     mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT)
     bed.add_pod("client", 1, namespace="shop", service_account="client")
@@ -41,6 +42,12 @@ def mesh(make_bed) -> Iterator[Mesh]:
     bed.add_pod("plain", 1, namespace="legacy")
     for name in ("server-a", "server-b"):
         bed.start_podserver(bed.pods[name], TARGET_PORT)
+    return mesh
+
+
+@pytest.fixture
+def mesh(make_bed) -> Iterator[Mesh]:
+    mesh = rotation_mesh(make_bed)
     mesh.write_registry()
     mesh.start_agent(1, "--ca-poll-interval", POLL)
     mesh.start_agent(2, "--ca-poll-interval", POLL)
@@ -133,10 +140,11 @@ class OldRootIssuer:
         return self._old.issue(identity, public_key, lifetime)
 
 
-def old_root_peer_accepted(mesh: Mesh, old: FileCA) -> bool:
-    """Whether node-2 tunnels a CONNECT to server-b from a peer presenting an old-root certificate."""
+def old_root_peer_accepted(mesh: Mesh, old: FileCA, ca_dir: Path | None = None) -> bool:
+    """Whether node-2 tunnels a CONNECT to server-b from a peer presenting an old-root certificate
+    (trusting the bundle of `ca_dir`, by default the agents' CA directory)."""
     bed = mesh.bed
-    certs = CertificateManager(OldRootIssuer(old, FileCA.load_or_create(mesh.ca_dir).trust_bundle))
+    certs = CertificateManager(OldRootIssuer(old, FileCA.load_or_create(ca_dir or mesh.ca_dir).trust_bundle))
     certs.set_identities([PEER])
     server_b = bed.pods["server-b"]
     try:
@@ -185,7 +193,7 @@ def test_a_long_transfer_and_new_connections_run_through_the_whole_rotation(mesh
         assert "trust bundle: " in mesh.ctl(1, "certs").stdout
 
         rotate(mesh, "activate")
-        wait_for_agents(mesh, new_root, [old_root, new_root])  # renewed at once with the new root
+        wait_for_agents(mesh, new_root, [new_root, old_root])  # renewed at once with the new root, listed first
         assert old_root_peer_accepted(mesh, old)  # an old-root certificate is still accepted
 
         finishing = subprocess.run([AMESHCTL, "ca", "rotate", "finish", str(mesh.ca_dir)],

@@ -27,6 +27,7 @@ from tests.kubeapi import KubeAPIServer
 from tests.unit.clock import Clock
 from ztunnel.identity import (
     CA_CERT_FILE,
+    CAError,
     CertificateManager,
     FileCA,
     Identity,
@@ -38,6 +39,7 @@ from ztunnel.identity import (
 WEB = Identity("cluster.local", "shop", "web")
 DB = Identity("cluster.local", "shop", "db")
 START_TIMEOUT = 10.0  # seconds for the CA to list the pods and listen
+CA_POLL = 0.1  # seconds between the CA's checks of its directory (default 5)
 
 
 def pod(name: str, namespace: str, node: str, account: str, ip: str) -> dict:
@@ -65,7 +67,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[KubeAPIServer, ClusterCA, Path]]:
     bundle.write_bytes(root.root_pem)
     with KubeAPIServer(objects=OBJECTS) as api:
         config = CAConfig(tmp_path / "secret", "127.0.0.1", free_port(), free_port(),
-                          str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+                          str(api.write_kubeconfig(tmp_path / "kubeconfig")), ca_poll_interval=CA_POLL)
         server = ClusterCA(config)
         loop = asyncio.new_event_loop()
         task = loop.create_task(server.run())
@@ -161,7 +163,7 @@ def test_a_trust_bundle_holding_a_key_is_refused(tmp_path: Path) -> None:
     FileCA.load_or_create(tmp_path / "secret")
     both = tmp_path / "both.pem"
     both.write_bytes((tmp_path / "secret" / "ca.crt").read_bytes() + (tmp_path / "secret" / "ca.key").read_bytes())
-    with pytest.raises(ValueError, match="holds a private key: give agents the root certificate only"):
+    with pytest.raises(CAError, match="holds a private key: give agents the root certificate only"):
         ClusterCAClient("127.0.0.1:1", tmp_path / "token", both, "cluster.local")
 
 

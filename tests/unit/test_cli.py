@@ -74,6 +74,19 @@ def test_services_table_counts_ready_endpoints():
         assert cell in row
 
 
+def test_services_table_shows_live_connections_of_the_limit_and_the_split_counts():
+    traffic = TrafficPolicy(max_connections=100, load_balancer="LEAST_REQUEST", prefer_close=True,
+                            split=(Backend("shop/web-v1", 90), Backend("shop/web-v2", 10)))
+    service = Service("web", "shop", "10.96.0.10", (ServicePort(80, "http", "http"),),
+                      endpoints=(Endpoint("10.244.1.11", {"http": 8080}),), traffic=traffic)
+    view = {**dataclasses.asdict(service), "connections": 7}
+    view["endpoints"][0]["connections"] = 3
+    view["traffic"]["split"][0]["connections"], view["traffic"]["split"][1]["connections"] = 812, 88
+    row = views.services([view]).splitlines()[1]
+    for cell in ("10.244.1.11 (3 live)", "7/100", "web-v1 812 / web-v2 88"):
+        assert cell in row
+
+
 def test_services_table_shows_the_configured_traffic_policy_in_short_and_what_is_not_applied():
     traffic = TrafficPolicy(connect_attempts=2, connection_rate=20.0, max_connections=100, connect_timeout=0.5,
                             outlier=OutlierSettings(consecutive_failures=3, base_ejection_time=60.0),
@@ -99,7 +112,7 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     manifest = Path(__file__).resolve().parents[2] / "daemonset" / "amesh.yaml"
     docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "DaemonSet"]
     container = docs[0]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["ameshctl"]
+    assert container["command"] == ["amesh-entrypoint", "ameshctl"]  # the image's: kernel headers, then ameshctl
     name, *args = container["args"]
     command = main.get_command(click.Context(main), name)
     params = command.make_context(name, args).params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ztunnel.limits import ConnectionRateLimiter, HandshakeLimiter
+from ztunnel.limits import ConnectionRateLimiter, HandshakeLimiter, LiveConnections
 
 
 def test_a_source_at_its_limit_is_refused_while_others_are_admitted_until_the_node_is_full():
@@ -39,3 +39,30 @@ def test_a_services_rate_limit_admits_a_seconds_worth_at_once_then_its_rate():
     assert sum(limiter.admit("shop/web", 20.0) for _ in range(50)) == 10  # refilled at 20/s
     assert limiter.admit("shop/other", 1.0) and not limiter.admit("shop/other", 1.0)  # each Service its own
     assert sum(limiter.admit("shop/web", 100.0) for _ in range(200)) == 100  # a changed limit starts anew
+
+
+def test_a_services_connection_limit_refuses_the_one_over_it_until_one_ends():
+    live = LiveConnections()
+    holds = [live.hold() for _ in range(3)]
+    assert [hold.admit("shop/web", 2) for hold in holds] == [True, True, False]
+    assert live.by_service == {"shop/web": 2}  # the refused one took nothing
+    assert live.hold().admit("shop/other", 2)  # each Service its own
+    holds[0].release()
+    assert holds[2].admit("shop/web", 2)
+    assert all(live.hold().admit("shop/web", None) for _ in range(10))  # None: no limit
+
+
+def test_a_hold_follows_its_connection_between_endpoints_and_gives_everything_back_once():
+    live = LiveConnections()
+    hold, other = live.hold(), live.hold()
+    assert hold.admit("shop/web", None) and other.admit("shop/web", None)
+    hold.connect("shop/web-v1", "10.244.1.1:8080")
+    other.connect("shop/web-v1", "10.244.1.1:8080")
+    assert live.endpoints("shop/web-v1") == {"10.244.1.1:8080": 2}
+    hold.connect("shop/web-v1", "10.244.1.2:8080")  # a retry: the failed endpoint's count is given back
+    assert live.endpoints("shop/web-v1") == {"10.244.1.1:8080": 1, "10.244.1.2:8080": 1}
+    hold.release()
+    hold.release()  # a second release gives back nothing more
+    assert live.by_service == {"shop/web": 1} and live.endpoints("shop/web-v1") == {"10.244.1.1:8080": 1}
+    other.release()
+    assert live.by_service == {} and live.endpoints("shop/web-v1") == {} and live._by_endpoint == {}

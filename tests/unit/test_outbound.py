@@ -22,6 +22,7 @@ from registry.model import Endpoint, RegistryState, Service, ServicePort, Traffi
 from tests.unit.descriptors import descriptors_exhausted
 from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionRecord, ConnectionTable
+from ztunnel.errors import ProxyError
 from ztunnel.hbone import HboneClientPool
 from ztunnel.identity import CertificateManager, FileCA
 from ztunnel.outbound import MeshTransport, OutboundProxy
@@ -91,7 +92,7 @@ class Bed:
 
     async def start_proxy(self, upstream_ports: list[int], dst_port: int = 80, source: Workload = CLIENT,
                           destination: tuple[str, int] | None = None, attempts: int = 3,
-                          rate: float | None = None) -> tuple[str, int]:
+                          rate: float | None = None, max_connections: int | None = None) -> tuple[str, int]:
         """The proxy's address; it sees every connection as captured from `source` (its IP is
         what the registry says about 127.0.0.1) to `destination` (default: the Service)."""
         service = Service(
@@ -103,7 +104,7 @@ class Bed:
                 Endpoint(ip="127.0.0.1", ports={"http": p}, workload=f"shop/web-{i}")
                 for i, p in enumerate(upstream_ports)
             ),
-            traffic=TrafficPolicy(connect_attempts=attempts, connection_rate=rate),
+            traffic=TrafficPolicy(connect_attempts=attempts, connection_rate=rate, max_connections=max_connections),
         )
         state = RegistryState(workloads=(source,), services=(service,))
         certs = CertificateManager(FileCA.load_or_create(Path(self.tmp.name) / "ca"))
@@ -402,7 +403,7 @@ def test_after_five_failures_in_a_row_the_breaker_keeps_new_connections_off_the_
         address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), dead])
         assert [await exchange(address, b"x") for _ in range(30)] == [b"x|bye"] * 30
         assert bed.table.attempts == {"ok": 30, "connect_refused": 5}  # then no connection tried it
-        assert bed.proxy.outliers.state(("shop/web", f"127.0.0.1:{dead}")) == "OPEN"
+        assert bed.proxy.shaper.outliers.state(("shop/web", f"127.0.0.1:{dead}")) == "OPEN"
 
     run(test)
 
@@ -434,6 +435,80 @@ def test_over_the_services_rate_limit_a_connection_is_refused_at_once() -> None:
         refused = [r for r in records if r.state == "failed"]
         assert {r.failure for r in refused} == {"rate_limited"} and refused[0].attempts == []
         assert "at most 5 new connections a second" in str(refused[0].reason)
+
+    run(test)
+
+
+async def held_open(bed: Bed, address: tuple[str, int], live: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection kept open (not half-closed), once the proxy counts `live` to the Service."""
+    connection = await asyncio.open_connection(*address)
+    connection[1].write(b"x")
+    while bed.proxy.shaper.live.by_service.get("shop/web") != live:
+        await asyncio.sleep(0.005)
+    return connection
+
+
+def test_over_the_services_connection_limit_a_connection_is_refused_at_once_until_one_ends() -> None:
+    async def test(bed: Bed) -> None:
+        address = await bed.start_proxy([await bed.serve(reply_after_eof)], max_connections=2)
+        first = await held_open(bed, address, 1)
+        await held_open(bed, address, 2)
+        started = time.monotonic()
+        assert await send_or_reset(address, b"x") == b"reset"
+        assert time.monotonic() - started < 0.2
+        first[1].write_eof()
+        assert await first[0].read() == b"got 1 bytes"
+        while bed.proxy.shaper.live.by_service.get("shop/web") != 1:
+            await asyncio.sleep(0.005)
+        assert await send_or_reset(address, b"x") == b"got 1 bytes"  # a place is free again
+        refused = [r for r in bed.table.recent() if r.state == "failed"]
+        assert [r.failure for r in refused] == ["upstream_overflow"] and refused[0].attempts == []
+        assert str(refused[0].reason) == ("service shop/web has 2 live connections from this node, its limit "
+                                          "(DestinationRule trafficPolicy.connectionPool.tcp.maxConnections)")
+
+    run(test)
+
+
+def test_a_connections_place_is_given_back_however_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    attempt = OutboundProxy._attempt
+    broken: list[Exception | None] = [None]  # what every connect raises, if anything
+
+    async def maybe_broken(self: OutboundProxy, *args: object) -> object:
+        if broken[0] is not None:
+            raise broken[0]
+        return await attempt(self, *args)
+
+    monkeypatch.setattr(OutboundProxy, "_attempt", maybe_broken)
+
+    async def test(bed: Bed) -> None:
+        dead = free_port()
+        address = await bed.start_proxy([await bed.serve(tagged_echo(b"|bye")), dead], max_connections=5, rate=100.0)
+        live = bed.proxy.shaper.live
+
+        async def given_back() -> None:
+            while live.by_service or live.endpoints("shop/web"):
+                await asyncio.sleep(0.005)
+
+        assert await send_or_reset(address, b"x") == b"x|bye"  # served, after a retry or not
+        await given_back()
+        reader, writer = await held_open(bed, address, 1)
+        [record] = bed.table.live()
+        record.cut("policy_changed", "cut")
+        await expect_reset(reader)
+        writer.close()
+        await given_back()
+        broken[0] = ProxyError("connect_refused", "refused")
+        assert await send_or_reset(address, b"x") == b"reset"  # every attempt failed
+        await given_back()
+        broken[0] = RuntimeError("a bug in connecting")
+        assert await send_or_reset(address, b"x") == b"reset"  # an unexpected error
+        await given_back()
+        broken[0] = None
+        await held_open(bed, address, 1)
+        await bed.proxy.close(grace=0.0)  # cancelled by the shutdown
+        await given_back()
+        assert [r.failure for r in bed.table.recent()] == [None, "internal", "connect_refused", "policy_changed", None]
+        assert bed.table.recent()[0].reason == "cancelled: proxy shutting down"
 
     run(test)
 

@@ -4,14 +4,14 @@ ejection times, one half-open trial, and max_ejection_percent."""
 from __future__ import annotations
 
 from tests.unit.clock import Clock
+from registry.model import OutlierSettings
 from ztunnel.outliers import OutlierDetector
 
 A, B, C, D = (("shop/web", f"10.244.2.{i}:8080") for i in range(1, 5))
 
 
 def detector(clock: Clock) -> OutlierDetector:
-    return OutlierDetector(consecutive_failures=5, base_ejection_time=30, max_ejection_time=300,
-                           max_ejection_percent=50, clock=clock)
+    return OutlierDetector(clock=clock)  # Envoy's defaults: 5 failures, 30 s x ejections up to 300 s, 50 %
 
 
 def fail(outliers: OutlierDetector, key, times: int, endpoints: int = 4) -> None:
@@ -85,3 +85,27 @@ def test_ejection_time_is_capped_and_forgotten_after_a_long_healthy_run():
     outliers.record(A, True, 4)  # healthy for max_ejection_time: the past is forgotten
     fail(outliers, A, 5)
     assert outliers.ejected_until(A) - clock.now == 30
+
+
+def test_each_services_own_settings_decide_its_endpoints_ejection():
+    clock = Clock()
+    outliers = detector(clock)
+    strict = OutlierSettings(consecutive_failures=2, base_ejection_time=10, max_ejection_time=15,
+                             max_ejection_percent=100)
+    for _ in range(2):
+        outliers.record(A, False, 1, strict)
+    assert outliers.state(A) == "OPEN" and outliers.ejected_until(A) == clock.now + 10
+    clock.now += 10
+    assert outliers.begin(A)
+    outliers.record(A, False, 1, strict)  # a failed trial: 2 x 10 s, capped at 15 s
+    assert outliers.ejected_until(A) == clock.now + 15
+    for _ in range(2):
+        outliers.record(B, False, 4)  # the defaults: five in a row
+    assert outliers.state(B) == "CLOSED"
+
+
+def test_a_service_whose_settings_say_zero_failures_never_ejects():
+    outliers = detector(Clock())
+    for _ in range(20):
+        outliers.record(A, False, 4, OutlierSettings(consecutive_failures=0))
+    assert outliers.state(A) == "CLOSED"

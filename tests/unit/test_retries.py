@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from tests.unit.clock import Clock
 from ztunnel.errors import ProxyError
 from ztunnel.outliers import OutlierDetector
+from ztunnel.limits import LiveConnections
 from ztunnel.retries import Attempts, RetryBudget
-from ztunnel.routing import Plan, Upstream
+from ztunnel.routing import Plan, Pool, Upstream
 
 
 def test_retries_stay_within_the_floor_plus_a_fifth_of_the_connections_of_the_window():
@@ -36,10 +39,10 @@ def attempts_over(endpoints: int, budget: RetryBudget | None = None, deadline: f
                   clock: Clock | None = None) -> tuple[Attempts, OutlierDetector, Counter, list]:
     clock = clock or Clock()
     plan = Plan(tuple(Upstream(f"10.244.2.{i}", 8080, "service", "shop/web") for i in range(endpoints)),
-                endpoints, endpoints)
+                endpoints, {"shop/web": Pool(endpoints)}, "shop/web")
     outliers, counts, record = OutlierDetector(clock=clock), Counter(), []
-    return (Attempts(plan, budget or RetryBudget(clock=clock), outliers, counts, record, deadline, clock),
-            outliers, counts, record)
+    return (Attempts(plan, budget or RetryBudget(clock=clock), outliers, LiveConnections().hold(), counts, record,
+                     deadline, clock), outliers, counts, record)
 
 
 REFUSED = ProxyError("connect_refused", "refused")
@@ -92,3 +95,16 @@ def test_the_endpoints_own_failures_open_its_breaker():
     for _ in range(5):
         attempts.failed(route, REFUSED)
     assert outliers.state(("shop/web", route.address)) == "OPEN"
+
+
+def test_an_attempt_takes_its_services_connect_timeout_within_what_is_left_of_the_deadline():
+    clock = Clock()
+    plan = Plan((Upstream("10.244.2.1", 8080, "service", "shop/web"), Upstream("10.96.9.9", 80, "passthrough")), 2,
+                {"shop/web": Pool(1, connect_timeout=0.5)}, "shop/web")
+    attempts = Attempts(plan, RetryBudget(clock=clock), OutlierDetector(clock=clock), LiveConnections().hold(),
+                        Counter(), [], 2.0, clock)
+    service_route, passthrough = plan.candidates
+    assert attempts.timeout(service_route, 5.0) == 0.5  # the DestinationRule's connectTimeout
+    assert attempts.timeout(passthrough, 5.0) == 2.0  # the agent's 5 s, cut to the 2 s left
+    clock.now += 1.8
+    assert attempts.timeout(service_route, 5.0) == pytest.approx(0.2)

@@ -154,7 +154,7 @@ def test_a_whole_rotation_step_by_step(ca_dir: Path, clock: FakeClock) -> None:
     clock.now += HOUR
     done, ca = step(ca_dir, clock, "activate")
     assert RotationFiles.read(ca_dir).step == ACTIVATED
-    assert ca.root_fingerprint == new and bundle_of(ca) == [old, new]  # the old one still trusted
+    assert ca.root_fingerprint == new and bundle_of(ca) == [new, old]  # the old one still trusted, the signer first
     assert not (ca_dir / "next-ca.key").exists() and not (ca_dir / "next-ca.crt").exists()
     record = json.loads((ca_dir / "rotation.json").read_text())
     assert record == {"retiring": [old], "activated_at": "2025-06-15T16:06:40Z"}
@@ -213,7 +213,8 @@ def test_prepare_refuses_a_broken_directory_and_writes_nothing(ca_dir: Path, clo
 
 @pytest.mark.parametrize("crash_after, seen_as", [
     (1, "prepared: "), (2, "prepared: "),  # rotation.json, then ca.key: ca.crt still the old root
-    (3, "the activate step"), (4, "the activate step"),  # ca.crt, then next-ca.key removed
+    (3, "the activate step"), (4, "the activate step"),  # ca.crt, then the bundle (the signer first)
+    (5, "the activate step"),  # next-ca.key removed
 ])
 def test_an_activate_stopped_after_any_file_completes_when_run_again(
     ca_dir: Path, clock: FakeClock, crash_after: int, seen_as: str
@@ -232,7 +233,7 @@ def test_an_activate_stopped_after_any_file_completes_when_run_again(
     assert RotationFiles.read(ca_dir).step == PREPARED  # next-ca.crt goes last
     assert status(RotationFiles.read(ca_dir), clock()).done.startswith(seen_as)
     _, ca = step(ca_dir, clock, "activate")
-    assert ca.root_fingerprint == new and bundle_of(ca) == [old, new]
+    assert ca.root_fingerprint == new and bundle_of(ca) == [new, old]
     assert json.loads((ca_dir / "rotation.json").read_text())["retiring"] == [old]
     assert RotationFiles.read(ca_dir).step == ACTIVATED
 
@@ -393,7 +394,7 @@ def test_certs_table_shows_the_bundle_each_certificates_root_and_a_refused_direc
     table = views.certs({"trust_domain": manager.trust_domain, "root_fingerprint": manager.root_fingerprint,
                          "trust_bundle": manager.roots(), "ca_directory": watch.status(),
                          "certificates": manager.certificates()})
-    old, new = (r["fingerprint"] for r in manager.roots())
+    new, old = (r["fingerprint"] for r in manager.roots())
     assert f"trust bundle: {short(old)} trusted" in table and f"trust bundle: {short(new)} signs" in table
     assert f"valid    {short(new)}" in table
     assert f"CA directory {ca_dir} refused, last good CA kept: {ca_dir / 'ca.crt'} is not a PEM certificate" in table

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 
-from registry.model import Endpoint, RegistryState, Service, ServicePort, TrafficPolicy, Workload
-from ztunnel.routing import RouteError, Router, Upstream
+from registry.model import (Backend, Endpoint, OutlierSettings, RegistryState, Service, ServicePort, TrafficPolicy,
+                            Workload)
+from ztunnel.routing import Pool, RouteError, Router, Upstream
 
 VIP = "10.96.0.10"
 
@@ -129,3 +131,92 @@ def test_a_plan_offers_other_endpoints_in_rotation_order_up_to_the_services_atte
     assert len(Router().plan(no_retries, VIP, 80).candidates) == 1
     pod = Router().plan(state(), "10.244.9.9", 80)
     assert (len(pod.candidates), pod.attempts) == (1, 1)
+
+
+def service(name: str, ip: str, *endpoints: Endpoint, traffic: TrafficPolicy = TrafficPolicy()) -> Service:
+    return replace(web(*endpoints), name=name, cluster_ip=ip, traffic=traffic)
+
+
+def test_a_split_balances_over_the_chosen_backend_then_retries_on_it_then_on_the_others():
+    split = TrafficPolicy(split=(Backend("shop/web-v1", 90), Backend("shop/web-v2", 10)))
+    s = RegistryState(services=(
+        service("web", VIP, traffic=split),
+        service("web-v1", "10.96.0.11", ep("10.244.1.1"), ep("10.244.1.2"),
+                traffic=TrafficPolicy(connect_timeout=0.5)),
+        service("web-v2", "10.96.0.12", ep("10.244.2.1"))))
+    router = Router()
+    plans = [router.plan(s, VIP, 80) for _ in range(10)]
+    assert Counter(p.first.service for p in plans) == {"shop/web-v1": 9, "shop/web-v2": 1}
+    canary = next(p for p in plans if p.first.service == "shop/web-v2")
+    # the canary's one endpoint, then the stable backend's: a dead canary costs the client nothing
+    assert canary.first.ip == "10.244.2.1" and {u.ip for u in canary.candidates[1:]} == {"10.244.1.1", "10.244.1.2"}
+    assert (canary.service, canary.pool("shop/web-v1").connect_timeout, canary.pool("shop/web-v2").size) == (
+        "shop/web", 0.5, 1)
+    stable = [p for p in plans if p.first.service == "shop/web-v1"]
+    assert [u.ip for u in stable[0].candidates] == ["10.244.1.1", "10.244.1.2", "10.244.2.1"]
+    assert stable[1].first.ip == "10.244.1.2"  # within the backend, its own rotation
+    assert router.splits.picks("shop/web") == {"shop/web-v1": 9, "shop/web-v2": 1}
+
+
+def test_a_split_whose_backends_have_no_endpoint_names_them():
+    split = TrafficPolicy(split=(Backend("shop/web-v1", 1), Backend("shop/gone", 1), Backend("shop/web", 0)))
+    s = RegistryState(services=(service("web", VIP, ep("10.244.1.1"), traffic=split),
+                                service("web-v1", "10.96.0.11", ep("10.244.1.1", ready=False))))
+    with pytest.raises(RouteError) as caught:
+        Router().plan(s, VIP, 80)
+    assert caught.value.reason == "no_endpoint"
+    assert str(caught.value) == ("service shop/web is split to shop/web-v1 (weight 1), shop/gone (weight 1), "
+                                 "shop/web (weight 0): none of weight above 0 has a ready endpoint for port 80")
+
+
+def test_a_split_may_keep_the_services_own_endpoints_as_a_backend_on_another_port():
+    split = TrafficPolicy(split=(Backend("shop/web", 1, port=443),))
+    s = RegistryState(services=(service("web", VIP, ep("10.244.1.1"), traffic=split),))
+    assert Router().plan(s, VIP, 80).first == Upstream("10.244.1.1", 8443, "service", "shop/web")
+
+
+def local(ip: str, node: str | None, zone: str | None = None) -> Endpoint:
+    return replace(ep(ip), node=node, zone=zone)
+
+
+def test_prefer_close_stays_on_this_node_then_this_zone_and_spills_over_only_when_they_are_gone():
+    close = TrafficPolicy(prefer_close=True)
+    endpoints = (local("10.244.1.1", "n1", "z1"), local("10.244.1.2", "n1", "z1"), local("10.244.2.1", "n2", "z1"),
+                 local("10.244.3.1", "n3", "z2"))
+    router = Router("n1")
+    s = RegistryState(services=(service("web", VIP, *endpoints, traffic=close),), node_zones={"n1": "z1"})
+    assert {router.plan(s, VIP, 80).first.ip for _ in range(10)} == {"10.244.1.1", "10.244.1.2"}
+    # a retry goes on to the next tier once this node's are tried
+    assert [u.ip for u in router.plan(s, VIP, 80).candidates][2:] == ["10.244.2.1"]
+    ejected = {"10.244.1.1:8080", "10.244.1.2:8080"}
+    assert router.plan(s, VIP, 80, lambda key: ejected).first.ip == "10.244.2.1"  # the zone, not farther
+    gone = RegistryState(services=(service("web", VIP, endpoints[3], traffic=close),))
+    assert router.plan(gone, VIP, 80).first.ip == "10.244.3.1"
+    spread = RegistryState(services=(service("web", VIP, *endpoints),))  # without PreferClose: everywhere
+    assert {router.plan(spread, VIP, 80).first.ip for _ in range(4)} == {e.ip for e in endpoints}
+
+
+def test_prefer_close_knows_an_endpoints_node_from_its_pod_when_the_endpoint_does_not_say():
+    pods = (Workload(name="web-1", namespace="shop", ip="10.244.1.1", node="n1"),
+            Workload(name="web-2", namespace="shop", ip="10.244.2.1", node="n2"))
+    s = RegistryState(workloads=pods, services=(service("web", VIP, ep("10.244.1.1"), ep("10.244.2.1"),
+                                                        traffic=TrafficPolicy(prefer_close=True)),))
+    router = Router("n2")
+    assert {router.plan(s, VIP, 80).first.ip for _ in range(4)} == {"10.244.2.1"}
+
+
+def test_least_request_avoids_the_endpoint_with_the_most_live_connections():
+    s = RegistryState(services=(service("web", VIP, ep("10.244.1.1"), ep("10.244.1.2"),
+                                        traffic=TrafficPolicy(load_balancer="LEAST_REQUEST")),))
+    router = Router(rng=random.Random(5))
+    load = {"10.244.1.1:8080": 40}
+    assert {router.plan(s, VIP, 80, load=lambda key: load).first.ip for _ in range(20)} == {"10.244.1.2"}
+    assert {router.plan(s, VIP, 80).first.ip for _ in range(20)} == {"10.244.1.1", "10.244.1.2"}
+
+
+def test_a_plan_carries_the_services_limits_and_settings():
+    outlier = OutlierSettings(consecutive_failures=2)
+    traffic = TrafficPolicy(connection_rate=20.0, max_connections=3, outlier=outlier, connect_timeout=1.5)
+    plan = Router().plan(RegistryState(services=(service("web", VIP, ep("10.244.1.1"), traffic=traffic),)), VIP, 80)
+    assert (plan.service, plan.rate_limit, plan.max_connections) == ("shop/web", 20.0, 3)
+    assert plan.pool("shop/web") == Pool(1, outlier, 1.5)
