@@ -53,12 +53,14 @@ class AdminServer:
         app.router.add_get("/lookup/{namespace}/{name}", self._lookup)
         app.router.add_get("/policies", self._policies)
         app.router.add_get("/check", self._check)
+        app.router.add_post("/drain", self._drain)
         self.app = app
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self, port: int) -> None:
         await self._runner.setup()
-        await web.TCPSite(self._runner, ADMIN_HOST, port, reuse_address=True).start()
+        # reuse_port: a new agent serves beside this one until this one drains (an upgrade)
+        await web.TCPSite(self._runner, ADMIN_HOST, port, reuse_address=True, reuse_port=True).start()
 
     async def stop(self) -> None:
         await self._runner.cleanup()
@@ -164,6 +166,12 @@ class AdminServer:
             raise web.HTTPBadRequest(text=f"port: must be 1-65535, not {port!r}")
         return web.json_response(check_between(self.agent.authorizer, state, workloads["from"], workloads["to"],
                                                int(port), self.agent.certs.trust_domain))
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """Starts the drain (as SIGUSR2 does): 202, and what is still live."""
+        self.agent.request_drain("admin API")
+        return web.json_response({"draining": True, "deadline_s": self.agent.config.drain_deadline,
+                                  "live_connections": len(self.agent.table.live())}, status=202)
 
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.connections())

@@ -51,6 +51,9 @@ def main(ctx: click.Context, admin: str) -> None:
 @click.option("--admin-port", default=ADMIN_PORT, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--drain-grace", default=default("drain_grace"), show_default=True, type=click.FloatRange(0),
               help="seconds live connections get to finish on shutdown")
+@click.option("--drain-deadline", default=default("drain_deadline"), show_default=True, type=click.FloatRange(0),
+              help="seconds live connections get to finish when the agent drains (SIGUSR2, POST /drain, or an "
+                   "upgrade: a new agent took over the node)")
 @click.option("--max-handshakes-per-source", default=default("max_handshakes_per_source"), show_default=True,
               type=click.IntRange(1), help="TLS handshakes on the HBONE port under way at once from one address")
 @click.option("--max-handshakes", default=default("max_handshakes"), show_default=True, type=click.IntRange(1),
@@ -94,6 +97,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     from agent.logs import setup_logging
     from agent.node import NodeAgent
     from bpf.datapath import DatapathError
+    from bpf.handover import HandoverError
     from registry.model import RegistryError
     from ztunnel.identity import CAError
 
@@ -105,7 +109,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[config.event_loop]) as runner:
             runner.run(NodeAgent(config).run())
-    except (RegistryError, DatapathError, CAError) as exc:
+    except (RegistryError, DatapathError, CAError, HandoverError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot start the agent: {exc}") from exc

@@ -72,6 +72,11 @@ class AgentConfig:
     # seconds live connections get to finish on shutdown before they are cut; below the
     # usual 3 s between SIGTERM and SIGKILL of process supervisors and our test bed
     drain_grace: float = 2.0
+    # seconds a draining agent (SIGUSR2, POST /drain, or replaced by a new agent on the node)
+    # keeps its live connections before it cuts the rest and exits: much longer than drain_grace,
+    # since the node's new agent serves every new connection meanwhile; a DaemonSet's
+    # terminationGracePeriodSeconds must exceed it
+    drain_deadline: float = 60.0
     # "uvloop" (libuv, the default) or "asyncio" (the standard library's selector loop): uvloop
     # carries the same connections with less CPU per byte and per connection (bench/README.md)
     event_loop: str = "uvloop"

@@ -182,6 +182,8 @@ class AgentCollector:
         yield CounterMetricFamily("amesh_hbone_handshakes", "mTLS sessions the HBONE pool opened.",
                                   value=agent.pool.handshakes)
         yield GaugeMetricFamily("amesh_hbone_sessions", "Live pooled HBONE sessions.", value=agent.pool.sessions)
+        yield CounterMetricFamily("amesh_hbone_dead_peers", "Pooled HBONE sessions dropped because the peer "
+                                  "answered no HTTP/2 PING within the keepalive timeout.", value=agent.pool.dead_peers)
         inbound = agent.inbound_hbone
         mitigations = CounterMetricFamily("amesh_hbone_mitigations", "HTTP/2 limits HBONE peers crossed (floods, "
                                           "rapid reset, oversized frames, refused streams, deadlines), by kind.",
@@ -234,7 +236,7 @@ class TelemetryServer:
         # all addresses of the node: Prometheus and the kubelet scrape and probe from outside
         for runner, port in zip(self._runners, (metrics_port, readiness_port)):
             await runner.setup()
-            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
+            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True, reuse_port=True).start()  # as admin's
 
     async def stop(self) -> None:
         for runner in self._runners:

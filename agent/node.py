@@ -11,6 +11,13 @@ Lifecycle, in the order that keeps pods safe:
            certificates and the datapath match exactly the enrolled pods on this node.
   stop     close the listeners first (new SYNs of enrolled pods are dropped: fail closed),
            drain live connections, then remove every filter, rule and route.
+  drain    (SIGUSR2, POST /drain) as stop, but first a graceful HTTP/2 GOAWAY on every HBONE
+           session (peers open their new streams elsewhere), and live connections get
+           `drain_deadline`, not `drain_grace`; a stop signal meanwhile does not shorten it.
+  upgrade  an agent started where one runs takes its datapath over (bpf/handover.py) instead of
+           loading its own: its listeners (SO_REUSEPORT, the same ports) replace the old ones
+           in the sockmap, then it asks the old agent to drain; the old one removes nothing at
+           its exit, and keeps offering the handover until then.
 
 The datapath runs on its own thread: pyroute2's synchronous API drives its own event loop,
 which cannot nest in ours, and its netlink round trips must not stall the proxy.
@@ -32,7 +39,8 @@ from agent.admin import AdminServer
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
 from agent.local import LocalPods
 from agent.metrics import TelemetryServer
-from bpf.datapath import NodeDatapath, Slot
+from bpf import handover
+from bpf.datapath import NodeDatapath, Slot, migrate_requests_on_close
 from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
 from registry.model import RegistryError, RegistryState
@@ -56,6 +64,7 @@ log = logging.getLogger("amesh.agent")
 
 T = TypeVar("T")
 
+HANDOVER_ADDRESS_RETRY = 0.5  # seconds between tries for the handover address the previous agent holds
 EMPTY_STATE = RegistryState()  # one object: a new one per read would look like a new base state
 
 LISTENER_PORTS = {
@@ -88,7 +97,11 @@ class NodeAgent:
         self._reconcile_now = asyncio.Event()
         self._local = LocalPods(config.node, config.trust_domain)
         self._stopping = asyncio.Event()
+        self._draining = asyncio.Event()
         self._proxies: dict[Slot, CapturedListener] = {}
+        self._listeners: dict[Slot, Any] = {}  # the listening sockets, for a failed takeover's undo
+        self._handover_channel: Any = None  # to the agent we took over from, until it drains
+        self._handovers: asyncio.Task[None] | None = None
         self.certs: CertificateManager | None = None
         # the local CA's directory, re-read for a new signing root or trust bundle (a root rotation)
         self.ca_watch = CADirectoryWatch(config.ca_dir, config.trust_domain, config.ca_poll_interval)
@@ -182,6 +195,7 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR2, self.request_drain, "SIGUSR2")
         try:
             await self._start()
             # What is loaded by now (the Kubernetes client models, the aiohttp and TLS code, the
@@ -201,15 +215,21 @@ class NodeAgent:
                 tasks.append(asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory"))
             elif isinstance(self.issuer, ClusterCAClient):  # the ConfigMap's bundle may change (a root rotation)
                 tasks.append(asyncio.create_task(self.issuer.trust.run(self._on_trust_bundle), name="trust-bundle"))
+            # offered until the agent exits: a successor may start while this one drains
+            self._handovers = asyncio.create_task(self._offer_handovers(), name="handovers")
             stop = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
+            drain = asyncio.create_task(self._draining.wait())
+            done, _ = await asyncio.wait([stop, drain, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in [*tasks, stop, drain]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for task in done - {stop}:
+            await asyncio.gather(*tasks, stop, drain, return_exceptions=True)
+            for task in done - {stop, drain}:
                 task.result()  # a background task that died is the agent's failure
         finally:
             await self._stop()
+            if self._handovers is not None:
+                self._handovers.cancel()
+                await asyncio.gather(self._handovers, return_exceptions=True)
             self._datapath_thread.shutdown()
 
     async def _start(self) -> None:
@@ -225,14 +245,24 @@ class NodeAgent:
         self.certs.set_identities(self.local_identities())
         await self.certs.renew_due_now()  # the cluster CA's first answers (each bounded by its timeout)
         sockets = {}
+        taken = None
         try:
             for slot, port in LISTENER_PORTS.items():
                 sockets[slot] = transparent_listener(port)
-            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting)
+            taken = await self._in_datapath_thread(handover.take_over)
+            if taken is not None:
+                log.info("event=taking_over reason=\"an agent runs on this node: its datapath is handed over\"")
+                await self._in_datapath_thread(migrate_requests_on_close)
+            self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting,
+                                                           taken[1] if taken else None)
         except BaseException:
             for sock in sockets.values():
                 sock.close()
+            if taken is not None:
+                taken[0].close()  # unasked to drain, the running agent takes its sockmap slots back
             raise
+        self._listeners = sockets
+        self._handover_channel = taken[0] if taken else None
         state, timeout = (lambda: self.state), config.connect_timeout
         transport = MeshTransport(config.node, self.certs, self.pool)
         own_ports = frozenset([*LISTENER_PORTS.values(), config.admin_port, config.metrics_port, config.readiness_port])
@@ -251,6 +281,43 @@ class NodeAgent:
         await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
+        if self._handover_channel is not None:  # serving: the agent we took over from may drain
+            with self._handover_channel as channel:
+                channel.send(handover.DRAIN_REQUEST)
+            self._handover_channel = None
+            self.datapath.own()
+            log.info("event=took_over reason=\"the previous agent drains\"")
+
+    async def _offer_handovers(self) -> None:
+        """Answers at handover.HANDOVER_ADDRESS until the agent exits, once the agent we took
+        over from (if any) has let go of it."""
+        loop = asyncio.get_running_loop()
+        while (server := handover.listen()) is None:
+            await asyncio.sleep(HANDOVER_ADDRESS_RETRY)
+        with server:
+            while True:
+                channel, _ = await loop.sock_accept(server)
+                with channel:
+                    await self._hand_over(channel)
+
+    async def _hand_over(self, channel: Any) -> None:
+        """One new agent's takeover: our datapath's fds, then its drain request (or its death)."""
+        if not handover.peer_is_us(channel):
+            log.warning("event=handover_refused reason=\"the connecting process runs as another user\"")
+            return
+        assert self.datapath is not None
+        handover.send_offer(channel, self.datapath.signature, self.datapath.handover_fds())
+        log.info("event=handover_offered")
+        try:
+            message = await asyncio.get_running_loop().sock_recv(channel, len(handover.DRAIN_REQUEST))
+        except OSError:
+            message = b""
+        if message == handover.DRAIN_REQUEST:
+            self.datapath.hand_over()
+            self.request_drain("a new agent took over the node's datapath")
+        elif not self._draining.is_set():
+            log.warning("event=takeover_failed action=\"putting our listeners back in the sockmap\"")
+            await self._in_datapath_thread(self.datapath.put_listeners, self._listeners)
 
     def _issuer(self) -> FileCA | ClusterCAClient:
         """The cluster CA's client with --ca-address; else the local root CA (the weaker trust model)."""
@@ -296,16 +363,30 @@ class NodeAgent:
             if local is not None or periodic:
                 await self._in_datapath_thread(self.datapath.sync, self._local.of(state).ips)
 
+    def request_drain(self, by: str) -> None:
+        """Starts the drain (see the module docstring); asking again changes nothing."""
+        if not self._draining.is_set():
+            log.info("event=drain_requested by=%r deadline_s=%s live_connections=%d", by,
+                     self.config.drain_deadline, len(self.table.live()))
+            self._draining.set()
+
     async def _stop(self) -> None:
-        log.info("event=stopping drain_grace_s=%s live_connections=%d", self.config.drain_grace,
+        draining = self._draining.is_set()
+        grace = self.config.drain_deadline if draining else self.config.drain_grace
+        log.info("event=stopping draining=%s grace_s=%s live_connections=%d", draining, grace,
                  len(self.table.live()))
+        if draining and self.inbound_hbone is not None:
+            self.inbound_hbone.go_away()
+        if self._handover_channel is not None:  # a takeover that failed: the old agent serves on
+            self._handover_channel.close()
+            self._handover_channel = None
         if self._admin is not None:
             await self._admin.stop()
         if self._telemetry is not None:
             await self._telemetry.stop()
         # All listeners close at once (new connections are refused from here on), then the
         # live ones share one grace period.
-        await asyncio.gather(*(proxy.close(grace=self.config.drain_grace) for proxy in self._proxies.values()))
+        await asyncio.gather(*(proxy.close(grace=grace) for proxy in self._proxies.values()))
         await self.pool.close()
         if self.datapath is not None:
             await self._in_datapath_thread(self.datapath.close)
@@ -335,7 +416,7 @@ class NodeAgent:
         if self.datapath is None:
             problems.append("BPF program not loaded")
         missing = [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
-        if missing or self._stopping.is_set():
+        if missing or self._stopping.is_set() or self._draining.is_set():
             problems.append("listeners not serving: " + ", ".join(missing or ["stopping"]))
         return not problems, problems
 
@@ -363,7 +444,8 @@ class NodeAgent:
             "ca": self.ca_status(),
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,
-            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions},
+            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions,
+                      "dead_peers": self.pool.dead_peers},
             "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
                             "failures": dict(self.table.failures)},
         }

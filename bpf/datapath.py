@@ -9,6 +9,11 @@ of enrolled pod addresses and the sockmap of the ztunnel's listeners, and instal
 rule and local route that deliver marked packets to them. Everything it adds carries a fixed
 priority or table number, so a later agent finds and replaces what a killed one left.
 It also reads the program's per-flow counters back (`flows()`), through pure conversion helpers.
+
+A new agent started where one runs takes the running one's datapath over (bpf/handover.py):
+it adopts the loaded programs, maps and sk_lookup link, replaces the listeners in the sockmap
+with its own, and leaves the filters, rule and route in place; the old agent then drains and
+at its exit closes only its fds (`hand_over()`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import logging
 import os
@@ -30,7 +36,8 @@ from typing import Any, Iterable, Mapping
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bpf.loader import LoadError, LoadRequest, ProgramSpec, load
+from bpf.handover import HandoverOffer
+from bpf.loader import LoadError, Loaded, LoadRequest, ProgramSpec, load
 from bpf.syscalls import BpfError, BpfMap, link_create
 
 log = logging.getLogger("amesh.bpf")
@@ -99,18 +106,26 @@ PROGRAMS = (ProgramSpec(TC_PROGRAM, BPF_PROG_TYPE_SCHED_CLS),
             ProgramSpec(LOOKUP_PROGRAM, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP))
 
 
-class CaptureProgram:
-    """bpf/capture.c loaded by a short-lived child (bpf/loader.py): its programs' fds and its maps."""
+def capture_cflags(hbone_port: int, flow_accounting: bool) -> tuple[str, ...]:
+    """The build flags of capture.c for this agent's settings."""
+    return (f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
+            f"-DFLOW_ACCOUNTING={int(flow_accounting)}", *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot))
 
-    def __init__(self, hbone_port: int, flow_accounting: bool = True) -> None:
-        cflags = (f"-DCAPTURE_MARK={CAPTURE_MARK:#x}", f"-DHBONE_PORT={hbone_port}",
-                  f"-DFLOW_ACCOUNTING={int(flow_accounting)}", *(f"-D{slot.name}_SLOT={slot.value}" for slot in Slot))
-        started = time.monotonic()
-        try:
-            self._loaded = load(LoadRequest(str(SOURCE), cflags, PROGRAMS, tuple(MAP_LAYOUTS)))
-        except LoadError as exc:
-            raise DatapathError(str(exc)) from exc
-        log.info("event=bpf_loaded source=%s seconds=%.3f", SOURCE.name, time.monotonic() - started)
+
+def program_signature(cflags: tuple[str, ...]) -> str:
+    """What identifies a loaded capture program for a handover: its source and build flags."""
+    return hashlib.sha256(SOURCE.read_bytes() + "\0".join(cflags).encode()).hexdigest()
+
+
+LINK = "listener_lookup_link"  # the sk_lookup link's name in a handover
+
+
+class CaptureProgram:
+    """bpf/capture.c loaded by a short-lived child (bpf/loader.py), or adopted from the agent that
+    ran before: its programs' fds and its maps."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        self._loaded = loaded
         try:
             self._maps = {name: BpfMap(self._loaded.maps[name], key, value, name)
                           for name, (key, value) in MAP_LAYOUTS.items()}
@@ -119,6 +134,27 @@ class CaptureProgram:
             raise DatapathError(f"loading {SOURCE.name} failed: {exc.strerror}") from exc
         self.tc_program_fd = self._loaded.programs[TC_PROGRAM]
         self.flows = self._maps["flows"]
+
+    @classmethod
+    def load(cls, cflags: tuple[str, ...]) -> CaptureProgram:
+        """Compiles and loads capture.c with `cflags` (in the loader child)."""
+        started = time.monotonic()
+        try:
+            loaded = load(LoadRequest(str(SOURCE), cflags, PROGRAMS, tuple(MAP_LAYOUTS)))
+        except LoadError as exc:
+            raise DatapathError(str(exc)) from exc
+        log.info("event=bpf_loaded source=%s seconds=%.3f", SOURCE.name, time.monotonic() - started)
+        return cls(loaded)
+
+    @classmethod
+    def adopt(cls, offer: HandoverOffer) -> CaptureProgram:
+        """The running agent's program, from its handover (the offer's fds become ours)."""
+        fds = dict(offer.fds)
+        return cls(Loaded({p.name: fds.pop(p.name) for p in PROGRAMS}, {m: fds.pop(m) for m in MAP_LAYOUTS}))
+
+    def handover_fds(self) -> dict[str, int]:
+        """The fds a new agent needs to take this program over, by name."""
+        return {**self._loaded.programs, **self._loaded.maps}
 
     def set_listener(self, slot: Slot, sock: socket.socket) -> None:
         """Puts one of the ztunnel's listening sockets in the sockmap SYNs are assigned from."""
@@ -137,10 +173,7 @@ class CaptureProgram:
         except BpfError as exc:
             raise DatapathError(f"attaching the sk_lookup program to the node's network namespace failed: "
                                 f"{exc.strerror}") from exc
-        try:
-            return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above_fd + 1)
-        finally:
-            os.close(fd)
+        return _moved_above(fd, above_fd)
 
     def set_enrolled(self, ips: Iterable[str]) -> None:
         """Makes the enrolled-pods map hold exactly `ips`."""
@@ -162,6 +195,14 @@ class CaptureProgram:
 
 # Byte order, in one place: the program keeps addresses and ports as the packet carries them
 # (network order); a ctypes integer field reads those same bytes as a host-order integer.
+
+def _moved_above(fd: int, above_fd: int) -> int:
+    """`fd` renumbered above `above_fd` (close-on-exec); the old number is closed."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above_fd + 1)
+    finally:
+        os.close(fd)
+
 
 def _ip_key(ip: str) -> int:
     """A dotted IPv4 address as the program's u32 (its four bytes in network order)."""
@@ -225,32 +266,81 @@ def flow_records(entries: Iterable[tuple[Any, Any]], offset_ns: int, limit: int 
 class NodeDatapath:
     """Capture for one node: `sync()` it with the enrolled local pods, `close()` to remove it."""
 
-    def __init__(self, listeners: Mapping[Slot, socket.socket], hbone_port: int, flow_accounting: bool = True) -> None:
+    def __init__(self, listeners: Mapping[Slot, socket.socket], hbone_port: int, flow_accounting: bool = True,
+                 offer: HandoverOffer | None = None) -> None:
         """Loads the program with `listeners` in its sockmap; `hbone_port` selects INBOUND_HBONE;
-        `flow_accounting` turns the per-flow counters on."""
+        `flow_accounting` turns the per-flow counters on. With `offer` (the running agent's
+        handover) adopts its program, maps and link instead, touching nothing else."""
         self._ipr = IPRoute()
         self._attached: dict[int, Attachment] = {}
         self._enrolled: tuple[str, ...] = ()
         self._not_routed_here: tuple[str, ...] = ()
         self._listener_lookup_link: int | None = None
         self.program: CaptureProgram | None = None
+        # whether close() removes the filters, rule and route: not while an adopted datapath's
+        # previous agent still owns them (own()), nor once a new agent took them over (hand_over())
+        self.owner = offer is None
+        # The link dies with the last fd to it; numbered above the listeners, it is closed after
+        # them when the agent is killed (a process's files close in fd order), so there is no
+        # moment with the listeners still in the sockmap and the lookup gone, which would let
+        # capture() pass a SYN to a TIME_WAIT socket with no one to pick the listener.
+        above = max((sock.fileno() for sock in listeners.values()), default=2)
+        cflags = capture_cflags(hbone_port, flow_accounting)
+        self.signature = program_signature(cflags)  # what a handover of this datapath is checked by
         try:
-            removed = remove_leftovers(self._ipr)
-            if removed:
-                log.info("event=leftovers_removed items=%s", ",".join(removed))
-            self.program = CaptureProgram(hbone_port, flow_accounting)
-            for slot, sock in listeners.items():
+            if offer is not None:
+                self._adopt(offer, above)
+            else:
+                removed = remove_leftovers(self._ipr)
+                if removed:
+                    log.info("event=leftovers_removed items=%s", ",".join(removed))
+                self.program = CaptureProgram.load(cflags)
+            assert self.program is not None
+            for slot, sock in listeners.items():  # one map update per slot: SYNs go to the new listener
                 self.program.set_listener(slot, sock)
-            # The link dies with the process; numbered above the listeners, it is closed after
-            # them when the agent is killed (a process's files close in fd order), so there is
-            # no moment with the listeners still in the sockmap and the lookup gone, which would
-            # let capture() pass a SYN to a TIME_WAIT socket with no one to pick the listener.
-            self._listener_lookup_link = self.program.attach_listener_lookup(
-                max((sock.fileno() for sock in listeners.values()), default=2))
-            self._install_routing()
+            if offer is None:
+                self._listener_lookup_link = self.program.attach_listener_lookup(above)
+                self._install_routing()
         except BaseException:
             self.close()
             raise
+
+    def _adopt(self, offer: HandoverOffer, above_fd: int) -> None:
+        """Takes the running agent's program, maps and sk_lookup link from its handover."""
+        if offer.signature != self.signature:
+            offer.close()
+            raise DatapathError(
+                f"the agent running on this node has another capture program than this one ({SOURCE.name} or its "
+                f"settings changed), so its datapath cannot be handed over: stop it first (capture pauses, fail "
+                f"closed, until this agent is ready), or upgrade with the same --flow-accounting")
+        fds = dict(offer.fds)
+        link = fds.pop(LINK)
+        try:
+            self.program = CaptureProgram.adopt(HandoverOffer(offer.signature, fds))
+        except BaseException:
+            os.close(link)
+            raise
+        self._listener_lookup_link = _moved_above(link, above_fd)
+        log.info("event=datapath_taken_over programs=%s", ",".join(p.name for p in PROGRAMS))
+
+    def handover_fds(self) -> dict[str, int]:
+        """The fds of the program, maps and sk_lookup link, for a new agent's takeover."""
+        assert self.program is not None and self._listener_lookup_link is not None
+        return {**self.program.handover_fds(), LINK: self._listener_lookup_link}
+
+    def put_listeners(self, listeners: Mapping[Slot, socket.socket]) -> None:
+        """Puts `listeners` in the sockmap again (a new agent died before it could serve)."""
+        assert self.program is not None
+        for slot, sock in listeners.items():
+            self.program.set_listener(slot, sock)
+
+    def own(self) -> None:
+        """The agent we took over from was told to drain: the node's capture is ours to remove."""
+        self.owner = True
+
+    def hand_over(self) -> None:
+        """A new agent serves the node now: close() will only close our fds."""
+        self.owner = False
 
     def _install_routing(self) -> None:
         lo = self._ipr.link_lookup(ifname="lo")[0]
@@ -344,18 +434,37 @@ class NodeDatapath:
 
     def close(self) -> None:
         """Removes every filter, qdisc, rule and route this datapath added and the sk_lookup link,
-        then closes the programs' and maps' fds."""
-        for attachment in self._attached.values():
-            self._detach(attachment)
+        then closes the programs' and maps' fds; unless it is not the `owner`, which only closes its
+        fds (the other agent holds its own to the same objects)."""
+        if self.owner:
+            for attachment in self._attached.values():
+                self._detach(attachment)
         self._attached.clear()
         if self._listener_lookup_link is not None:
             os.close(self._listener_lookup_link)
             self._listener_lookup_link = None
-        remove_leftovers(self._ipr)
+        if self.owner:
+            remove_leftovers(self._ipr)
         self._ipr.close()
         if self.program is not None:
             self.program.close()
             self.program = None
+
+
+MIGRATE_REQUESTS = Path("/proc/sys/net/ipv4/tcp_migrate_req")  # of the calling thread's namespace
+
+
+def migrate_requests_on_close() -> None:
+    """Makes a closing listener hand its queued connections (accepted by the kernel, not yet by
+    the agent, and half-open ones) to another listener of its SO_REUSEPORT group, instead of
+    resetting them: the old agent's listeners close while the new agent's serve the same ports."""
+    try:
+        if MIGRATE_REQUESTS.read_text().strip() != "1":
+            MIGRATE_REQUESTS.write_text("1")
+            log.info("event=sysctl_set name=net.ipv4.tcp_migrate_req value=1")
+    except OSError as exc:
+        raise DatapathError(f"setting net.ipv4.tcp_migrate_req failed ({exc.strerror}): without it the old "
+                            f"agent's queued connections are reset when its listeners close") from exc
 
 
 def remove_leftovers(ipr: IPRoute) -> list[str]:

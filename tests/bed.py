@@ -484,6 +484,12 @@ class Bed:
             if lines:
                 _ip_batch(node.netns, lines)
 
+    def set_node_link(self, node: Node | int | str, up: bool) -> None:
+        """Cuts (or restores) a node's link to the fabric, at the fabric's port: to the other
+        nodes it vanishes without a reset or a FIN, as a node that lost power does."""
+        self._check_open()
+        _ip_batch(self.fabric, [f"link set n{self.node(node).index} {'up' if up else 'down'}"])
+
     def node(self, ref: Node | int | str) -> Node:
         """A node by Node, 1-based index, Kubernetes name ("node-1") or netns name."""
         if isinstance(ref, Node):

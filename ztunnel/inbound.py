@@ -28,6 +28,7 @@ from ztunnel.authz import Authorizer, Connection, Denied
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, parse_forwarded_for
+from ztunnel.hbone.session import H2Session
 from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
 from ztunnel.server import CapturedListener
 from ztunnel.limits import HandshakeLimiter
@@ -96,6 +97,16 @@ class InboundHboneProxy(CapturedListener):
         self._handshakes = handshakes
         self.unverified_sources = 0  # CONNECTs whose forwarded source was not believed
         self.mitigations: Counter[str] = Counter()  # HTTP/2 limits peers crossed, over all sessions
+        self._sessions: set[H2Session] = set()  # served now
+        self.going_away = False  # draining: every session, also one accepted from now on, gets GOAWAY
+
+    def go_away(self) -> None:
+        """Graceful GOAWAY on every HBONE session, now and from now on: peers open their new
+        streams elsewhere (on a fresh session, which reaches the node's new agent), and the
+        streams open here run to their end."""
+        self.going_away = True
+        for session in list(self._sessions):
+            session.go_away()
 
     async def serve_connection(self, conn: socket.socket, peer: tuple[str, int],
                                destination: tuple[str, int]) -> None:
@@ -131,7 +142,13 @@ class InboundHboneProxy(CapturedListener):
         finally:
             if refused is None:
                 self._handshakes.done(peer[0])
-        await server.serve(session)
+        self._sessions.add(session)
+        if self.going_away:
+            asyncio.get_running_loop().call_soon(session.go_away)  # once serve() has started it
+        try:
+            await server.serve(session)
+        finally:
+            self._sessions.discard(session)
 
     async def _tunnel(self, state: RegistryState, served: Workload, served_id: Identity, client: Identity,
                       peer: tuple, request: ConnectRequest, responder: Responder) -> None:

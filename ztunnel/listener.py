@@ -15,11 +15,13 @@ def transparent_listener(port: int, backlog: int = 4096, host: str = "0.0.0.0") 
 
     IP_TRANSPARENT lets the socket own connections whose destination is not a local address
     (bpf_sk_assign hands it SYNs for Service IPs and remote pods); the accepted socket's
-    local address is then the connection's original destination.
+    local address is then the connection's original destination. SO_REUSEPORT lets the node's
+    next agent listen on the same port while this one drains (an upgrade).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(backlog)

@@ -25,6 +25,7 @@ from ztunnel.hbone import (
     HboneClientPool,
     HboneError,
     HboneServer,
+    H2Session,
     HboneStream,
     PeerVerifier,
     PoolKey,
@@ -613,5 +614,34 @@ def test_received_frames_split_anywhere_reach_the_stream(piece: int) -> None:
         assert stream._remote_ended and not session._received
         window = session.h2._inbound_flow_control_window_manager.current_window_size
         assert window == 65_535 - (1000 + 111 + 500 + 10)
+
+    run(body())
+
+
+def test_graceful_goaway_keeps_open_streams_and_sends_new_ones_to_a_fresh_session(certs: CertificateManager) -> None:
+    sessions: list[H2Session] = []
+
+    async def remember_session(request: ConnectRequest, responder: Responder) -> None:
+        sessions.append(responder._session)
+        await to_upstream(request, responder)
+
+    async def body() -> None:
+        async with mesh(certs, remember_session) as world:
+            old = await world.open()
+            old.write(b"before ")
+            await old.drain()
+            sessions[0].go_away()  # the server's agent drains
+            await asyncio.sleep(0.05)
+            assert world.pool.sessions == 0  # no new stream goes on the session going away
+            new = await world.open()
+            assert world.pool.handshakes == 2 and sessions[1] is not sessions[0]
+            assert await echo_through(new, b"new") == b"new"
+            new.close()
+            # the stream open before the GOAWAY runs to its end, intact
+            assert await echo_through(old, b"after") == b"before after"
+            old.close()
+            await asyncio.sleep(0.05)
+            assert sessions[0].closed and not sessions[1].closed  # closed once its last stream ended
+            assert len(world.connections) == 1
 
     run(body())

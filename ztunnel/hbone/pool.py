@@ -1,6 +1,7 @@
 """The client side of HBONE: `HboneClientPool` opens CONNECT streams, reusing one mTLS session
 per (source identity, destination identity, peer address, certificate), shares one handshake
-between concurrent first opens, and closes idle sessions."""
+between concurrent first opens, closes idle sessions and drops those whose peer stopped answering
+HTTP/2 PINGs (ztunnel/hbone/keepalive.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ztunnel.hbone.keepalive import KeepaliveSettings
 from ztunnel.hbone.protocol import HboneError, hostport
 from ztunnel.hbone.session import CONNECT_TIMEOUT, IDLE_TIMEOUT, H2Session, HboneStream
 
@@ -39,17 +41,20 @@ PeerVerifier = Callable[[bytes | None], None]  # gets the peer's certificate (DE
 class HboneClientPool:
     """Opens HBONE streams, reusing one mTLS session per `PoolKey` while it has stream capacity.
 
-    Counters (plain integers, read at scrape time): `handshakes` (TLS sessions established, ever)
-    and `sessions` (live now); `mitigations`, the HTTP/2 limits its peers crossed, by name (as
+    Counters (plain integers, read at scrape time): `handshakes` (TLS sessions established, ever),
+    `sessions` (live now) and `dead_peers` (sessions dropped for an unanswered PING); `mitigations`, the HTTP/2 limits its peers crossed, by name (as
     HboneServer's: a hostile server can flood a client too).
     """
 
     def __init__(
-        self, idle_timeout: float = IDLE_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT
+        self, idle_timeout: float = IDLE_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT,
+        keepalive: KeepaliveSettings | None = KeepaliveSettings(),
     ) -> None:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
         self.handshakes = 0
+        self.dead_peers = 0
         self.mitigations: Counter[str] = Counter()
         self._sessions: dict[PoolKey, list[H2Session]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[H2Session]] = {}
@@ -120,7 +125,12 @@ class HboneClientPool:
                 # server_hostname=None: peers are checked by SPIFFE ID (verify_peer), and Python
                 # sends no SNI for an IP address.
                 session = H2Session(client_side=True, peer=peer, idle_timeout=self.idle_timeout,
-                                     on_close=lambda s: self._drop(key, s), mitigations=self.mitigations)
+                                     on_close=lambda s: self._drop(key, s), mitigations=self.mitigations,
+                                     keepalive=self.keepalive)
+                # a peer that drains (its agent is being replaced) sends a graceful GOAWAY: its
+                # streams run on, new ones go on a fresh session (to the same address, now served
+                # by the peer's new agent)
+                session.on_going_away = lambda s: self._drop(key, s)
                 # (uvloop returns its TLS protocol, not ours, as the second value)
                 await asyncio.get_running_loop().create_connection(
                     lambda: session, ip, port, ssl=ssl_context, server_hostname=None)
@@ -155,6 +165,7 @@ class HboneClientPool:
         return session
 
     def _drop(self, key: PoolKey, session: H2Session) -> None:
+        self.dead_peers += session.keepalive_expired
         group = self._sessions.get(key, [])
         if session in group:
             group.remove(session)

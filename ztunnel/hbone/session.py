@@ -47,7 +47,8 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
-from ztunnel.hbone.limits import CONTINUATION, DATA, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
+from ztunnel.hbone.keepalive import Keepalive, KeepaliveAction, KeepaliveSettings
+from ztunnel.hbone.limits import CONTINUATION, DATA, GOAWAY, HEADERS, MAX_CONCURRENT_STREAMS, PUSH_PROMISE, FrameGuard
 from ztunnel.hbone.protocol import REASON_HEADER, HboneError, code_name, header_value, hostport, reset_error
 from ztunnel.logbound import RateLimitedLog, cut
 from ztunnel.streams import Receiver
@@ -83,6 +84,11 @@ _RFC_INITIAL_WINDOW = 65_535  # bytes; every HTTP/2 connection window starts her
 _CLIENT_PREFACE = 24  # bytes of "PRI * HTTP/2.0..." a client sends before its first frame
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, split), type, flags, stream id
 _END_HEADERS = 0x4  # flag: the header block ends with this frame
+# A graceful GOAWAY (RFC 9113 6.8): NO_ERROR and the highest stream id, "open no new streams",
+# with every stream already open served to its end. Sent and read past h2, whose connection
+# state machine takes any GOAWAY as the end of the connection and refuses the open streams' frames.
+_GOAWAY_PAYLOAD = struct.Struct(">LL")  # last stream id, error code
+_LAST_STREAM_ID = 2**31 - 1
 # h2 stream states in which the peer may still send DATA
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
@@ -330,7 +336,9 @@ class H2Session(asyncio.BufferedProtocol):
     `open_stream`; server sessions hand each incoming request to `on_request`, refuse streams
     beyond MAX_CONCURRENT_STREAMS one by one (REFUSED_STREAM), tell `on_reset` of a stream the
     client reset, and give the client PREFACE_TIMEOUT for its SETTINGS. `on_close` is told once
-    when the connection is gone.
+    when the connection is gone. With `keepalive` settings a session PINGs a peer it has not
+    heard from for their interval and drops the connection when nothing answers within their
+    timeout (`keepalive_expired` then says so): a peer whose node vanished is found.
 
     What the peer sends is held to `ztunnel.hbone.limits` (a `FrameGuard`): crossing a limit ends
     the connection with GOAWAY (ENHANCE_YOUR_CALM, FRAME_SIZE_ERROR for a frame above our
@@ -351,6 +359,7 @@ class H2Session(asyncio.BufferedProtocol):
         autostart: bool = False,  # start() as soon as connected, not waiting for the owner
         preface_timeout: float | None = None,  # server side: seconds for the client's SETTINGS
         mitigations: Counter[str] | None = None,
+        keepalive: KeepaliveSettings | None = None,
     ) -> None:
         self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding="utf-8"))
         self.peer = peer
@@ -359,6 +368,13 @@ class H2Session(asyncio.BufferedProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._preface_timeout = preface_timeout
         self._preface_timer: asyncio.TimerHandle | None = None
+        self._keepalive_settings = keepalive
+        self._keepalive: Keepalive | None = None  # from start()
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self.keepalive_expired = False  # dropped because the peer answered no PING
+        # a graceful GOAWAY was sent or received: no new streams, the open ones run to their end
+        self.going_away = False
+        self.on_going_away: Callable[[H2Session], None] | None = None  # told when the peer's arrives
         self._on_request, self._on_close, self._on_reset = on_request, on_close, on_reset
         self._autostart = autostart
         self._streams: dict[int, HboneStream] = {}
@@ -374,7 +390,7 @@ class H2Session(asyncio.BufferedProtocol):
         self._pass_frames = 0  # frames handed to h2 in this read pass
         self._yielded = False  # this pass hit H2_FRAMES_PER_PASS: reading waits for the next one
         self._backlog_scheduled = False  # a call of _receive_backlog is due
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._settings_received = loop.create_future()
         self._lost = loop.create_future()  # the transport is gone
         self._transport: asyncio.Transport | None = None
@@ -419,6 +435,8 @@ class H2Session(asyncio.BufferedProtocol):
         assert buffer is not None
         if self.closed:
             return  # what a closing transport still hands over
+        if self._keepalive is not None:
+            self._keepalive.heard(self._loop.time())
         self._pass_frames = 0
         self._receive_guarded(buffer[:nbytes])
         if nbytes == len(buffer) and self._read_map is None and not self.closed:
@@ -521,6 +539,10 @@ class H2Session(asyncio.BufferedProtocol):
         if not self.closed:
             self._transport.resume_reading()
         self._arm_idle_timer()
+        if self._keepalive_settings is not None and not self.closed:
+            self._keepalive = Keepalive(self._keepalive_settings, self._loop.time())
+            self._keepalive_timer = self._loop.call_at(self._keepalive.due(self._loop.time())[1],
+                                                       self._keepalive_check)
         if self._preface_timeout is not None and not self.closed:
             self._preface_timer = asyncio.get_running_loop().call_later(
                 self._preface_timeout, self._preface_expired)
@@ -531,6 +553,29 @@ class H2Session(asyncio.BufferedProtocol):
             limited_log.log(logging.INFO, "hbone.preface_timeout", "hbone.preface_timeout peer=%s timeout=%ss",
                             self.peer, self._preface_timeout)
             self.close()
+
+    def _keepalive_check(self) -> None:
+        """Carries out the keepalive's decision: a PING, or the end of a session to a dead peer."""
+        keepalive = self._keepalive
+        assert keepalive is not None
+        if self.closed:
+            return
+        now = self._loop.time()
+        action, again = keepalive.due(now)
+        if action is KeepaliveAction.DEAD:
+            self.keepalive_expired = True
+            log.warning("event=hbone_peer_dead peer=%s timeout_s=%s action=\"dropping the session; new "
+                        "connections open a fresh one\"", self.peer, keepalive.settings.timeout)
+            self._terminate(f"dropped: it answered no HTTP/2 PING within {keepalive.settings.timeout}s "
+                            f"(is its node gone?)")
+            assert self._transport is not None
+            self._transport.abort()  # nothing would ever acknowledge a graceful close
+            return
+        if action is KeepaliveAction.PING:
+            self.h2.ping(bytes(8))  # any answer proves the peer alive: no payload to match
+            self.flush()
+            keepalive.pinged(now)
+        self._keepalive_timer = self._loop.call_at(again, self._keepalive_check)
 
     async def wait_settings(self) -> None:
         """Waits for the peer's first SETTINGS (its stream limit and windows)."""
@@ -546,8 +591,39 @@ class H2Session(asyncio.BufferedProtocol):
         )
 
     def has_capacity(self) -> bool:
-        """Open and below the peer's MAX_CONCURRENT_STREAMS."""
-        return not self.closed and len(self._streams) < self.h2.remote_settings.max_concurrent_streams
+        """Open, not going away, and below the peer's MAX_CONCURRENT_STREAMS."""
+        return (not self.closed and not self.going_away
+                and len(self._streams) < self.h2.remote_settings.max_concurrent_streams)
+
+    def go_away(self) -> None:
+        """Graceful GOAWAY: the peer opens no new streams here; those open run to their end, and
+        the session closes when the last one has (at once, without any)."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        self.flush()
+        self._queue(_FRAME_HEADER.pack(0, _GOAWAY_PAYLOAD.size, GOAWAY, 0, 0),
+                    _GOAWAY_PAYLOAD.pack(_LAST_STREAM_ID, ErrorCodes.NO_ERROR))
+        if not self._streams:
+            self.close()
+
+    def _peer_goes_away(self, payload: memoryview) -> bool:
+        """A GOAWAY frame's payload from the peer: True if it was a graceful one (NO_ERROR and the
+        highest stream id, RFC 9113's "shutdown imminent"), which we keep from h2; False leaves it
+        to h2 (the end of the connection, as any other GOAWAY is)."""
+        if len(payload) < _GOAWAY_PAYLOAD.size:
+            return False
+        last_stream_id, code = _GOAWAY_PAYLOAD.unpack_from(payload)
+        if code != ErrorCodes.NO_ERROR or last_stream_id & _LAST_STREAM_ID != _LAST_STREAM_ID:
+            return False
+        if not self.going_away:
+            self.going_away = True
+            log.debug("hbone.going_away peer=%s streams=%d", self.peer, len(self._streams))
+            if self.on_going_away is not None:
+                self.on_going_away(self)
+            if not self._streams:
+                self.close()
+        return True
 
     async def open_stream(
         self, authority: str, headers: Sequence[tuple[str, str]], timeout: float
@@ -679,7 +755,10 @@ class H2Session(asyncio.BufferedProtocol):
     def forget(self, stream: HboneStream) -> None:
         """The stream is finished or broken; a session left without streams may go idle."""
         if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
-            self._arm_idle_timer()
+            if self.going_away:
+                self.close()
+            else:
+                self._arm_idle_timer()
 
     def close(self) -> None:
         """GOAWAY, then closes the connection; streams still open see ConnectionResetError."""
@@ -780,7 +859,12 @@ class H2Session(asyncio.BufferedProtocol):
             if next_frame > end:
                 self._head_charged = True
                 break
-            done = next_frame
+            frame_start, done = done, next_frame
+            if kind == GOAWAY and self._peer_goes_away(view[frame_start + 9:done]):
+                if start < frame_start:
+                    self._h2_receive(bytes(view[start:frame_start]))
+                start = done
+                continue
             if kind in (HEADERS, PUSH_PROMISE, CONTINUATION) and flags & _END_HEADERS:
                 self._h2_receive(bytes(view[start:done]))
                 start = done
@@ -881,7 +965,7 @@ class H2Session(asyncio.BufferedProtocol):
             return
         self.closed = True
         self._why_closed = why
-        for timer in (self._idle_timer, self._preface_timer):
+        for timer in (self._idle_timer, self._preface_timer, self._keepalive_timer):
             if timer is not None:
                 timer.cancel()
         error = reset_error(f"HBONE connection to {self.peer} {why}")
