@@ -31,7 +31,6 @@ from ztunnel.shaping import TrafficShaper
 from ztunnel.streams import Stream, TcpStream, connect_tcp
 
 
-
 @dataclass
 class MeshTransport:
     """What the ztunnel needs to reach enrolled workloads: its node, certificates, HBONE pool."""

@@ -22,7 +22,6 @@ from tests.unit.test_identity import ALICE, BOB, T0, FakeClock, connect, ping, r
 from ztunnel.cawatch import CADirectoryWatch
 from ztunnel.identity import (
     CAError,
-    CAFiles,
     CertificateManager,
     FileCA,
     IssuedCertificate,
