@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 
 import immutables
 
+from registry.changes import ChangeLog
 from registry.kubefile import (
     _enrolled,
     _namespace_labels,
@@ -138,18 +139,22 @@ class IncrementalState(RegistryState):
     _nodes: immutables.Map[str, immutables.Map[NameKey, Workload]]  # node -> its workloads
     _services: immutables.Map[NameKey, Service]
     _vips: immutables.Map[str, Service]
+    # its place in its registry's ChangeLog, where registry/replica.py reads what changed since an
+    # older snapshot; None for a copy no registry publishes (a worker's replica)
+    _log: ChangeLog | None
 
     def __init__(self, generation: int, workloads: immutables.Map[NameKey, Workload],
                  ips: immutables.Map[str, Workload], nodes: immutables.Map[str, immutables.Map[NameKey, Workload]],
                  services: immutables.Map[NameKey, Service], vips: immutables.Map[str, Service],
                  authorization_policies: tuple[AuthorizationPolicy, ...],
                  peer_authentications: tuple[PeerAuthentication, ...], node_zones: Mapping[str, str],
-                 policies_by_namespace: Mapping[str, tuple[AuthorizationPolicy, ...]]) -> None:
+                 policies_by_namespace: Mapping[str, tuple[AuthorizationPolicy, ...]],
+                 log: ChangeLog | None = None) -> None:
         for name, value in (("generation", generation), ("_workloads", workloads), ("_ips", ips),
                             ("_nodes", nodes), ("_services", services), ("_vips", vips),
                             ("authorization_policies", authorization_policies),
                             ("peer_authentications", peer_authentications), ("node_zones", node_zones),
-                            ("_policies_by_namespace", policies_by_namespace)):
+                            ("_policies_by_namespace", policies_by_namespace), ("_log", log)):
             object.__setattr__(self, name, value)
 
     @cached_property
@@ -204,6 +209,24 @@ class _Index:
             self.map[new_ip] = new
 
 
+def _place_workload(workloads: _Index, ips: _Index, nodes: _Index, key: NameKey, old: Workload | None,
+                    new: Workload | None) -> None:
+    """A workload's new version (None: gone) into the indexes by key, by address and by node."""
+    workloads.put(key, new)
+    ips.readdress(old and old.ip, new and new.ip, old, new)
+    for w, put in ((old, None), (new, new)):
+        if w is not None:
+            on_node = nodes.map.get(w.node, _EMPTY).set(w.key, put) if put else \
+                nodes.map.get(w.node, _EMPTY).delete(w.key)
+            nodes.put(w.node, on_node or None)
+
+
+def _place_service(services: _Index, vips: _Index, key: NameKey, old: Service | None, new: Service | None) -> None:
+    """A Service's new version (None: gone) into the indexes by key and by cluster IP."""
+    services.put(key, new)
+    vips.readdress(old and old.cluster_ip, new and new.cluster_ip, old, new)
+
+
 class IncrementalRegistry:
     """The registry's objects and the state they make, changed object by object (see the module)."""
 
@@ -237,7 +260,8 @@ class IncrementalRegistry:
         self._policies_dirty = False
         self._zones: Mapping[str, str] = {}
         self._generation = 0
-        self.state = IncrementalState(0, _EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, (), (), {}, {})
+        self._log = ChangeLog()  # the place of the state last published
+        self.state = IncrementalState(0, _EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, (), (), {}, {}, self._log)
 
     # --- events ---
 
@@ -478,21 +502,17 @@ class IncrementalRegistry:
         """The new state after the events since the last commit, or None if nothing changed."""
         state = self.state
         workloads, ips, nodes = _Index(state._workloads), _Index(state._ips), _Index(state._nodes)
-        changed = False
+        changed_workloads: set[NameKey] = set()
+        changed_services: set[NameKey] = set()
         for key in self._dirty_workloads:
             old, new = workloads.map.get(key), self._workload(key)
             if old == new:
                 continue
-            changed = True
-            workloads.put(key, new)
-            ips.readdress(old and old.ip, new and new.ip, old, new)
-            for w, put in ((old, None), (new, new)):
-                if w is not None:
-                    on_node = nodes.map.get(w.node, _EMPTY).set(w.key, put) if put else \
-                        nodes.map.get(w.node, _EMPTY).delete(w.key)
-                    nodes.put(w.node, on_node or None)
+            changed_workloads.add(key)
+            _place_workload(workloads, ips, nodes, key, old, new)
             self._reselect(old, new)
         self._dirty_workloads = set()
+        changed = bool(changed_workloads)
         zones = self._zones
         if self._zones_dirty:  # rare: a node's zone is known once
             self._zones_dirty = False
@@ -512,8 +532,8 @@ class IncrementalRegistry:
             if old == new:
                 continue
             changed = True
-            services.put(key, new)
-            vips.readdress(old and old.cluster_ip, new and new.cluster_ip, old, new)
+            changed_services.add(key)
+            _place_service(services, vips, key, old, new)
         self._dirty_services = set()
         authorization, peer, by_namespace = (state.authorization_policies, state.peer_authentications,
                                              state._policies_by_namespace)  # type: ignore[attr-defined]
@@ -523,9 +543,10 @@ class IncrementalRegistry:
         if not changed:
             return None
         self._generation += 1
+        self._log = self._log.record(changed_workloads, changed_services)
         self.state = IncrementalState(self._generation, workloads.map.finish(), ips.map.finish(), nodes.map.finish(),
                                       services.map.finish(), vips.map.finish(), authorization, peer, self._zones,
-                                      by_namespace)
+                                      by_namespace, self._log)
         return self.state
 
     def _workload(self, key: NameKey) -> Workload | None:

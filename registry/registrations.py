@@ -27,6 +27,7 @@ from typing import Any, Callable, Collection, Iterable, Mapping
 
 import immutables
 
+from registry.changes import ChangeLog
 from registry.model import (
     AuthorizationPolicy,
     Endpoint,
@@ -365,11 +366,17 @@ class MergedState(RegistryState):
     _registered_workload_keys: immutables.Map[str, Workload]  # the same by workload key
     # "namespace/name" -> a base Service with registered endpoints added, or a headless one
     _registered_services: immutables.Map[str, Service]
+    # its place in its MergedRegistry's ChangeLog (keys: addresses of registered workloads, Service
+    # keys), where registry/replica.py reads what changed since an older snapshot; None for a copy
+    # no registry publishes (a worker's replica)
+    _log: ChangeLog | None
 
     def __init__(self, base: RegistryState, workloads: immutables.Map[str, Workload],
-                 workload_keys: immutables.Map[str, Workload], services: immutables.Map[str, Service]) -> None:
+                 workload_keys: immutables.Map[str, Workload], services: immutables.Map[str, Service],
+                 log: ChangeLog | None = None) -> None:
         for name, value in (("generation", base.generation), ("_base", base), ("_registered_workloads", workloads),
-                            ("_registered_workload_keys", workload_keys), ("_registered_services", services)):
+                            ("_registered_workload_keys", workload_keys), ("_registered_services", services),
+                            ("_log", log)):
             object.__setattr__(self, name, value)
 
     @cached_property
@@ -435,6 +442,7 @@ class MergedRegistry:
         self._workloads: immutables.Map[str, Workload] = immutables.Map()  # by address
         self._workload_keys: immutables.Map[str, Workload] = immutables.Map()  # by workload key
         self._services: immutables.Map[str, Service] = immutables.Map()  # by "namespace/name"
+        self._log = ChangeLog()  # the place of the snapshot last made
 
     def state(self, base: RegistryState) -> RegistryState:
         """`base` with every registration added as a workload and an endpoint of its Service."""
@@ -464,9 +472,11 @@ class MergedRegistry:
                 elif service_key in changed_services:
                     del changed_services[service_key]
             self._services = changed_services.finish()
-        for address in {registration.address for registration, _ in changes}:
+        addresses = {registration.address for registration, _ in changes}
+        for address in addresses:
             self._change_workload(address, now)
-        self._snapshot = (MergedState(base, self._workloads, self._workload_keys, self._services)
+        self._log = self._log.record(addresses, services)
+        self._snapshot = (MergedState(base, self._workloads, self._workload_keys, self._services, self._log)
                           if self._workloads or self._services else base)
         return self._snapshot
 
@@ -513,16 +523,22 @@ class MergedRegistry:
 
     def _change_workload(self, address: str, now: float) -> None:
         """Follows the workload at one address: the first registration still there stands for it."""
-        standing, old = self._store.at_address(address), self._workloads.get(address)
-        keys = self._workload_keys.delete(old.key) if old is not None else self._workload_keys
-        if standing is None:
-            if old is not None:
-                self._workloads = self._workloads.delete(address)
-        else:
-            workload = _workload(standing, now)
-            self._workloads = self._workloads.set(address, workload)
-            keys = keys.set(workload.key, workload)
-        self._workload_keys = keys
+        standing = self._store.at_address(address)
+        self._workloads, self._workload_keys = place_registered(
+            self._workloads, self._workload_keys, address, _workload(standing, now) if standing else None)
+
+
+def place_registered(by_address: immutables.Map[str, Workload], by_key: immutables.Map[str, Workload],
+                     address: str, workload: Workload | None) -> tuple[immutables.Map[str, Workload],
+                                                                        immutables.Map[str, Workload]]:
+    """The indexes of registered workloads by address and by key with `workload` (None: none)
+    standing for `address`."""
+    old = by_address.get(address)
+    if old is not None:
+        by_key = by_key.delete(old.key)
+    if workload is None:
+        return (by_address.delete(address) if old is not None else by_address), by_key
+    return by_address.set(address, workload), by_key.set(workload.key, workload)
 
 
 def _workload(registration: Registration, now: float) -> Workload:
