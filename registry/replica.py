@@ -18,8 +18,11 @@ costs what changed too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+import gc
+import pickle
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import immutables
 
@@ -29,6 +32,9 @@ from registry.model import AuthorizationPolicy, PeerAuthentication, RegistryStat
 from registry.registrations import MergedState, place_registered
 
 EMPTY = RegistryState()
+# A whole state of at least this many workloads and Services is frozen out of the cyclic garbage
+# collector's sight once applied (see Replica.apply)
+FREEZE_ITEMS = 5_000
 _EMPTY_MAP: immutables.Map[str, Any] = immutables.Map()
 _EMPTY_INCREMENTAL = IncrementalState(0, _EMPTY_MAP, _EMPTY_MAP, _EMPTY_MAP, _EMPTY_MAP, _EMPTY_MAP, (), (), {}, {})
 
@@ -73,6 +79,12 @@ class StateDelta:
     node_zones: Mapping[str, str] | None  # None: unchanged
     registered: RegisteredDelta | None  # None: no registrations on top
 
+    def __reduce__(self) -> tuple[Callable[[bytes], StateDelta], tuple[bytes]]:
+        """Pickled as one blob, made and read with the cyclic collector paused (see `_collector_paused`)."""
+        with _collector_paused():
+            data = pickle.dumps(tuple(getattr(self, f.name) for f in fields(self)), pickle.HIGHEST_PROTOCOL)
+        return _unpickled, (data,)
+
 
 def state_delta(old: RegistryState | None, new: RegistryState) -> StateDelta:
     """What a replica holding `old` (None: nothing) must change to hold `new`."""
@@ -115,7 +127,13 @@ class Replica:
         self.state: RegistryState = EMPTY
 
     def apply(self, delta: StateDelta) -> RegistryState:
-        """The state after `delta`, now `.state`; ReplicaError if it was made from another state."""
+        """The state after `delta`, now `.state`; ReplicaError if it was made from another state.
+
+        After a whole state of FREEZE_ITEMS or more, every object the process holds is frozen
+        (gc.freeze): the state is most of them (about a million at 50,000 pods), none in a cycle, and
+        a full collection over them stalled a worker for up to 2.1 s on this 2-core machine (7 ms
+        frozen). Frozen objects are still freed by their reference counts when later deltas replace
+        them; what the worker held before its first state is frozen with it."""
         current = self.state
         if delta.since is None:
             current = EMPTY
@@ -125,15 +143,10 @@ class Replica:
                 f"registered workloads, registered Services: {delta.since[1:]}) but this worker holds "
                 f"generation {held[0]} ({held[1:]}): the agent skipped or reordered a delta on the channel; "
                 "it must send the whole state (state_delta(None, state))")
-        base, layer = _split(current)
-        if delta.fresh:
-            base = EMPTY if delta.rebuilt else _EMPTY_INCREMENTAL
-        if delta.rebuilt:
-            base = _apply_rebuilt(base, delta)
-        else:
-            assert isinstance(base, IncrementalState)  # as the delta's `fresh` says: the base before was one
-            base = _apply_incremental(base, delta)
-        self.state = base if delta.registered is None else _apply_registered(base, layer, delta.registered)
+        with _collector_paused():
+            self.state = _applied(current, delta)
+        if delta.since is None and len(delta.workloads) + len(delta.services) >= FREEZE_ITEMS:
+            gc.freeze()
         return self.state
 
 
@@ -198,6 +211,18 @@ def _registered_delta(old: MergedState | None, new: MergedState) -> RegisteredDe
 
 # --- applying one ---
 
+def _applied(current: RegistryState, delta: StateDelta) -> RegistryState:
+    base, layer = _split(current)
+    if delta.fresh:
+        base = EMPTY if delta.rebuilt else _EMPTY_INCREMENTAL
+    if delta.rebuilt:
+        base = _apply_rebuilt(base, delta)
+    else:
+        assert isinstance(base, IncrementalState)  # as the delta's `fresh` says: the base before was one
+        base = _apply_incremental(base, delta)
+    return base if delta.registered is None else _apply_registered(base, layer, delta.registered)
+
+
 def _apply_incremental(base: IncrementalState, delta: StateDelta) -> IncrementalState:
     workloads, ips, nodes = _Index(base._workloads), _Index(base._ips), _Index(base._nodes)
     for key, workload in delta.workloads.items():
@@ -244,3 +269,25 @@ def _apply_registered(base: RegistryState, layer: MergedState | None, delta: Reg
     for key, service in delta.services.items():
         services.put(key, service)
     return MergedState(base, by_address, by_key, services.map.finish())
+
+
+# --- pickling ---
+
+def _unpickled(data: bytes) -> StateDelta:
+    with _collector_paused():
+        return StateDelta(*pickle.loads(data))
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a while: a whole state is about a million small objects,
+    none in a cycle (reference counts free them), and the collector, run again and again over the heap
+    while they are made, would triple the time to read one (at 50,000 pods: 1.4 s instead of 0.34 s
+    to unpickle, 0.55 s instead of 0.24 s to apply)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -11,10 +11,11 @@ first one all take part; states are skipped between sends.
 
 from __future__ import annotations
 
+import gc
 import pickle
 import random
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -24,7 +25,7 @@ from bench import registry as cluster
 from registry.incremental import IncrementalRegistry
 from registry.model import RegistryState
 from registry.registrations import MergedRegistry, RegistrationError, RegistrationStore
-from registry.replica import EMPTY, RegisteredDelta, Replica, ReplicaError, state_delta
+from registry.replica import EMPTY, FREEZE_ITEMS, RegisteredDelta, Replica, ReplicaError, state_delta
 from tests.unit.clock import Clock
 from tests.unit.test_incremental import NAMESPACES, NODES, SERVICES, World, _key, rebuild
 
@@ -168,6 +169,13 @@ def test_a_skipped_delta_is_refused_naming_both_states() -> None:
 PODS, SERVICE_COUNT = 10_000, 2_000
 
 
+@pytest.fixture(autouse=True)
+def unfrozen() -> Iterator[None]:
+    """A replica of a large state freezes what the process holds (as a worker wants): not pytest's."""
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(scope="module")
 def large() -> tuple[IncrementalRegistry, Registrations]:
     registry = IncrementalRegistry()
@@ -229,3 +237,22 @@ def test_the_whole_state_survives_a_pickle_round_trip(large: tuple[IncrementalRe
     assert view(replica.state, ips, keys) == view(agent, ips, keys)
     # the worker's copy stays as lean as the agent's: pods of one template share one label mapping
     assert len({id(w.labels) for w in replica.state.workloads}) == SERVICE_COUNT + 1  # and the registration's
+
+
+def test_a_large_whole_state_is_frozen_out_of_the_collectors_sight_and_the_collector_left_as_found(
+        large: tuple[IncrementalRegistry, Registrations]) -> None:
+    registry, registrations = large
+    whole = pickle.dumps(state_delta(None, registrations.merged.state(registry.state)))
+    small = pickle.dumps(state_delta(None, RegistryState(workloads=registry.state.workloads[:FREEZE_ITEMS - 1])))
+    gc.unfreeze()
+    Replica().apply(pickle.loads(small))
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    replica = Replica()
+    replica.apply(pickle.loads(whole))
+    assert gc.get_freeze_count() > PODS and gc.isenabled()
+    gc.disable()  # a caller's choice is kept
+    try:
+        replica.apply(pickle.loads(whole))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
