@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench import registry as cluster
+from registry.changes import ChangeLog
 from registry.incremental import IncrementalRegistry
 from registry.model import RegistryState
 from registry.registrations import MergedRegistry, RegistrationError, RegistrationStore
@@ -144,6 +145,24 @@ def test_states_of_two_registries_are_compared_whole(seed: int) -> None:
     # and back: an older state of the first registry, which does not follow the newer one
     replica.apply(state_delta(again.state, first.state))
     assert_same(replica.state, first.state, "back to the first registry's state")
+    # and to a whole rebuilt state (the file source's kind) and back: each starts the base afresh
+    rebuilt = rebuild(world.objects)[0]
+    replica.apply(state_delta(first.state, rebuilt))
+    assert_same(replica.state, rebuilt, "after a rebuilt state")
+    replica.apply(state_delta(rebuilt, again.state))
+    assert_same(replica.state, again.state, "after the rebuilt state, an incremental one")
+
+
+def test_the_change_log_gives_the_keys_changed_on_the_way_to_a_later_place() -> None:
+    first = ChangeLog()
+    second = first.record({"shop/a"}, {"shop/web"})
+    third = second.record({"shop/b", "shop/a"}, set())
+    fourth = third.record(set(), set())
+    assert first.changes_to(fourth, limit=10) == ({"shop/a", "shop/b"}, {"shop/web"})
+    assert second.changes_to(second, limit=0) == (set(), set())
+    assert third.changes_to(first, limit=10) is None  # an older place does not follow a newer one
+    assert first.changes_to(ChangeLog(), limit=10) is None  # nor another log's
+    assert first.changes_to(fourth, limit=3) is None  # 4 keys on the way: cheaper to compare whole
 
 
 def test_a_skipped_delta_is_refused_naming_both_states() -> None:
