@@ -16,9 +16,10 @@ from typing import Collection
 class ChangeLog:
     """One snapshot's place in its registry's history: the keys the next snapshot changed."""
 
-    __slots__ = ("workloads", "services", "next")
+    __slots__ = ("serial", "workloads", "services", "next")
 
-    def __init__(self) -> None:
+    def __init__(self, serial: int = 0) -> None:
+        self.serial = serial  # how many snapshots came before this one in its log
         self.workloads: Collection[str] = ()  # keys of the workload index the next snapshot changed
         self.services: Collection[str] = ()  # keys of the Service index the next snapshot changed
         self.next: ChangeLog | None = None  # the next snapshot's place, once it is published
@@ -26,7 +27,7 @@ class ChangeLog:
     def record(self, workloads: Collection[str], services: Collection[str]) -> ChangeLog:
         """Notes the keys the registry's next snapshot changed from this one; returns that snapshot's place."""
         self.workloads, self.services = workloads, services
-        self.next = ChangeLog()
+        self.next = ChangeLog(self.serial + 1)
         return self.next
 
     def changes_to(self, later: ChangeLog, limit: int) -> tuple[set[str], set[str]] | None:

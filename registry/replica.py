@@ -44,9 +44,11 @@ Changes = Mapping[str, T | None]  # key -> its new version; None: gone
 Order = tuple[str | T, ...]
 Policies = tuple[tuple[AuthorizationPolicy, ...], tuple[PeerAuthentication, ...],
                  Mapping[str, tuple[AuthorizationPolicy, ...]]]  # and the AuthorizationPolicies by namespace
-# what a delta is made from, checked by the replica: generation, the base's workloads and Services,
-# the registered workloads and Services
-Fingerprint = tuple[int, int, int, int, int]
+# a state as a delta names it, for the replica to check it holds the one a delta was made from: its
+# generation (each source numbers its states), the base's workloads and Services, the registered
+# workloads and Services, and the registrations layer's place in its log (registrations change
+# without a new generation)
+Fingerprint = tuple[int, int, int, int, int, int]
 
 
 class ReplicaError(RuntimeError):
@@ -66,6 +68,7 @@ class StateDelta:
     """What changed from one agent state to a later one, in size proportional to the change."""
 
     since: Fingerprint | None  # the state it was made from; None: made from nothing (the whole state)
+    made: Fingerprint  # the state it makes
     # the base is a whole RegistryState the source rebuilds (the file source), its listings diffed by
     # key and order; else an IncrementalState, by key
     rebuilt: bool
@@ -113,7 +116,7 @@ def state_delta(old: RegistryState | None, new: RegistryState) -> StateDelta:
         policies = (new_base.authorization_policies, new_base.peer_authentications,
                     new_base._policies_by_namespace)  # type: ignore[attr-defined]
     return StateDelta(
-        since=_fingerprint(old) if old is not None else None, rebuilt=rebuilt, fresh=fresh,
+        since=_fingerprint(old) if old is not None else None, made=_fingerprint(new), rebuilt=rebuilt, fresh=fresh,
         generation=new_base.generation, workloads=workloads, services=services, workload_order=workload_order,
         service_order=service_order, policies=policies,
         node_zones=None if _same(base.node_zones, new_base.node_zones) else new_base.node_zones,
@@ -125,6 +128,7 @@ class Replica:
 
     def __init__(self) -> None:
         self.state: RegistryState = EMPTY
+        self._holds: Fingerprint = _fingerprint(EMPTY)  # the state as the last delta applied named it
 
     def apply(self, delta: StateDelta) -> RegistryState:
         """The state after `delta`, now `.state`; ReplicaError if it was made from another state.
@@ -137,14 +141,15 @@ class Replica:
         current = self.state
         if delta.since is None:
             current = EMPTY
-        elif (held := _fingerprint(current)) != delta.since:
+        elif delta.since != self._holds:
             raise ReplicaError(
                 f"registry delta made from the state of generation {delta.since[0]} (workloads, Services, "
-                f"registered workloads, registered Services: {delta.since[1:]}) but this worker holds "
-                f"generation {held[0]} ({held[1:]}): the agent skipped or reordered a delta on the channel; "
-                "it must send the whole state (state_delta(None, state))")
+                f"registered workloads, registered Services, registrations' change: {delta.since[1:]}) but this "
+                f"worker holds generation {self._holds[0]} ({self._holds[1:]}): the agent skipped or reordered a "
+                "delta on the channel; it must send the whole state (state_delta(None, state))")
         with _collector_paused():
             self.state = _applied(current, delta)
+        self._holds = delta.made
         if delta.since is None and len(delta.workloads) + len(delta.services) >= FREEZE_ITEMS:
             gc.freeze()
         return self.state
@@ -159,8 +164,10 @@ def _split(state: RegistryState) -> tuple[RegistryState, MergedState | None]:
 
 def _fingerprint(state: RegistryState) -> Fingerprint:
     base, layer = _split(state)
-    registered = (len(layer._registered_workloads), len(layer._registered_services)) if layer is not None else (0, 0)
-    return (state.generation, base.workload_count, base.service_count, *registered)
+    if layer is None:
+        return (state.generation, base.workload_count, base.service_count, 0, 0, 0)
+    return (state.generation, base.workload_count, base.service_count, len(layer._registered_workloads),
+            len(layer._registered_services), layer._log.serial if layer._log is not None else 0)
 
 
 def _same(old: object, new: object) -> bool:

@@ -11,6 +11,7 @@ first one all take part; states are skipped between sends.
 
 from __future__ import annotations
 
+import copy
 import gc
 import pickle
 import random
@@ -176,11 +177,30 @@ def test_a_skipped_delta_is_refused_naming_both_states() -> None:
         replica.apply(state_delta(states[1], states[2]))
     assert str(refused.value) == (
         "registry delta made from the state of generation 2 (workloads, Services, registered workloads, "
-        "registered Services: (2, 0, 0, 0)) but this worker holds generation 1 ((1, 0, 0, 0)): the agent "
-        "skipped or reordered a delta on the channel; it must send the whole state (state_delta(None, state))")
+        "registered Services, registrations' change: (2, 0, 0, 0, 0)) but this worker holds generation 1 "
+        "((1, 0, 0, 0, 0)): the agent skipped or reordered a delta on the channel; it must send the whole "
+        "state (state_delta(None, state))")
     assert replica.state.workload_count == 1  # unchanged
     replica.apply(state_delta(None, states[2]))  # the whole state puts it right
     assert_same(replica.state, states[2], "after the whole state")
+
+
+def test_a_skipped_change_of_registrations_alone_is_refused() -> None:
+    """A registration's expiry or revival changes no generation and no count: the layer's place does."""
+    registrations, base = Registrations(random.Random(1)), RegistryState()
+    registrations.store.register({"name": "billing", "address": "192.168.7.20", "port": 8443, "ttl": 5})
+    registered = registrations.merged.state(base)
+    replica = Replica()
+    replica.apply(state_delta(None, registered))
+    registrations.clock.now += 10
+    expired = registrations.merged.state(base)
+    registrations.store.heartbeat("default", "billing")
+    revived = registrations.merged.state(base)
+    with pytest.raises(ReplicaError, match="the agent skipped or reordered a delta"):
+        replica.apply(state_delta(expired, revived))
+    replica.apply(state_delta(registered, expired))
+    replica.apply(state_delta(expired, revived))
+    assert replica.state.workload_by_ip("192.168.7.20").ready
 
 
 # --- at cluster scale ---
@@ -234,9 +254,7 @@ def test_one_pod_changed_at_10000_pods_is_a_small_cheap_delta(large: tuple[Incre
     applied = pickle.loads(pickle.dumps(delta))
 
     def apply_to_a_copy() -> None:
-        copy = Replica()
-        copy.state = replica.state
-        copy.apply(applied)
+        copy.copy(replica).apply(applied)  # the replica itself stays before the delta
 
     one_apply, whole_apply = median_seconds(apply_to_a_copy), median_seconds(lambda: Replica().apply(whole), runs=3)
     assert one_apply < whole_apply / 50, f"apply one {one_apply * 1e6:.0f} us, whole {whole_apply * 1e6:.0f} us"
