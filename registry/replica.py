@@ -83,9 +83,13 @@ class StateDelta:
     registered: RegisteredDelta | None  # None: no registrations on top
 
     def __reduce__(self) -> tuple[Callable[[bytes], StateDelta], tuple[bytes]]:
-        """Pickled as one blob, made and read with the cyclic collector paused (see `_collector_paused`)."""
-        with _collector_paused():
-            data = pickle.dumps(tuple(getattr(self, f.name) for f in fields(self)), pickle.HIGHEST_PROTOCOL)
+        """Pickled as one blob, made and read with the cyclic collector paused (see `_collector_paused`),
+        and made once: one delta sent to every worker in step is pickled for each of them."""
+        data = self.__dict__.get("_pickled")
+        if data is None:
+            with _collector_paused():
+                data = pickle.dumps(tuple(getattr(self, f.name) for f in fields(self)), pickle.HIGHEST_PROTOCOL)
+            object.__setattr__(self, "_pickled", data)
         return _unpickled, (data,)
 
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from bench import registry as cluster
 from registry.changes import ChangeLog
 from registry.incremental import IncrementalRegistry
-from registry.model import RegistryState
+from registry.model import RegistryState, Workload
 from registry.registrations import MergedRegistry, RegistrationError, RegistrationStore
 from registry.replica import EMPTY, FREEZE_ITEMS, RegisteredDelta, Replica, ReplicaError, state_delta
 from tests.unit.clock import Clock
@@ -274,6 +274,14 @@ def test_the_whole_state_survives_a_pickle_round_trip(large: tuple[IncrementalRe
     assert view(replica.state, ips, keys) == view(agent, ips, keys)
     # the worker's copy stays as lean as the agent's: pods of one template share one label mapping
     assert len({id(w.labels) for w in replica.state.workloads}) == SERVICE_COUNT + 1  # and the registration's
+
+
+def test_a_delta_sent_to_many_workers_is_pickled_once() -> None:
+    delta = state_delta(None, RegistryState(workloads=tuple(Workload(f"pod-{i}", "shop", f"10.1.0.{i}", "node-a")
+                                                            for i in range(3))))
+    first, again = pickle.dumps(delta), pickle.dumps(delta)
+    assert first == again and delta.__reduce__()[1][0] is delta.__reduce__()[1][0]
+    assert pickle.loads(first) == delta
 
 
 def test_a_large_whole_state_is_frozen_out_of_the_collectors_sight_and_the_collector_left_as_found(
