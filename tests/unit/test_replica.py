@@ -82,32 +82,51 @@ class Registrations:
             pass
 
 
-def next_event(world: World, registry: IncrementalRegistry) -> tuple[str, dict[str, Any]]:
-    """One random change of the world, applied to the registry and committed."""
+# test_incremental.py's world, and the registries that follow it, are made and read only here
+def new_world(rng: random.Random) -> World:
+    return World(rng)
+
+
+def new_registry(world: World) -> IncrementalRegistry:
+    """A registry to follow `world`'s objects."""
+    return IncrementalRegistry()
+
+
+def rebuilt(world: World, registry: IncrementalRegistry) -> RegistryState:
+    """The file source's state of the world's objects: a whole rebuild."""
+    return rebuild(world.objects)[0]
+
+
+def next_event(world: World, registry: IncrementalRegistry) -> str:
+    """One random change of the world, applied to the registry and committed; what it was."""
     action, obj = world.event()
-    (registry.apply(obj) if action == "apply" else registry.delete(*_key(obj)))
+    if action == "apply":
+        registry.apply(obj)
+    elif action == "delete":
+        registry.delete(*_key(obj))
     registry.commit()
-    return action, obj
+    return f"{action} {_key(obj) if obj else ''}"
 
 
 def run_sends(seed: int, count: int, source: str) -> None:
     """`count` events, the agent's state sent to one replica after about two events in three."""
     rng = random.Random(seed)
-    world, registry, registrations = World(rng), IncrementalRegistry(), Registrations(rng)
+    world = new_world(rng)
+    registry, registrations = new_registry(world), Registrations(rng)
     replica, sent, synced_at = Replica(), None, rng.randrange(count // 4 + 1)
     base: RegistryState = EMPTY  # the agent's state before its source has one
     for step in range(count):
-        action, obj = next_event(world, registry)
+        event = next_event(world, registry)
         if rng.random() < 0.3:
             registrations.change()
         if step >= synced_at:
-            base = registry.state if source == "kubernetes" else rebuild(world.objects)[0]
+            base = registry.state if source == "kubernetes" else rebuilt(world, registry)
         agent = registrations.merged.state(base)
         if rng.random() < 0.35:  # this state is never sent: the next delta skips it
             continue
         replica.apply(pickle.loads(pickle.dumps(state_delta(sent, agent))))
         sent = agent
-        assert_same(replica.state, agent, f"event {step}: {action} {_key(obj)}")
+        assert_same(replica.state, agent, f"event {step}: {event}")
 
 
 @settings(max_examples=20, deadline=None)
@@ -131,10 +150,11 @@ def test_a_replica_follows_a_long_kubernetes_sequence() -> None:
 def test_states_of_two_registries_are_compared_whole(seed: int) -> None:
     """A state of another registry's history (a source started again) has no log to the old one."""
     rng = random.Random(seed)
-    world, first = World(rng), IncrementalRegistry()
+    world = new_world(rng)
+    first = new_registry(world)
     for _ in range(100):
         next_event(world, first)
-    replica, again = Replica(), IncrementalRegistry()
+    replica, again = Replica(), new_registry(world)
     replica.apply(state_delta(None, first.state))
     for obj in world.objects.values():
         again.apply(obj)
@@ -147,10 +167,10 @@ def test_states_of_two_registries_are_compared_whole(seed: int) -> None:
     replica.apply(state_delta(again.state, first.state))
     assert_same(replica.state, first.state, "back to the first registry's state")
     # and to a whole rebuilt state (the file source's kind) and back: each starts the base afresh
-    rebuilt = rebuild(world.objects)[0]
-    replica.apply(state_delta(first.state, rebuilt))
-    assert_same(replica.state, rebuilt, "after a rebuilt state")
-    replica.apply(state_delta(rebuilt, again.state))
+    whole = rebuilt(world, again)
+    replica.apply(state_delta(first.state, whole))
+    assert_same(replica.state, whole, "after a rebuilt state")
+    replica.apply(state_delta(whole, again.state))
     assert_same(replica.state, again.state, "after the rebuilt state, an incremental one")
 
 
