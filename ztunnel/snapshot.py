@@ -11,7 +11,7 @@ strings, frozensets), so it pickles: a worker process can send it to the agent.
 Cost on the loop that takes it (`python -m bench.snapshot_cost`, 1,000 live connections and
 1,000 closed in the history, 20 series): about 0.5 ms for a scrape's snapshot (2.6 KiB pickled),
 once per scrape and never per connection; the connection rows (`ameshctl connections`, `top`)
-cost what ConnectionTable.snapshot() always did (about 14 ms, plus 3 ms of TCP_INFO reads).
+cost what ConnectionTable.snapshot() always did (14 ms or more, plus 3 ms of TCP_INFO reads).
 """
 
 from __future__ import annotations

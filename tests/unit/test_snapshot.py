@@ -4,8 +4,11 @@ and connection table (no sockets: the tables are fed as the listeners would)."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -151,3 +154,11 @@ def test_merging_one_snapshot_changes_nothing() -> None:
 def test_ids_step_from_their_first() -> None:
     table = ConnectionTable(first_id=3, id_step=4)
     assert [table.open("10.0.0.1", port, "10.0.0.2:80").id for port in range(3)] == [3, 7, 11]
+    with pytest.raises(ValueError, match="id_step=0"):
+        ConnectionTable(first_id=1, id_step=0)
+
+
+def test_the_cost_benchmark_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench.snapshot_cost", "--live", "10", "--repeats", "1"],
+                         cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "10 live connections" in out and "take_snapshot, scrape (no rows)" in out
