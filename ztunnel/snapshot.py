@@ -5,7 +5,8 @@ merged over the node's processes, rendered by the agent (/metrics, `ameshctl con
 `DataplaneCounters` folds each connection into per-label-set totals once, when it closes: the
 only per-connection work. `take_snapshot` copies the counters of one process and adds its live
 connections; it runs on that process's loop at scrape time only. `merge` sums the snapshots of
-the node's processes into the node's one view. A snapshot is plain data (dicts, tuples, numbers,
+the node's processes into the node's one view, and `retire` keeps the counters of a process
+that died in it. A snapshot is plain data (dicts, tuples, numbers,
 strings, frozensets), so it pickles: a worker process can send it to the agent.
 
 Cost on the loop that takes it (`python -m bench.snapshot_cost`, 1,000 live connections and
@@ -19,7 +20,7 @@ from __future__ import annotations
 import heapq
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 from registry.model import RegistryState
@@ -202,6 +203,15 @@ def merge(snapshots: list[DataplaneSnapshot]) -> DataplaneSnapshot:
         recently_closed=sum(s.recently_closed for s in snapshots),
         rows=[*live_rows, *closed_rows],
     )
+
+
+def retire(snapshot: DataplaneSnapshot) -> DataplaneSnapshot:
+    """What stays of the last snapshot of a process that is gone (a worker that died), to be merged
+    into every later view: its counters, so that the node's totals never go down (Prometheus would
+    read that as a counter reset), without its gauges (live connections, sessions, ejected
+    endpoints, live per service) or its rows."""
+    return replace(snapshot, ejected={}, service_live={}, hbone_sessions=0, live=_no_connections(), recently_closed=0,
+                   rows=[])
 
 
 def _combine(mappings: Iterable[Mapping[K, V]], add: Callable[[V, V], V]) -> dict[K, V]:

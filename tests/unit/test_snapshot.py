@@ -18,7 +18,7 @@ from agent.node import NodeAgent
 from registry.model import RegistryState, Workload
 from ztunnel.connections import ConnectionTable
 from ztunnel.hbone import HboneClientPool
-from ztunnel.snapshot import DataplaneCounters, DataplaneSnapshot, merge, take_snapshot
+from ztunnel.snapshot import DataplaneCounters, DataplaneSnapshot, merge, retire, take_snapshot
 
 CLIENT = Workload("web-0", "shop", "10.244.1.10", "node-1", "web", labels={"app": "web"}, enrolled=True)
 SERVER = Workload("db-0", "data", "10.244.2.10", "node-2", "db", labels={"app": "db"}, enrolled=True)
@@ -138,6 +138,26 @@ def test_merged_rows_keep_ids_distinct_live_oldest_first_then_closed_newest_firs
     assert sorted(ids) == sorted(opened) == list(range(1, 7))  # distinct across the two tables
     assert ids == [5, 6, 4, 3, 2, 1]  # live in the order they opened, then the closed ones newest first
     assert (sum(merged.live.values()), merged.recently_closed) == (2, 4)
+
+
+def test_a_dead_processs_counters_stay_in_the_nodes_totals_and_its_gauges_leave() -> None:
+    clock = Clock()
+    dead, restarted = Process(clock, 1, 2), Process(clock, 1, 2)
+    dead.connection(40000, sent=100)
+    dead.connection(40001, sent=0, end="failed")
+    dead.connection(40002, sent=5, end=None)
+    dead.pool.handshakes = 2
+    last = dead.snapshot(rows=True)
+    restarted.connection(40003, sent=10, end=None)
+
+    samples = rendered(merge([retire(last), restarted.snapshot()]))
+
+    assert istio(samples, "istio_tcp_connections_opened_total") == 4
+    assert istio(samples, "istio_tcp_received_bytes_total") == 100 + 5 + 10
+    assert samples[("amesh_connection_failures_total", (("reason", "connect_refused"),))] == 1
+    assert samples[("amesh_hbone_handshakes_total", ())] == 2
+    assert samples[("amesh_connections_live", (("direction", "outbound"),))] == 1  # the restarted one's only
+    assert retire(last).rows == [] and retire(last).recently_closed == 0
 
 
 def test_merging_one_snapshot_changes_nothing() -> None:
