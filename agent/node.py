@@ -55,6 +55,7 @@ from ztunnel.limits import HandshakeLimiter
 from ztunnel.listener import NodeAddresses, transparent_listener
 from ztunnel.outbound import MeshTransport, OutboundProxy
 from ztunnel.server import CapturedListener
+from ztunnel.snapshot import DataplaneCounters, DataplaneSnapshot, merge, take_snapshot
 from ztunnel.telemetry import access_log_entry
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class NodeAgent:
         self.ca_watch = CADirectoryWatch(config.ca_dir, config.trust_domain, config.ca_poll_interval)
         self.issuer: FileCA | ClusterCAClient | None = None
         self.pool = HboneClientPool()
+        # what /metrics renders of this process's connections, folded as each closes (metrics off: nothing)
+        self.counters = DataplaneCounters(self.table, lambda: self.state, config.cluster) if config.metrics else None
         self.registry_errors = 0
         self._telemetry: TelemetryServer | None = None
         if config.access_log:
@@ -402,11 +405,17 @@ class NodeAgent:
         """Live and recent connections, each with the BPF counters of its pod-facing flow (the
         packets the client sent, as the capture program counted them), when there is one."""
         flows = {(f["src"], f["dst"]): f for f in await self.flows() if f["proto"] == "tcp"}
-        rows = self.table.snapshot()
+        rows = merge(await self.dataplane_snapshots(rows=True)).rows
         for row in rows:
             flow = flows.get((f"{row['source_ip']}:{row['source_port']}", row["original_dst"]))
             row["flow"] = {"packets": flow["packets"], "bytes": flow["bytes"]} if flow else None
         return rows
+
+    async def dataplane_snapshots(self, rows: bool = False) -> list[DataplaneSnapshot]:
+        """The data-plane snapshot of each process running listeners (with connection rows if
+        `rows`), for the node's views to merge: this one's."""
+        return [take_snapshot(self.table, self.counters, self.pool, self.outbound, self.inbound_hbone, self.state,
+                              rows=rows)]
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether the node's capture is fully up, and what is missing if not."""
@@ -424,6 +433,7 @@ class NodeAgent:
         """The agent's own view of itself, for `ameshctl status`."""
         state = self.state
         datapath = await self._in_datapath_thread(self.datapath.status) if self.datapath else None
+        dataplane = merge(await self.dataplane_snapshots())
         return {
             "node": self.config.node,
             "started": iso_utc(self.started),
@@ -444,10 +454,10 @@ class NodeAgent:
             "ca": self.ca_status(),
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,
-            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions,
-                      "dead_peers": self.pool.dead_peers},
-            "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
-                            "failures": dict(self.table.failures)},
+            "hbone": {"handshakes": dataplane.hbone_handshakes, "sessions": dataplane.hbone_sessions,
+                      "dead_peers": dataplane.hbone_dead_peers},
+            "connections": {"live": sum(dataplane.live.values()), "recently_closed": dataplane.recently_closed,
+                            "failures": dataplane.failures},
         }
 
 

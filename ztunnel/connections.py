@@ -106,9 +106,15 @@ def iso_utc(timestamp: float) -> str:
 class ConnectionTable:
     """Live connections by id, plus a bounded history of closed ones (newest first)."""
 
-    def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time, first_id: int = 1,
+                 id_step: int = 1) -> None:
+        """Ids run first_id, first_id + id_step, ...: worker k of a node's N numbers k+1, k+1+N, ...,
+        so that ids stay unique over the node's tables."""
+        if first_id < 1 or id_step < 1:
+            raise ValueError(f"connection ids must start at 1 or more and step by 1 or more, not first_id={first_id} "
+                             f"id_step={id_step}")
         self.on_close: list[Callable[[ConnectionRecord], None]] = []  # told of each ended connection
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id, id_step)
         self._clock = clock
         self._live: dict[int, ConnectionRecord] = {}
         self._recent: deque[ConnectionRecord] = deque(maxlen=closed_capacity)

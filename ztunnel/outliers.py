@@ -91,6 +91,11 @@ class OutlierDetector:
         """Endpoints of `service` OPEN or HALF-OPEN now."""
         return sum(1 for e in self._endpoints.get(service, {}).values() if e.ejected_until is not None)
 
+    def ejected_endpoints(self, service: str) -> frozenset[str]:
+        """The endpoints ("ip:port") of `service` OPEN or HALF-OPEN now."""
+        return frozenset(address for address, e in self._endpoints.get(service, {}).items()
+                         if e.ejected_until is not None)
+
     def record(self, key: EndpointKey, ok: bool, endpoints_in_service: int,
                settings: OutlierSettings = OutlierSettings()) -> None:
         """The outcome of a connect to `key`, a Service endpoint among `endpoints_in_service`,
