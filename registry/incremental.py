@@ -586,8 +586,8 @@ class IncrementalRegistry:
         if pod.entry is not None:
             rejected, field = ("WorkloadEntry", w.namespace, w.name.removesuffix(WORKLOAD_SUFFIX)), "spec.address"
         if w.ip and (first := _winner(self._ip_claims[w.ip])) != key:
-            self._reject(rejected, f"{rejected[0]} {rejected[1]}/{rejected[2]}: {field}: {w.ip}{_USED_BY}{_claimant(first)} () "
-                                   "(object skipped)")
+            self._reject(rejected, f"{rejected[0]} {rejected[1]}/{rejected[2]}: {field}: {w.ip}{_USED_BY}"
+                                   f"{_claimant(first)} () (object skipped)")
             return None
         if _USED_BY in self.rejected.get(rejected, ""):
             self._accept(rejected)

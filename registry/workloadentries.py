@@ -226,6 +226,6 @@ def workload_entry(name: str, namespace: str, address: str, ports: Mapping[str, 
 
 def healthy_status(now: float, healthy: bool = True) -> dict[str, Any]:
     """The status a heartbeat writes: the Healthy condition probed at `now` (Istio's shape)."""
-    return {"status": {"conditions": [{"type": HEALTHY, "status": "True" if healthy else "False",
-                                       "lastProbeTime": format_time(now), "reason": "Heartbeat" if healthy else "Stopped",
-                                       "message": "heartbeats from ameshctl register"}]}}
+    condition = {"type": HEALTHY, "status": "True" if healthy else "False", "lastProbeTime": format_time(now),
+                 "reason": "Heartbeat" if healthy else "Stopped", "message": "heartbeats from ameshctl register"}
+    return {"status": {"conditions": [condition]}}
