@@ -68,10 +68,12 @@ from registry.traffic import (
     shape_services,
 )
 from registry.workloadentries import (
+    ENDPOINT_SOURCE,
     WORKLOAD_ENTRY_API_VERSIONS,
     Entry,
     Heartbeats,
     entry_workload,
+    is_entry,
     read_workload_entry,
 )
 
@@ -413,7 +415,7 @@ def _selected_endpoints(service: Service, pods: Iterable[_Serving], zones: Mappi
             if number is not None:  # a pod lacking the named port cannot serve that service port
                 ports[sp.name] = number
         endpoints.append(Endpoint(ip=w.ip, ports=ports, ready=w.ready, workload=w.key, node=w.node,
-                                  zone=zones.get(w.node)))
+                                  zone=zones.get(w.node), source=ENDPOINT_SOURCE if is_entry(w) else ""))
     return tuple(endpoints)
 
 

@@ -47,6 +47,7 @@ MAX_CLOCK_SKEW = 30.0
 # a WorkloadEntry's workload name ("vm-1@WorkloadEntry"): a pod may have the entry's name in the same
 # namespace, and "@" is in no pod name
 WORKLOAD_SUFFIX = "@WorkloadEntry"
+ENDPOINT_SOURCE = "WorkloadEntry"  # an entry's endpoint's source, as `ameshctl services` and `lookup` show it
 
 EntryKey = tuple[str, str, str]  # ("WorkloadEntry", namespace, name)
 

@@ -71,6 +71,8 @@ def test_a_service_selecting_an_entry_gets_it_as_an_endpoint_on_its_named_port()
     assert vm is not None and (vm.key, vm.node, vm.enrolled, vm.service_account) == (
         "shop/vm-1@WorkloadEntry", "", False, "vm")  # in an enrolled namespace, still never captured
     assert vm not in state.enrolled_on("node-1") and vm.labels == {"app": "web"}
+    assert [(e.workload, e.source) for e in state.service_by_key("shop/web").endpoints] == [  # type: ignore[union-attr]
+        ("shop/web-1", ""), ("shop/vm-1@WorkloadEntry", "WorkloadEntry")]
     assert endpoints(build_state([web(), entry(app="api")])) == []  # labels not selected
     assert endpoints(build_state([web(8443), entry()])) == [("192.168.7.20", 8443, True)]  # a number as it is
 
