@@ -90,9 +90,11 @@ class World:
                              "labels": labels}}
 
     def entry(self) -> dict[str, Any]:
-        """A WorkloadEntry: its address now and then a pod's, its heartbeat fresh, old or absent."""
+        """A WorkloadEntry: its heartbeat fresh, old or absent; Healthy or not; with a TTL or not."""
         rng = self.rng
-        address = f"10.1.0.{rng.randrange(1, 250)}" if rng.random() < 0.97 else "vm.example"  # malformed
+        # now and then a pod's range (a collision, one of them refused), now and then malformed
+        address = rng.choices((f"10.2.0.{rng.randrange(1, 250)}", f"10.1.0.{rng.randrange(1, 250)}", "vm.example"),
+                              (0.87, 0.1, 0.03))[0]
         spec = {"address": address, "ports": {"http": rng.choice((8080, 9090))},
                 "labels": {"app": rng.choice(APPS)}, "serviceAccount": rng.choice(("vm", "web"))}
         metadata: dict[str, Any] = {"name": f"vm-{rng.randrange(6)}", "namespace": rng.choice(NAMESPACES)}
