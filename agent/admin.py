@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# The answer to a loopback registration when the agent follows the API server: there, one node's
+# registration would reach no other node's pods; a WorkloadEntry reaches every agent.
+KUBERNETES_REGISTRATION = (
+    "this agent reads its registry from the Kubernetes API server, where a registration on one node's loopback "
+    "would reach no other node: register through the API server instead, with `ameshctl register NAME --address "
+    "ADDRESS --port PORT --kubeconfig FILE --ttl 30s` (or --in-cluster), which writes an Istio WorkloadEntry every "
+    "agent reads (README: Registrations); loopback registrations are for agents with --registry-file")
 MAX_BODY = 64 * 1024  # bytes; a registration is a flat object of a few short fields (~200 bytes)
 _LIMIT = re.compile(r"^[1-9][0-9]{0,8}$")  # ?limit=N: ASCII digits, no more than int() takes at once
 
@@ -113,6 +120,8 @@ class AdminServer:
         return web.json_response([r.to_dict(now) for r in self.agent.registrations.all()])
 
     async def _register(self, request: web.Request) -> web.Response:
+        if self.agent.config.registry_file is None:
+            raise RegistrationError(KUBERNETES_REGISTRATION)
         spec = _json(await _body(request))
         registration = self._registration_call(lambda: self.agent.registrations.register(spec))
         return web.json_response(registration.to_dict(time.time()), status=201)

@@ -198,6 +198,16 @@ def top(admin: str, interval: float) -> None:
     live_view.run(lambda: _call(admin, "/connections"), node, interval)
 
 
+def _through_the_api_server(command):
+    """The options that send a registration command to the API server (a WorkloadEntry) instead
+    of the agent's loopback admin API."""
+    command = click.option("--in-cluster", is_flag=True,
+                           help="through the API server, as this pod's service account")(command)
+    return click.option("--kubeconfig", default=None, type=click.Path(dir_okay=False),
+                        help="through this kubeconfig's API server: an Istio WorkloadEntry every node's agent reads "
+                             "(the agent's loopback API is for agents with --registry-file)")(command)
+
+
 @main.command()
 @click.argument("name")
 @click.option("--address", required=True, help="IPv4 address the workload is reached at")
@@ -205,19 +215,52 @@ def top(admin: str, interval: float) -> None:
 @click.option("--version", default="", help="version label")
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("--service-account", default="default", show_default=True)
-@click.option("--ttl", default="30s", show_default=True, help="expires without a heartbeat for this long")
+@click.option("--ttl", default=None,
+              help="expires without a heartbeat for this long (default 30s on the loopback API; through the API "
+                   "server, none: the entry stays ready until deregistered)")
 @click.option("--keepalive", is_flag=True,
-              help="stay in the foreground sending heartbeats every ttl/3; deregister on Ctrl-C or SIGTERM")
+              help="stay in the foreground sending heartbeats every ttl/3; deregister on Ctrl-C or SIGTERM (through "
+                   "the API server, implied by --ttl)")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="a label of the WorkloadEntry, which Service selectors match (default app=NAME, version=VERSION)")
+@click.option("--port-name", default="http", show_default=True,
+              help="the WorkloadEntry's name for --port: a Service's targetPort of that name maps to it")
+@click.option("--network", default="", help="the WorkloadEntry's spec.network (amesh assumes one network)")
+@_through_the_api_server
 @click.pass_obj
 def register(admin: str, name: str, address: str, port: int, version: str, namespace: str, service_account: str,
-             ttl: str, keepalive: bool) -> None:
+             ttl: str | None, keepalive: bool, labels: tuple[str, ...], port_name: str, network: str,
+             kubeconfig: str | None, in_cluster: bool) -> None:
     """Register a workload outside Kubernetes (a VM, a laptop) as NAME."""
+    if kubeconfig or in_cluster:
+        from agent import entries
+
+        entries.register_command(name, namespace, address, port, port_name, _labels(name, version, labels),
+                                 service_account, network, ttl, kubeconfig, in_cluster, _say)
+        return
     spec = {"name": name, "address": address, "port": port, "version": version, "namespace": namespace,
-            "service_account": service_account, "ttl": ttl}
+            "service_account": service_account, "ttl": ttl or "30s"}
     registered = _call(admin, "/registrations", "POST", spec)
     click.echo(f"registered {namespace}/{name} at {address}:{port}, expires without heartbeats in {registered['ttl_s']:g}s")
     if keepalive:
         _keep_alive(admin, spec, registered["ttl_s"] / 3)
+
+
+def _labels(name: str, version: str, given: tuple[str, ...]) -> dict[str, str]:
+    """A WorkloadEntry's labels: app=NAME (and version=VERSION) unless --label gives others."""
+    labels = {"app": name, **({"version": version} if version else {})}
+    for text in given:
+        key, equals, value = text.partition("=")
+        if not equals or not key:
+            raise click.BadParameter(f"must be KEY=VALUE, got {text!r}", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+def _say(line: str) -> None:
+    """A line of a long-running command's output, flushed at once (its output is often a log file)."""
+    click.echo(line)
+    sys.stdout.flush()
 
 
 def _keep_alive(admin: str, spec: dict, interval: float) -> None:
@@ -246,17 +289,28 @@ def _add_instance_command(name: str, method: str, suffix: str, done: str, help: 
     @click.argument("service")
     @click.option("-n", "--namespace", default="default", show_default=True)
     @click.option("--instance", default=None, help="address:port of one instance (default: every instance)")
+    @_through_the_api_server
     @click.pass_obj
-    def act(admin: str, service: str, namespace: str, instance: str | None) -> None:
+    def act(admin: str, service: str, namespace: str, instance: str | None, kubeconfig: str | None,
+            in_cluster: bool) -> None:
+        if kubeconfig or in_cluster:
+            from agent import entries
+
+            if instance:
+                raise click.BadParameter("a WorkloadEntry is one instance: name it as SERVICE", param_hint="--instance")
+            entries.entry_command(name, namespace, service, kubeconfig, in_cluster, _say)
+            return
         query = "?" + urllib.parse.urlencode({"instance": instance}) if instance else ""
         changed = _call(admin, f"/registrations/{namespace}/{service}{suffix}{query}", method)
         click.echo(f"{done}: {', '.join(r['address'] + ':' + str(r['port']) for r in changed)}")
 
 
 _add_instance_command("heartbeat", "POST", "/heartbeat", "alive",
-                      "Tell the agent a registered workload is alive (revives an expired registration).")
+                      "Tell the agent a registered workload is alive (revives an expired registration); with "
+                      "--kubeconfig, write one heartbeat to its WorkloadEntry.")
 _add_instance_command("deregister", "DELETE", "", "deregistered",
-                      "Remove a registration: its endpoints stop receiving new connections at once.")
+                      "Remove a registration: its endpoints stop receiving new connections at once; with "
+                      "--kubeconfig, delete its WorkloadEntry.")
 
 
 @main.command()

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 import weakref
 from collections import Counter
 from dataclasses import replace
 from functools import cached_property
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import immutables
 
@@ -68,6 +69,7 @@ from registry.traffic import (
     shaped,
     split_order,
 )
+from registry.workloadentries import WORKLOAD_SUFFIX, Entry, Heartbeats, entry_workload, is_entry, read_workload_entry
 
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-scoped kinds
 NameKey = str  # "namespace/name"
@@ -110,19 +112,27 @@ def _compact(workload: Workload) -> Workload:
 
 
 class _Pod:
-    """A pod as the rules read it: its workload (enrollment filled in), named ports, place in order."""
+    """A pod as the rules read it: its workload (enrollment filled in), named ports, place in order;
+    or a WorkloadEntry (`entry`), which Services select as they select pods."""
 
-    __slots__ = ("workload", "named_ports", "seq")
+    __slots__ = ("workload", "named_ports", "seq", "entry")
 
-    def __init__(self, workload: Workload, named_ports: Mapping[str, int], seq: int) -> None:
+    def __init__(self, workload: Workload, named_ports: Mapping[str, int], seq: int,
+                 entry: Entry | None = None) -> None:
         self.workload = workload
         self.named_ports = named_ports
         self.seq = seq
+        self.entry = entry
 
 
 def _matches(selector: Mapping[str, str], workload: Workload | None) -> bool:
     return (workload is not None and bool(selector) and bool(workload.ip)
             and all(workload.labels.get(k) == v for k, v in selector.items()))
+
+
+def _claimant(key: NameKey) -> str:
+    """The object behind a workload key, as an error names it: "Pod shop/web-1", "WorkloadEntry shop/vm"."""
+    return f"WorkloadEntry {key.removesuffix(WORKLOAD_SUFFIX)}" if key.endswith(WORKLOAD_SUFFIX) else f"Pod {key}"
 
 
 def _winner(claims: dict[NameKey, int]) -> NameKey:
@@ -230,12 +240,14 @@ def _place_service(services: _Index, vips: _Index, key: NameKey, old: Service | 
 class IncrementalRegistry:
     """The registry's objects and the state they make, changed object by object (see the module)."""
 
-    def __init__(self, source: str = "kubernetes") -> None:
+    def __init__(self, source: str = "kubernetes", clock: Callable[[], float] = time.time) -> None:
         self.source = source
+        # WorkloadEntries' heartbeats, by the agent's clock: an entry lapses at commit, no event needed
+        self.heartbeats = Heartbeats(clock)
         self._order = itertools.count()
         self._seq: dict[ObjectKey, int] = {}  # every object present (accepted or not): its place
         self._namespaces: dict[str, Mapping[str, str]] = {}  # name -> labels
-        self._pods: dict[NameKey, _Pod] = {}
+        self._pods: dict[NameKey, _Pod] = {}  # and WorkloadEntries, by their workload key
         self._pods_in: dict[str, set[NameKey]] = {}  # namespace -> its pods
         self._ip_claims: dict[str, dict[NameKey, int]] = {}  # pod address -> pods with it -> place
         self._read_services: dict[NameKey, tuple[Service, int]] = {}  # as read, without endpoints
@@ -332,6 +344,10 @@ class IncrementalRegistry:
             self._set(key, read_destination_rule(obj))
         elif kind == "TCPRoute":
             self._set(key, tuple(read_tcp_route(obj)))
+        elif kind == "WorkloadEntry":
+            entry = read_workload_entry(obj, self.source)
+            self.heartbeats.observe(key, entry)
+            self._set(key, entry)
         else:
             self._set(key, (read_traffic_split(obj),))
 
@@ -364,6 +380,8 @@ class IncrementalRegistry:
             self._set_service(name_key, value, self._seq.get(key, -1))
         elif kind == "EndpointSlice":
             self._set_slice(name_key, value, self._seq.get(key, -1))
+        elif kind == "WorkloadEntry":
+            self._set_entry(key, value)
         else:
             self._set_policy(key, value)
 
@@ -376,8 +394,9 @@ class IncrementalRegistry:
             self._namespaces[name] = labels
         for pod_key in self._pods_in.get(name, ()):
             pod = self._pods[pod_key]
-            pod.workload = self._enrollment(pod.workload)
-            self._dirty_workloads.add(pod_key)
+            if pod.entry is None:  # an entry is never enrolled
+                pod.workload = self._enrollment(pod.workload)
+                self._dirty_workloads.add(pod_key)
 
     def _enrollment(self, workload: Workload) -> Workload:
         namespace = self._namespaces.get(workload.namespace, {})
@@ -394,14 +413,42 @@ class IncrementalRegistry:
         self._zones_dirty = True
 
     def _set_pod(self, key: NameKey, value: tuple[Workload, Mapping[str, int]] | None) -> None:
+        pod = None
+        if value is not None:
+            pod = _Pod(self._enrollment(value[0]), value[1], self._seq[("Pod", *key.split("/", 1))])
+        self._put_serving(key, pod)
+
+    def _set_entry(self, key: ObjectKey, entry: Entry | None) -> None:
+        workload_key = f"{key[1]}/{key[2]}{WORKLOAD_SUFFIX}"
+        if entry is None:
+            self.heartbeats.forget(key)
+            self._put_serving(workload_key, None)
+            return
+        workload = _compact(entry_workload(key, entry, self.heartbeats, self.heartbeats.clock()))
+        self._put_serving(workload_key, _Pod(workload, entry.named_ports, self._seq[key], entry))
+
+    def _lapse(self) -> None:
+        """Marks the WorkloadEntries whose heartbeat lapsed since the last commit not ready."""
+        now = self.heartbeats.clock()
+        for key in self.heartbeats.lapsed(now):
+            pod = self._pods.get(f"{key[1]}/{key[2]}{WORKLOAD_SUFFIX}")
+            if pod is not None and pod.entry is not None:
+                pod.workload = replace(pod.workload, ready=self.heartbeats.ready(key, pod.entry, now))
+                self._dirty_workloads.add(pod.workload.key)
+
+    def next_lapse(self) -> float | None:
+        """When the next WorkloadEntry's heartbeat lapses (the clock's time), None if none will."""
+        return self.heartbeats.next_deadline()
+
+    def _put_serving(self, key: NameKey, pod: _Pod | None) -> None:
+        """A pod's or an entry's new version (None: gone) into the indexes by namespace and address."""
         old = self._pods.pop(key, None)
         namespace = key.split("/", 1)[0]
         if old is not None:
             self._pods_in[namespace].discard(key)
             self._unclaim(self._ip_claims, old.workload.ip, key, self._dirty_workloads)
-        if value is not None:
-            seq = self._seq[("Pod", *key.split("/", 1))]
-            pod = _Pod(self._enrollment(value[0]), value[1], seq)
+        if pod is not None:
+            seq = pod.seq
             self._pods[key] = pod
             self._pods_in.setdefault(namespace, set()).add(key)
             self._claim(self._ip_claims, pod.workload.ip, key, seq, self._dirty_workloads)
@@ -501,6 +548,7 @@ class IncrementalRegistry:
     def commit(self) -> IncrementalState | None:
         """The new state after the events since the last commit, or None if nothing changed."""
         state = self.state
+        self._lapse()
         workloads, ips, nodes = _Index(state._workloads), _Index(state._ips), _Index(state._nodes)
         changed_workloads: set[NameKey] = set()
         changed_services: set[NameKey] = set()
@@ -555,34 +603,42 @@ class IncrementalRegistry:
         if pod is None:
             return None
         w = pod.workload
-        rejected = ("Pod", w.namespace, w.name)
+        rejected, field = ("Pod", w.namespace, w.name), "status.podIP"
+        if pod.entry is not None:
+            rejected, field = ("WorkloadEntry", w.namespace, w.name.removesuffix(WORKLOAD_SUFFIX)), "spec.address"
         if w.ip and (first := _winner(self._ip_claims[w.ip])) != key:
-            self._reject(rejected, f"Pod {key}: status.podIP: {w.ip}{_USED_BY}Pod {first} () (object skipped)")
+            self._reject(rejected, f"{rejected[0]} {rejected[1]}/{rejected[2]}: {field}: {w.ip}{_USED_BY}"
+                                   f"{_claimant(first)} () (object skipped)")
             return None
         if _USED_BY in self.rejected.get(rejected, ""):
             self._accept(rejected)
         return w
 
     def _reselect(self, old: Workload | None, new: Workload | None) -> None:
-        """Marks the Services without EndpointSlices whose selector picked the workload before or
-        picks it now (with slices, a Service's endpoints are its slices')."""
-        namespace = (new or old).namespace  # type: ignore[union-attr]
+        """Marks the Services whose selector picked the workload before or picks it now: for a pod,
+        those without EndpointSlices (with slices, a Service's pods are its slices'); for a
+        WorkloadEntry, every one."""
+        workload: Workload = new or old  # type: ignore[assignment]
+        namespace, pod = workload.namespace, not is_entry(workload)
         labels = {*(old.labels.items() if old else ()), *(new.labels.items() if new else ())}
         for label in labels:
             for service_key in self._selecting.get((namespace, *label), ()):
-                if self._slices_of.get(service_key):
+                if pod and self._slices_of.get(service_key):
                     continue
                 selector = self._read_services[service_key][0].selector
                 if _matches(selector, old) or _matches(selector, new):
                     self._dirty_services.add(service_key)
 
-    def _selected(self, service: Service) -> list[_Pod]:
-        """The pods in the state a Service's selector picks, in order: a scan of its namespace's pods,
-        made only for a Service without EndpointSlices."""
+    def _selected(self, service: Service, entries_only: bool = False) -> list[_Pod]:
+        """The pods and WorkloadEntries (or the entries alone) in the state a Service's selector
+        picks, in order: a scan of its namespace's, made only for a Service without EndpointSlices
+        (or, for its entries, with them)."""
         picked = []
         for key in self._pods_in.get(service.namespace, ()):
             pod = self._pods[key]
             w = pod.workload
+            if entries_only and pod.entry is None:
+                continue
             if _matches(service.selector, w) and _winner(self._ip_claims[w.ip]) == key:
                 picked.append(pod)
         return sorted(picked, key=lambda p: p.seq)
@@ -605,7 +661,8 @@ class IncrementalRegistry:
         slice_keys = self._slices_of.get(key)
         if slice_keys:
             ordered = sorted((self._slices[k] for k in slice_keys), key=lambda s: s[1])
-            endpoints = _sliced_endpoints(service, (s for s, _ in ordered), zones)
+            endpoints = (_sliced_endpoints(service, (s for s, _ in ordered), zones)
+                         + _selected_endpoints(service, self._selected(service, entries_only=True), zones))
         else:
             endpoints = _selected_endpoints(service, self._selected(service), zones)
         service = replace(service, endpoints=endpoints)

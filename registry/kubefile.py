@@ -1,6 +1,6 @@
 """Registry source: a file of Kubernetes objects (Namespaces, Nodes, Pods, Services,
-EndpointSlices, Istio's AuthorizationPolicies, PeerAuthentications and DestinationRules, Gateway
-API TCPRoutes and SMI TrafficSplits).
+EndpointSlices, Istio's AuthorizationPolicies, PeerAuthentications, DestinationRules and
+WorkloadEntries, Gateway API TCPRoutes and SMI TrafficSplits).
 
 `parse_objects` turns multi-document YAML, as `kubectl get -o yaml` prints it or as a person
 writes it, into one `RegistryState`, or raises `RegistryError` naming the document, object and
@@ -67,6 +67,15 @@ from registry.traffic import (
     read_traffic_split,
     shape_services,
 )
+from registry.workloadentries import (
+    ENDPOINT_SOURCE,
+    WORKLOAD_ENTRY_API_VERSIONS,
+    Entry,
+    Heartbeats,
+    entry_workload,
+    is_entry,
+    read_workload_entry,
+)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # how an EndpointSlice names its Service
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -87,6 +96,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "DestinationRule": DESTINATION_RULE_API_VERSIONS,
     "TCPRoute": TCP_ROUTE_API_VERSIONS,
     "TrafficSplit": TRAFFIC_SPLIT_API_VERSIONS,
+    "WorkloadEntry": WORKLOAD_ENTRY_API_VERSIONS,
 }
 
 
@@ -347,10 +357,11 @@ def supported(obj: KubeObject) -> bool:
     return True
 
 
-def _check_unique_ips(owners: Iterable[tuple[KubeObject, str]], path: str) -> None:
-    """Raise when two objects claim one address: the ztunnel could not tell them apart."""
+def _check_unique_ips(owners: Iterable[tuple[KubeObject, str, str]]) -> None:
+    """Raise when two objects claim one address (each with its field's path): the ztunnel could
+    not tell them apart."""
     first: dict[str, KubeObject] = {}
-    for obj, ip in owners:
+    for obj, ip, path in owners:
         if not ip:
             continue
         other = first.setdefault(ip, obj)
@@ -404,7 +415,7 @@ def _selected_endpoints(service: Service, pods: Iterable[_Serving], zones: Mappi
             if number is not None:  # a pod lacking the named port cannot serve that service port
                 ports[sp.name] = number
         endpoints.append(Endpoint(ip=w.ip, ports=ports, ready=w.ready, workload=w.key, node=w.node,
-                                  zone=zones.get(w.node)))
+                                  zone=zones.get(w.node), source=ENDPOINT_SOURCE if is_entry(w) else ""))
     return tuple(endpoints)
 
 
@@ -420,22 +431,31 @@ def _sliced_endpoints(service: Service, slices: Iterable[_Slice], zones: Mapping
     return tuple(endpoints)
 
 
-def parse_objects(text: str, source: str = "file", generation: int = 0) -> RegistryState:
+def parse_objects(text: str, source: str = "file", generation: int = 0,
+                  heartbeats: Heartbeats | None = None) -> RegistryState:
     """Parse multi-document Kubernetes YAML into a RegistryState; raise RegistryError if invalid."""
-    return build_state(_objects(text), source, generation)  # type: ignore[arg-type]
+    return build_state(_objects(text), source, generation, heartbeats)  # type: ignore[arg-type]
 
 
 def build_state(
-    objects: Iterable[dict[Any, Any]], source: str = "file", generation: int = 0
+    objects: Iterable[dict[Any, Any]], source: str = "file", generation: int = 0,
+    heartbeats: Heartbeats | None = None,
 ) -> RegistryState:
     """Build a RegistryState from Kubernetes objects (dicts); raise RegistryError if invalid.
 
     Kinds other than those of API_VERSIONS are skipped. A RegistryError
     raised for one object carries `object_key` = (kind, namespace, name) of that object.
+    WorkloadEntries' heartbeats are noted in `heartbeats` (kept from one build to the next by the
+    caller, as the time each was first seen) and their health judged at its clock's now.
     """
+    heartbeats = heartbeats if heartbeats is not None else Heartbeats()
+    now = heartbeats.clock()
     seen: dict[tuple[str, str, str], KubeObject] = {}
     namespaces: dict[str, dict[str, str]] = {}
     pods: list[_Pod] = []
+    entries: list[Entry] = []  # WorkloadEntries, their workloads' readiness at `now`
+    serving: list[_Serving] = []  # pods and entries, in the order read: a selector's endpoints
+    addresses: list[tuple[KubeObject, str, str]] = []  # pods' and entries' addresses, in the order read
     services: list[tuple[KubeObject, Service]] = []
     slices: dict[str, list[_Slice]] = {}
     authorization_policies: list[AuthorizationPolicy] = []
@@ -460,6 +480,15 @@ def build_state(
             pod = _read_pod(obj, source)
             if pod is not None:
                 pods.append(pod)
+                serving.append(pod)
+                addresses.append((obj, pod.workload.ip, "status.podIP"))
+        elif obj.kind == "WorkloadEntry":
+            entry = read_workload_entry(obj, source)
+            heartbeats.observe(obj.key, entry)  # type: ignore[arg-type]
+            entry = replace(entry, workload=entry_workload(obj.key, entry, heartbeats, now))  # type: ignore[arg-type]
+            entries.append(entry)
+            serving.append(entry)
+            addresses.append((obj, entry.workload.ip, "spec.address"))
         elif obj.kind == "Service":
             services.append((obj, _read_service(obj, source)))
         elif obj.kind == "AuthorizationPolicy":
@@ -476,21 +505,22 @@ def build_state(
         else:
             endpoint_slice = _read_slice(obj)
             slices.setdefault(endpoint_slice.service_key, []).append(endpoint_slice)
-    _check_unique_ips(((p.obj, p.workload.ip) for p in pods), "status.podIP")
-    _check_unique_ips(((obj, s.cluster_ip) for obj, s in services), "spec.clusterIP")
+    _check_unique_ips(addresses)
+    _check_unique_ips((obj, s.cluster_ip, "spec.clusterIP") for obj, s in services)
     # A pod's namespace may have no Namespace object; then only the pod's own label can enroll it.
     workloads = tuple(
         replace(w, enrolled=_enrolled(w.labels, namespaces.get(w.namespace, {})),
                 mtls_mode=namespaces.get(w.namespace, {}).get(MTLS_MODE_LABEL, ""))
         for w in (p.workload for p in pods)
-    )
+    ) + tuple(e.workload for e in entries)  # an entry is never enrolled
     zones = _zones(node_zones, (s for service_slices in slices.values() for s in service_slices))
-    # As in Kubernetes, once a Service has EndpointSlices they alone list its endpoints; a slice
-    # naming a Service the file lacks has nothing to serve and is left unused.
+    # As in Kubernetes, once a Service has EndpointSlices they alone list its pods; a slice
+    # naming a Service the file lacks has nothing to serve and is left unused. As in Istio, the
+    # WorkloadEntries its selector matches are endpoints either way.
     built = tuple(
-        replace(s, endpoints=_sliced_endpoints(s, slices[s.key], zones))
+        replace(s, endpoints=_sliced_endpoints(s, slices[s.key], zones) + _selected_endpoints(s, entries, zones))
         if s.key in slices
-        else replace(s, endpoints=_selected_endpoints(s, pods, zones))
+        else replace(s, endpoints=_selected_endpoints(s, serving, zones))
         for _, s in services
     )
     return RegistryState(workloads=workloads, services=shape_services(built, destination_rules, splits),
@@ -527,6 +557,9 @@ class FileSource:
         self._state: RegistryState | None = None
         self._generation = 0
         self._version: StatVersion | None = None  # the file version last parsed, good or bad
+        # when each WorkloadEntry with a TTL was first seen with its lastProbeTime, kept across
+        # re-reads; one lapsing makes the next poll build the state again
+        self._heartbeats = Heartbeats()
 
     @property
     def state(self) -> RegistryState | None:
@@ -552,7 +585,7 @@ class FileSource:
         while True:
             await asyncio.sleep(self.poll_interval)
             version = self._stat()
-            if version == self._version:
+            if version == self._version and not self._heartbeats.lapsed(time.time()):
                 if self.last_error is None:
                     self.synced_at = time.time()  # checked: the good state is still current
                 continue
@@ -575,7 +608,7 @@ class FileSource:
         self._version = version
         try:
             text = self.path.read_text(encoding="utf-8")
-            state = parse_objects(text, generation=self._generation + 1)
+            state = parse_objects(text, generation=self._generation + 1, heartbeats=self._heartbeats)
         except OSError as e:
             error = RegistryError(f"cannot read registry file {self.path}: {e.strerror or e}")
         except UnicodeDecodeError as e:

@@ -3,7 +3,8 @@
 `KubernetesSource` lists Namespaces, Pods, Services, discovery.k8s.io/v1 EndpointSlices,
 Istio's security.istio.io AuthorizationPolicies and PeerAuthentications, the custom resources that
 shape traffic (Istio's networking.istio.io DestinationRules, Gateway API TCPRoutes, SMI
-TrafficSplits) and this node's own Node (for its zone), then watches each from
+TrafficSplits), Istio's WorkloadEntries (registry/workloadentries.py: their heartbeats lapse on a
+timer, without an event) and this node's own Node (for its zone), then watches each from
 the list's resourceVersion (with bookmarks), and reads each object into a
 `registry.incremental.IncrementalRegistry` as it arrives (the same rules as the registry file's
 `build_state`, but an event recomputes only what it touches, and only what the rules use of an
@@ -68,6 +69,7 @@ from registry.model import RegistryState
 from registry.objects import CLUSTER_SCOPED
 from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
 from registry.traffic import DESTINATION_RULE_API_VERSIONS, TCP_ROUTE_API_VERSIONS, TRAFFIC_SPLIT_API_VERSIONS
+from registry.workloadentries import WORKLOAD_ENTRY_API_VERSIONS
 
 log = logging.getLogger("amesh.registry")
 
@@ -109,7 +111,10 @@ KINDS = (
     _Kind("TCPRoute", TCP_ROUTE_API_VERSIONS, "custom", "tcproutes", True, "Gateway API's experimental",
           "TCPRoute splits"),
     _Kind("TrafficSplit", TRAFFIC_SPLIT_API_VERSIONS, "custom", "trafficsplits", True, "SMI's", "TrafficSplits"),
+    _Kind("WorkloadEntry", WORKLOAD_ENTRY_API_VERSIONS, "custom", "workloadentries", True, _ISTIO,
+          "WorkloadEntries (workloads outside Kubernetes)"),
 )
+LAPSE_MARGIN = 0.005  # seconds past a WorkloadEntry's heartbeat deadline the publisher wakes: lapsed by then
 
 
 class _Gone(Exception):
@@ -562,12 +567,24 @@ class KubernetesSource:
     async def _publisher(self) -> None:
         """After the initial sync and after each burst of changes, publish a new state if any."""
         while True:
-            await self._changed.wait()
+            await self._change_or_lapse()
             await asyncio.sleep(self.publish_interval)  # let the rest of the burst arrive
             self._changed.clear()
             if len(self._listed) < len(self._kinds):
                 continue  # not every kind listed yet: a partial state would drop workloads
             self._publish()
+
+    async def _change_or_lapse(self) -> None:
+        """Until an event arrives, or the next WorkloadEntry heartbeat lapses (no event says so: the
+        commit after it finds the entry lapsed)."""
+        deadline = self._registry.next_lapse()
+        if deadline is None:
+            await self._changed.wait()
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.time()) + LAPSE_MARGIN)
+        except asyncio.TimeoutError:
+            self._changed.set()
 
     def _publish(self) -> None:
         state = self._registry.commit()

@@ -1,5 +1,5 @@
 """A test Kubernetes API server: list/watch of namespaces, nodes, pods, services, endpointslices,
-Istio's authorizationpolicies, peerauthentications and destinationrules, Gateway API tcproutes
+Istio's authorizationpolicies, peerauthentications, destinationrules and workloadentries, Gateway API tcproutes
 and SMI trafficsplits.
 
 Faithful enough that the real kubectl and real Kubernetes client libraries work against it, so
@@ -25,7 +25,9 @@ What it serves, as the real API does:
   /apis/security.istio.io/{v1,v1beta1}/{authorizationpolicies,peerauthentications} (one object
   served at either version, as a CRD with conversion None; only the versions in
   security_versions, none of them when it is empty: 404, as without Istio's CRDs), and likewise
-  /apis/networking.istio.io/{v1,v1beta1,v1alpha3}/destinationrules,
+  /apis/networking.istio.io/{v1,v1beta1,v1alpha3}/{destinationrules,workloadentries} (a
+  WorkloadEntry has a status subresource, .../{name}/status: GET, PUT, PATCH change only its
+  status, and writes to the object, POST included, leave its status as it was),
   /apis/gateway.networking.k8s.io/v1alpha2/tcproutes, /apis/split.smi-spec.io/{v1alpha4..v1alpha1}/
   trafficsplits, each group only while it is in traffic_groups,
   namespaced as /.../namespaces/{ns}/{plural}[/{name}]: GET (list, with labelSelector,
@@ -101,6 +103,9 @@ class Resource:
     version: str
     namespaced: bool
     short_names: tuple[str, ...] = ()
+    # a status subresource (.../{name}/status): writes to the object leave its status as it was,
+    # writes to /status change nothing else (as a CRD with subresources.status)
+    status_subresource: bool = False
 
     @property
     def api_version(self) -> str:
@@ -135,6 +140,9 @@ RESOURCES = (
                                      ("peerauthentications", "peerauthentication", "PeerAuthentication"))),
     *(Resource(plural, singular, kind, group, version, True)
       for group, (versions, plural, singular, kind) in TRAFFIC_RESOURCES.items() for version in versions),
+    # Istio's WorkloadEntries, served with networking.istio.io's DestinationRules
+    *(Resource("workloadentries", "workloadentry", "WorkloadEntry", "networking.istio.io", version, True, ("we",),
+               status_subresource=True) for version in TRAFFIC_RESOURCES["networking.istio.io"][0]),
 )
 BY_KIND = {r.kind: r for r in reversed(RESOURCES)}  # each kind at its preferred (first listed) version
 API_VERSIONS_OF_KIND = {kind: tuple(r.api_version for r in RESOURCES if r.kind == kind) for kind in BY_KIND}
@@ -488,6 +496,7 @@ TABLE_COLUMNS: dict[str, tuple[list[JSON], Callable[[JSON], list[Any]]]] = {
     "DestinationRule": ([_col("Host")], lambda o: [(o.get("spec") or {}).get("host", "")]),
     "TCPRoute": ([], lambda o: []),
     "TrafficSplit": ([_col("Service")], lambda o: [(o.get("spec") or {}).get("service", "")]),
+    "WorkloadEntry": ([_col("Address")], lambda o: [(o.get("spec") or {}).get("address", "")]),
 }
 
 
@@ -753,8 +762,11 @@ class _Handlers:
     # resources
 
     def _route(self, request: web.Request) -> tuple[Resource, str | None, str | None]:
-        """(resource, namespace or None for all, name or None) for a resource path."""
+        """(resource, namespace or None for all, name or None) for a resource path (without a
+        trailing /status: see `_status_route`)."""
         parts = [p for p in request.path.split("/") if p]
+        if self._status_route(request):
+            parts = parts[:-1]
         if parts[0] == "api":
             if len(parts) < 2 or parts[1] != "v1":
                 raise web.HTTPNotFound()
@@ -786,6 +798,9 @@ class _Handlers:
                 return web.json_response(_resource_list(gv, served))
             raise web.HTTPNotFound()
         res, ns, name = self._route(request)
+        status = self._status_route(request)
+        if status and (name is None or not res.status_subresource):
+            raise web.HTTPNotFound()
         method = request.method
         self.requests[_verb(method, name, _parse_bool(request.query.get("watch")))] += 1
         if name is None:
@@ -794,7 +809,10 @@ class _Handlers:
                     return await self._watch(request, res, ns)
                 return self._list(request, res, ns)
             if method == "POST" and (ns is not None or not res.namespaced):
-                obj = self.store.create(_validated(await _body(request), res, ns))
+                obj = _validated(await _body(request), res, ns)
+                if res.status_subresource:
+                    obj.pop("status", None)  # set through /status only
+                obj = self.store.create(obj)
                 return web.json_response(obj, status=201)
             raise APIError(405, "MethodNotAllowed", f"{method} is not supported on {res.plural}")
         key_ns = ns or ""
@@ -808,7 +826,8 @@ class _Handlers:
             if obj["metadata"]["name"] != name:
                 raise APIError(400, "BadRequest",
                                "the name of the object does not match the name on the URL")
-            return web.json_response(self.store.replace(obj))
+            return web.json_response(self.store.replace(_written(res, self.store.objects.get((res.kind, key_ns, name)),
+                                                                 obj, status)))
         if method == "PATCH":
             current = self.store.objects.get((res.kind, key_ns, name))
             if current is None:
@@ -821,10 +840,16 @@ class _Handlers:
             patched = merge_patch(_served_as(res, current), await _body(request))
             patched = _validated(patched, res, ns)
             patched["metadata"]["name"] = name
-            return web.json_response(self.store.replace(patched))
-        if method == "DELETE":
+            return web.json_response(self.store.replace(_written(res, current, patched, status)))
+        if method == "DELETE" and not status:
             return web.json_response(_served_as(res, self.store.delete(res, key_ns, name)))
         raise APIError(405, "MethodNotAllowed", f"{method} is not supported on {res.plural}/{name}")
+
+    @staticmethod
+    def _status_route(request: web.Request) -> bool:
+        """Whether the path is an object's status subresource: .../namespaces/{ns}/{plural}/{name}/status."""
+        parts = [p for p in request.path.split("/") if p]
+        return len(parts) >= 6 and parts[-1] == "status" and parts[-5] == "namespaces"
 
     def _object_response(self, request: web.Request, res: Resource, obj: JSON) -> web.Response:
         if _wants_table(request):
@@ -1013,6 +1038,23 @@ async def _body(request: web.Request) -> JSON:
     if not isinstance(body, dict):
         raise APIError(400, "BadRequest", "the request body must be a JSON object")
     return body
+
+
+def _written(res: Resource, current: JSON | None, new: JSON, to_status: bool) -> JSON:
+    """What a PUT or PATCH of `new` stores, for a resource with a status subresource: written to
+    /status, the current object with the new status (and the resourceVersion given, checked);
+    written to the object, the new object with the current status."""
+    if not res.status_subresource or current is None:
+        return new
+    if to_status:
+        meta = {**current["metadata"]}
+        if new["metadata"].get("resourceVersion"):
+            meta["resourceVersion"] = new["metadata"]["resourceVersion"]
+        return {**current, "metadata": meta, "status": new.get("status")}
+    kept = {k: v for k, v in new.items() if k != "status"}
+    if "status" in current:
+        kept["status"] = current["status"]
+    return kept
 
 
 def _validated(obj: JSON, res: Resource | None, ns: str | None) -> JSON:

@@ -147,3 +147,16 @@ def test_random_bodies_never_answer_500(agent):
             assert response.status in (201, 400, 409), (text, response.status, await response.text())
             assert "error" in await response.json() or response.status == 201
     against(agent, check)
+
+
+def test_an_agent_following_the_api_server_refuses_a_loopback_registration_pointing_to_workload_entries(tmp_path):
+    agent = NodeAgent(AgentConfig(node="node-1", kubeconfig=str(tmp_path / "kubeconfig"), ca_dir=tmp_path / "ca"))
+
+    async def check(client: TestClient) -> None:
+        response = await client.post("/registrations", json=VM)
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert error.startswith("this agent reads its registry from the Kubernetes API server")
+        assert "ameshctl register NAME --address ADDRESS --port PORT --kubeconfig FILE --ttl 30s" in error
+        assert "WorkloadEntry" in error and len(agent.registrations) == 0
+    against(agent, check)

@@ -124,7 +124,8 @@ def test_daemonset_runs_the_agent_with_options_the_cli_accepts():
     assert granted == {("", "namespaces"), ("", "pods"), ("", "services"), ("", "nodes"),
                        ("discovery.k8s.io", "endpointslices"),
                        ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications"),
-                       ("networking.istio.io", "destinationrules"), ("gateway.networking.k8s.io", "tcproutes"),
+                       ("networking.istio.io", "destinationrules"), ("networking.istio.io", "workloadentries"),
+                       ("gateway.networking.k8s.io", "tcproutes"),
                        ("split.smi-spec.io", "trafficsplits")}
 
 

@@ -2,9 +2,11 @@
 
 After every event of a random sequence (pods added, deleted, moved, relabelled, made ready or not,
 finished; Services and their selectors; EndpointSlices; Namespaces enrolled and not; this node's
-zone; policies, DestinationRules and splits; now and then a malformed object) the incremental
-state must equal `build_state` of the same objects with each object it rejects skipped, as the
-Kubernetes source rebuilt it before.
+zone; policies, DestinationRules and splits; WorkloadEntries added, deleted, moved, relabelled,
+heartbeating or not, Healthy or not, with a TTL or not, and the clock moving on so that their
+heartbeats lapse; now and then a malformed object) the incremental state must equal `build_state`
+of the same objects with each object it rejects skipped, as the Kubernetes source rebuilt it
+before, both judging entries' health by the same heartbeats at the same time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from registry.incremental import TERMINAL_PHASES, IncrementalRegistry, Increment
 from registry.kubefile import build_state
 from registry.model import ENROLL_LABEL, RegistryError, RegistryState
 from registry.objects import CLUSTER_SCOPED
+from registry.workloadentries import TTL_ANNOTATION, Heartbeats, healthy_status
 
 NAMESPACES = ("shop", "pay", "ops")
 NODES = ("node-a", "node-b", "node-c")
@@ -34,17 +37,31 @@ def _key(obj: dict[str, Any]) -> Key:
     return (kind, "" if kind in CLUSTER_SCOPED else meta.get("namespace", "default"), meta["name"])
 
 
+class Clock:
+    """The agent's clock, moved on by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0  # seconds since the epoch
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class World:
     """The cluster's objects in the order the API server's cache keeps them, and random changes."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, clock: Clock) -> None:
         self.rng = rng
+        self.clock = clock
         self.objects: dict[Key, dict[str, Any]] = {}
 
     def event(self) -> tuple[str, dict[str, Any]]:
-        """One random change: ("apply", object) or ("delete", object)."""
+        """One random change: ("apply", object), ("delete", object), or ("tick", {}): time passes."""
         rng = self.rng
-        maker = rng.choice([self.pod] * 8 + [self.endpoint_slice] * 4 + [self.service] * 2 +
+        if rng.random() < 0.05:
+            self.clock.now += rng.uniform(0.0, 4.0)  # seconds: TTLs of 2-10 s lapse now and then
+            return "tick", {}
+        maker = rng.choice([self.pod] * 8 + [self.endpoint_slice] * 4 + [self.service] * 2 + [self.entry] * 3 +
                            [self.namespace, self.node, self.policy, self.rule])
         obj = maker()
         key = _key(obj)
@@ -71,6 +88,24 @@ class World:
         return {"apiVersion": "v1", "kind": "Pod", "spec": spec, "status": status,
                 "metadata": {"name": f"pod-{rng.randrange(12)}", "namespace": rng.choice(NAMESPACES),
                              "labels": labels}}
+
+    def entry(self) -> dict[str, Any]:
+        """A WorkloadEntry: its heartbeat fresh, old or absent; Healthy or not; with a TTL or not."""
+        rng = self.rng
+        # now and then a pod's range (a collision, one of them refused), now and then malformed
+        address = rng.choices((f"10.2.0.{rng.randrange(1, 250)}", f"10.1.0.{rng.randrange(1, 250)}", "vm.example"),
+                              (0.87, 0.1, 0.03))[0]
+        spec = {"address": address, "ports": {"http": rng.choice((8080, 9090))},
+                "labels": {"app": rng.choice(APPS)}, "serviceAccount": rng.choice(("vm", "web"))}
+        metadata: dict[str, Any] = {"name": f"vm-{rng.randrange(6)}", "namespace": rng.choice(NAMESPACES)}
+        if rng.random() < 0.6:
+            metadata["annotations"] = {TTL_ANNOTATION: f"{rng.choice((2, 5, 10))}s"}
+        entry = {"apiVersion": rng.choice(("networking.istio.io/v1", "networking.istio.io/v1beta1")),
+                 "kind": "WorkloadEntry", "metadata": metadata, "spec": spec}
+        if rng.random() < 0.8:  # a heartbeat now, a little while ago, or long ago (a client that died)
+            probed = self.clock.now - rng.choice((0.0, 0.0, 1.5, 60.0))
+            entry["status"] = healthy_status(probed, healthy=rng.random() < 0.85)["status"]
+        return entry
 
     def service(self) -> dict[str, Any]:
         rng = self.rng
@@ -138,14 +173,14 @@ class World:
                 "spec": {"service": rng.choice(SERVICES), "backends": backends}}
 
 
-def rebuild(objects: dict[Key, dict[str, Any]]) -> tuple[RegistryState, set[Key]]:
+def rebuild(objects: dict[Key, dict[str, Any]], heartbeats: Heartbeats) -> tuple[RegistryState, set[Key]]:
     """The state a whole rebuild makes of the objects (in cache order), and the keys it skips."""
     kept = {key: obj for key, obj in objects.items()
             if not (key[0] == "Pod" and obj.get("status", {}).get("phase") in TERMINAL_PHASES)}
     skipped: set[Key] = set()
     while True:
         try:
-            return build_state(kept.values(), "kubernetes"), skipped
+            return build_state(kept.values(), "kubernetes", heartbeats=heartbeats), skipped
         except RegistryError as e:
             key = e.object_key  # type: ignore[attr-defined]
             del kept[key]
@@ -172,17 +207,19 @@ def check_indexes(state: IncrementalState) -> None:
 
 
 def run_events(seed: int, count: int) -> None:
-    world, registry = World(random.Random(seed)), IncrementalRegistry()
+    clock = Clock()
+    world, registry = World(random.Random(seed), clock), IncrementalRegistry(clock=clock)
     for step in range(count):
         action, obj = world.event()
         if action == "apply":
             registry.apply(obj)
-        else:
+        elif action == "delete":
             registry.delete(*_key(obj))
         registry.commit()
-        expected, skipped = rebuild(world.objects)
-        assert content(registry.state) == content(expected), f"event {step}: {action} {_key(obj)}"
-        assert set(registry.rejected) == skipped, f"event {step}: {action} {_key(obj)}"
+        expected, skipped = rebuild(world.objects, registry.heartbeats)
+        what = f"event {step}: {action} {_key(obj) if obj else clock.now}"
+        assert content(registry.state) == content(expected), what
+        assert set(registry.rejected) == skipped, what
         if step % 50 == 0:
             check_indexes(registry.state)
 

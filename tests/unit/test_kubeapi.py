@@ -102,11 +102,11 @@ def _kubectl_env(tmp_path: Path) -> dict[str, str]:
 # --- raw HTTP helpers ---------------------------------------------------------------------------
 
 def request(api: KubeAPIServer, method: str, path: str,
-            body: dict | None = None) -> tuple[int, dict]:
+            body: dict | None = None, content_type: str = "application/json") -> tuple[int, dict]:
     """One request; (status, JSON body), for errors too."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(api.url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
@@ -493,6 +493,52 @@ def test_kubectl_applies_and_gets_the_traffic_kinds_and_nodes(
     assert kubectl("apply", "-f", str(manifest)) == "destinationrule.networking.istio.io/web configured\n"
     assert api.get("DestinationRule", "web", "shop")["spec"] == rule["spec"]  # type: ignore[index]
     assert kubectl("delete", "trafficsplit", "web", "-n", "shop") == 'trafficsplit.split.smi-spec.io "web" deleted\n'
+
+
+WORKLOAD_ENTRY = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                  "metadata": {"name": "vm-1", "namespace": "shop"},
+                  "spec": {"address": "192.168.7.20", "ports": {"http": 8080}, "labels": {"app": "web"}},
+                  "status": {"conditions": [{"type": "Healthy", "status": "True"}]}}
+ENTRIES = "/apis/networking.istio.io/v1/namespaces/shop/workloadentries"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def test_workload_entries_have_a_status_subresource(api: KubeAPIServer, watches) -> None:
+    status, created = request(api, "POST", ENTRIES, WORKLOAD_ENTRY)
+    assert status == 201 and "status" not in created  # set through /status only, as a CRD's
+    watch = watches(api, f"{ENTRIES}?watch=true&resourceVersion={created['metadata']['resourceVersion']}")
+    healthy = {"status": {"conditions": [{"type": "Healthy", "status": "True",
+                                          "lastProbeTime": "2026-12-02T01:00:00.000000Z"}]}}
+    status, patched = request(api, "PATCH", f"{ENTRIES}/vm-1/status", healthy, MERGE_PATCH)
+    assert status == 200 and patched["status"] == healthy["status"] and patched["spec"] == WORKLOAD_ENTRY["spec"]
+    assert watch.until(lambda e: e["type"] == "MODIFIED")["object"]["status"] == healthy["status"]
+    # a write to the object leaves its status; a write to /status leaves the rest
+    moved = {"spec": {"address": "192.168.7.21"}, "status": {"conditions": []}}
+    status, patched = request(api, "PATCH", f"{ENTRIES}/vm-1", moved, MERGE_PATCH)
+    assert (patched["spec"]["address"], patched["status"]) == ("192.168.7.21", healthy["status"])
+    stale = {**patched, "spec": {"address": "10.0.0.9"}, "status": {"conditions": []}}
+    status, put = request(api, "PUT", f"{ENTRIES}/vm-1/status", stale)
+    assert (status, put["spec"]["address"], put["status"]) == (200, "192.168.7.21", {"conditions": []})
+    status, body = request(api, "PUT", f"{ENTRIES}/vm-1/status", stale)  # the resourceVersion is old now
+    assert (status, body["reason"]) == (409, "Conflict")
+    assert request(api, "GET", f"{ENTRIES}/vm-1/status")[1]["status"] == {"conditions": []}
+    assert request(api, "GET", "/api/v1/namespaces/shop/pods/web-1/status")[0] == 404  # pods: no subresource here
+    assert request(api, "DELETE", f"{ENTRIES}/vm-1")[0] == 200
+    assert request(api, "GET", f"{ENTRIES}/vm-1")[0] == 404
+
+
+@needs_kubectl
+def test_kubectl_applies_and_gets_workload_entries(
+        api: KubeAPIServer, kubectl: Callable[..., str], tmp_path: Path) -> None:
+    manifest = tmp_path / "entry.yaml"
+    manifest.write_text(yaml.safe_dump(WORKLOAD_ENTRY))
+    assert kubectl("apply", "-f", str(manifest)) == "workloadentry.networking.istio.io/vm-1 created\n"
+    header, row = kubectl("get", "workloadentries.networking.istio.io", "-A").splitlines()
+    assert header.split() == ["NAMESPACE", "NAME", "ADDRESS", "AGE"] and row.split()[:3] == ["shop", "vm-1",
+                                                                                            "192.168.7.20"]
+    assert kubectl("get", "we", "vm-1", "-n", "shop", "-o", "jsonpath={.spec.ports.http}") == "8080"
+    assert kubectl("delete", "workloadentry", "vm-1", "-n", "shop") == \
+        'workloadentry.networking.istio.io "vm-1" deleted\n'
 
 
 def test_a_traffic_group_is_served_only_while_its_crds_are_installed() -> None:
