@@ -22,6 +22,7 @@ from registry.kubefile import build_state
 from registry.model import ENROLL_LABEL, RegistryError, RegistryState
 from registry.objects import CLUSTER_SCOPED
 from registry.workloadentries import TTL_ANNOTATION, Heartbeats, healthy_status
+from tests.unit.clock import Clock
 
 NAMESPACES = ("shop", "pay", "ops")
 NODES = ("node-a", "node-b", "node-c")
@@ -35,16 +36,6 @@ Key = tuple[str, str, str]
 def _key(obj: dict[str, Any]) -> Key:
     kind, meta = obj["kind"], obj["metadata"]
     return (kind, "" if kind in CLUSTER_SCOPED else meta.get("namespace", "default"), meta["name"])
-
-
-class Clock:
-    """The agent's clock, moved on by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0  # seconds since the epoch
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class World:

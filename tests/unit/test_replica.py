@@ -84,17 +84,17 @@ class Registrations:
 
 # test_incremental.py's world, and the registries that follow it, are made and read only here
 def new_world(rng: random.Random) -> World:
-    return World(rng)
+    return World(rng, Clock())
 
 
 def new_registry(world: World) -> IncrementalRegistry:
     """A registry to follow `world`'s objects."""
-    return IncrementalRegistry()
+    return IncrementalRegistry(clock=world.clock)
 
 
 def rebuilt(world: World, registry: IncrementalRegistry) -> RegistryState:
     """The file source's state of the world's objects: a whole rebuild."""
-    return rebuild(world.objects)[0]
+    return rebuild(world.objects, registry.heartbeats)[0]
 
 
 def next_event(world: World, registry: IncrementalRegistry) -> str:
