@@ -49,7 +49,7 @@ def test_a_registered_workload_receives_captured_connections_until_it_expires(me
     vm = mesh.bed.pods["vm"]
     assert not reachable(mesh)  # no endpoint yet: the ztunnel resets the connection
     out = mesh.ctl(1, "register", "billing", "--address", vm.ip, "--port", "8080", "--version", "v2",
-                   "-n", "shop", "--ttl", "2s").stdout
+                   "-n", "shop", "--ttl", "6s").stdout  # room for the checks below: ~1 s per ameshctl call under load
     assert f"registered shop/billing at {vm.ip}:8080" in out
     assert [(e["ip"], e["ready"], e["source"]) for e in lookup(mesh)] == [(vm.ip, True, "registration")]
     assert reachable(mesh)
@@ -60,7 +60,7 @@ def test_a_registered_workload_receives_captured_connections_until_it_expires(me
         "registration", True, {"app": "billing", "version": "v2"})
     assert "[registration]" in mesh.ctl(1, "services").stdout
 
-    mesh.wait_for("the registration to expire", lambda: not lookup(mesh)[0]["ready"], timeout=5)
+    mesh.wait_for("the registration to expire", lambda: not lookup(mesh)[0]["ready"], timeout=10)
     assert not reachable(mesh)
     failed = [c for c in mesh.ctl_json(1, "connections") if c["state"] == "failed"][0]
     assert "has no ready endpoint" in failed["reason"]
