@@ -252,7 +252,7 @@ def capacity(records: list[dict]) -> str:
 
 def _per(numerator: float, cost: float) -> str:
     """numerator / cost as a rate (1000 ms / ms per connection; 8 Gbit / s per GB)."""
-    return f"{numerator / cost:,.0f}" if cost else "n/a"
+    return "n/a" if not cost else f"{numerator / cost:,.0f}" if numerator / cost >= 100 else f"{numerator / cost:.1f}"
 
 
 def _fmt(value: float) -> str:
