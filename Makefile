@@ -14,9 +14,9 @@ demo: deps
 	$(PYTHON) -m tests.demo --mode $(MODE) $(if $(filter 1,$(CLUSTER)),--control-plane)
 
 # tcpdump: the e2e tests look at the bytes on the wire between nodes; prometheus: promtool and a
-# real server scraping an agent; tmux: a terminal for `ameshctl top`; iperf3, stunnel4, haproxy:
-# tests/e2e/test_bench.py runs the benchmark's quick mode
-test e2e: PKGS = tcpdump prometheus tmux iperf3 stunnel4 haproxy
+# real server scraping an agent; tmux: a terminal for `ameshctl top`; iperf3, stunnel4, haproxy,
+# linux-perf: tests/e2e/test_bench.py runs the benchmarks' quick mode
+test e2e: PKGS = tcpdump prometheus tmux iperf3 stunnel4 haproxy linux-perf
 
 # kubectl reads the test Kubernetes API server in the tests (Debian's kubernetes-client if absent)
 test: deps
