@@ -88,9 +88,11 @@ class WorkersBench(Bench):
             new_connections(self.bed, path.client, path.ip, path.echo_port, WARMUP_SECONDS, SETUP_MESSAGE)
 
     def agent_pids(self) -> list[int]:
+        """The agents' pids, node-1's first (their workers are found under them)."""
         return [self.mesh.agents[node.name].pid for node in self.bed.nodes]
 
     def put(self, scenario: str, path: str, metric: str, unit: str, value: float) -> None:
+        """One measured value of the worker count in use."""
         self.figures.setdefault((scenario, path, f"{self.workers}w", metric, unit), []).append(value)
 
     def cpu_split(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
@@ -115,6 +117,7 @@ class WorkersBench(Bench):
     # -- scenarios ------------------------------------------------------------------------------
 
     def new_conn(self, path: Target) -> str:
+        """New connections back to back: conn/s, p50, CPU per connection."""
         before = tree_cpu(self.agent_pids())
         times = new_connections(self.bed, path.client, path.ip, path.echo_port, self.settings.conn_seconds,
                                 SETUP_MESSAGE)
@@ -126,6 +129,7 @@ class WorkersBench(Bench):
         return f"{rate:6.0f} conn/s  CPU {cpu:.3f} ms/conn"
 
     def bulk(self, path: Target) -> str:
+        """iperf3 -P 4: Gbit/s, CPU per GB."""
         before = tree_cpu(self.agent_pids())
         gbps, moved = iperf3(self.bed, path.client, path.ip, path.iperf_port, self.settings.bulk_seconds, 4)
         split = self.cpu_split(before, tree_cpu(self.agent_pids()))
@@ -134,6 +138,7 @@ class WorkersBench(Bench):
         return f"{gbps:6.2f} Gbit/s  CPU {cpu:.3f} s/GB"
 
     def rr(self, path: Target) -> str:
+        """64-byte round trips on one connection: p50, p99."""
         s = self.settings
         times = round_trips(self.bed, path.client, path.ip, path.echo_port, RR_SIZE, s.rr_seconds, s.rr_max)
         p50, p99 = percentile(times, 50) / 1e3, percentile(times, 99) / 1e3
@@ -260,12 +265,14 @@ def _fmt(value: float) -> str:
 
 
 def syscall_tables(runs: dict[str, dict]) -> str:
+    """The syscall run as two tables: calls per GB, calls per connection."""
     per_gb = {f"{name} per GB": run["per_gb"] for name, run in runs.items()}
     per_conn = {f"{name} per conn": run["per_connection"] for name, run in runs.items()}
     return "\n\n".join([syscalls.table(per_gb), syscalls.table(per_conn)])
 
 
 def markdown(records: list[dict], counts: list[int], runs: dict[str, dict] | None) -> str:
+    """Every table of the run, as printed and written to the .md file."""
     parts = [figures_table(records, counts), "CPU of the data plane per core (the workers; with 1 worker, the agent):",
              capacity(records)]
     met = targets(records, counts)
