@@ -14,9 +14,9 @@ demo: deps
 	$(PYTHON) -m tests.demo --mode $(MODE) $(if $(filter 1,$(CLUSTER)),--control-plane)
 
 # tcpdump: the e2e tests look at the bytes on the wire between nodes; prometheus: promtool and a
-# real server scraping an agent; tmux: a terminal for `ameshctl top`; iperf3, stunnel4, haproxy:
-# tests/e2e/test_bench.py runs the benchmark's quick mode
-test e2e: PKGS = tcpdump prometheus tmux iperf3 stunnel4 haproxy
+# real server scraping an agent; tmux: a terminal for `ameshctl top`; iperf3, stunnel4, haproxy,
+# linux-perf: tests/e2e/test_bench.py runs the benchmarks' quick mode
+test e2e: PKGS = tcpdump prometheus tmux iperf3 stunnel4 haproxy linux-perf
 
 # kubectl reads the test Kubernetes API server in the tests (Debian's kubernetes-client if absent)
 test: deps
@@ -36,10 +36,11 @@ fuzz: deps
 # iperf3 drives the throughput figures; stunnel4 and haproxy are the mTLS proxies amesh is compared
 # with (installed as tools: no service starts); matplotlib (the "bench" extra) draws the chart.
 # bench.run (amesh vs direct/stunnel/haproxy), then bench.telemetry_cost, bench.policy_cost,
-# bench.traffic_cost, bench.failover and bench.registry (10,000 pods and 2,000 Services from the
-# test API server, one agent's registry).
+# bench.traffic_cost, bench.failover, bench.registry (10,000 pods and 2,000 Services from the
+# test API server, one agent's registry) and bench.workers (1 against 2 ztunnel workers; linux-perf
+# counts the system calls of amesh and stunnel).
 # QUICK=1: one short repeat of each, to check the harness.
-bench: PKGS = iperf3 stunnel4 haproxy
+bench: PKGS = iperf3 stunnel4 haproxy linux-perf
 bench: deps
 	$(PYTHON) -m bench.run $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.telemetry_cost $(if $(QUICK),--quick)
@@ -47,6 +48,7 @@ bench: deps
 	$(PYTHON) -m bench.traffic_cost $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.failover $(if $(QUICK),--quick)
 	$(PYTHON) -m bench.registry $(if $(QUICK),--pods 1000 --services 200 --events 99)
+	$(PYTHON) -m bench.workers $(if $(QUICK),--quick)
 
 # The OCI image build/amesh-<version>.oci.tar (Containerfile), without a Docker daemon: buildah over
 # a Debian 12 tree from debootstrap (cached in build/image/). image-test builds it and runs the agents

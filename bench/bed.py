@@ -85,6 +85,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of stat(5)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant of it (an agent and its worker processes), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # it ended while we looked
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += children.get(tree[i], [])
+        i += 1
+    return tree
+
+
+def tree_cpu(pids: list[int]) -> dict[int, float]:
+    """utime + stime in seconds of each of `pids` and of each of their live descendants."""
+    seconds = {}
+    for p in (p for pid in pids for p in process_tree(pid)):
+        try:
+            seconds[p] = cpu_seconds(p)
+        except OSError:
+            continue  # it ended while we looked
+    return seconds
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of process `pid` in KiB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -95,8 +95,8 @@ class Target:
 class Bench:
     """The bed, its servers, proxies and agents; one method per scenario."""
 
-    def __init__(self, bed: Bed, settings: Settings) -> None:
-        self.bed, self.settings = bed, settings
+    def __init__(self, bed: Bed, settings: Settings, agent_flags: tuple[str, ...] = AGENT_FLAGS) -> None:
+        self.bed, self.settings, self.agent_flags = bed, settings, agent_flags
         self.mesh = Mesh(bed, namespaces={"mesh": True, "plain": False})
         pclient = bed.add_pod("pclient", 1, namespace="plain")
         pserver = bed.add_pod("pserver", 2, namespace="plain")
@@ -126,7 +126,7 @@ class Bench:
 
     def start_agents(self) -> None:
         for node in self.bed.nodes:
-            proc = self.mesh.start_agent(node, *AGENT_FLAGS)
+            proc = self.mesh.start_agent(node, *self.agent_flags)
             raise_open_files(AGENT_OPEN_FILES, proc.pid)
             exe = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
             if not any(b"ameshctl" in part for part in exe[:2]):  # ip netns exec replaced itself

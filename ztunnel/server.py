@@ -56,10 +56,11 @@ class CapturedListener:
         """Serve on `sock`, an already bound and listening socket; the listener takes ownership."""
         sock.setblocking(False)
         self._sock = sock
+        self._loop = asyncio.get_running_loop()  # asked once: asking costs a getpid(2) each time
         # Raw accepted sockets, not asyncio.start_server's streams: the HBONE listener picks the
         # TLS certificate by the dialled address before a byte is read, and a stream would
         # already be reading the ClientHello into a plain buffer.
-        asyncio.get_running_loop().add_reader(sock, self._accept_ready)
+        self._loop.add_reader(sock, self._accept_ready)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -104,7 +105,7 @@ class CapturedListener:
                 return
             conn.setblocking(False)
             no_delay(conn)
-            task = asyncio.create_task(self._serve(conn, peer[:2]))
+            task = self._loop.create_task(self._serve(conn, peer[:2]))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
 

@@ -81,7 +81,8 @@ class TcpStream:
     """
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # Python's own record: accepted or connected ones already are
+            sock.setblocking(False)  # an ioctl each time
         self.sock = sock
         self._transport: asyncio.Transport | None = None
         self._protocol = _TcpProtocol()

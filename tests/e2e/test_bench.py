@@ -2,7 +2,7 @@
 connections) exits 0 and writes figures for every path and scenario, a Markdown table and a
 chart. It checks that every path carried its bytes (echoes compared, iperf3 moved data), never
 how fast. About a minute. bench.traffic_cost and bench.failover run their quick mode too (about
-15 s each).
+15 s each), and bench.workers (about a minute: each worker count, and perf's syscall counts).
 """
 
 from __future__ import annotations
@@ -56,3 +56,25 @@ def test_quick_traffic_benches_run_and_print_their_table(bench: str) -> None:
     assert cp.returncode == 0, f"bench.{bench} --quick failed:\n{cp.stdout[-3000:]}\n{cp.stderr[-3000:]}"
     rows = [line for line in cp.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 3, cp.stdout  # the header and one row per configuration
+
+
+def test_quick_workers_bench_measures_each_count_and_counts_syscalls() -> None:
+    from bench.syscalls import perf_available
+    from bench.workers import workers_option
+
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing or not perf_available():
+        pytest.skip(f"bench.workers needs {', '.join(missing) or 'perf'} (make bench installs them)")
+    counts = "1,2" if workers_option() else "1"  # 2 once the worker processes are there
+    cp = subprocess.run([sys.executable, "-m", "bench.workers", "--quick", "--workers", counts], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=TIMEOUT)
+    assert cp.returncode == 0, f"bench.workers --quick failed:\n{cp.stdout[-3000:]}\n{cp.stderr[-3000:]}"
+    rows = [line.split(" | ") for line in cp.stdout.splitlines() if line.startswith("| ")]
+    [rate] = [row for row in rows if row[:3] == ["| new-conn", "amesh-cross", "rate"]]
+    assert len(rate) == 4 + 2 * len(counts.split(",")) - 1, rate  # a figure for each count, ratios to the first
+    for n in counts.split(","):
+        assert any(row[0] == f"| {n}" for row in rows), cp.stdout  # its row of the per-core table
+    totals = [row for row in rows if row[0] == "| total"]
+    assert len(totals) == 2, cp.stdout  # per GB and per connection, each with stunnel and every amesh path
+    for row in totals:
+        assert len(row) == 1 + 1 + 2 * len(counts.split(",")) and all(cell.strip(" |") != "0.00" for cell in row[1:])

@@ -466,13 +466,17 @@ class H2Session(asyncio.BufferedProtocol):
             self.flush()  # h2 queued a GOAWAY that tells the peer what it did wrong
             self._terminate(f"broken by an HTTP/2 protocol error from the peer ({cut(str(e))})")
             return
+        # What the frames of this read made h2 send (WINDOW_UPDATEs, SETTINGS ACKs, PING
+        # answers) goes out now, in one write: left for the end of the pass, it would cost the
+        # event loop a pass of its own after every read.
         self.flush()
+        self._write_out()
         if self._yielded and not self.closed:
             self._backlog_scheduled = True
             self.mitigations["read_yield"] += 1
             assert self._transport is not None
             self._transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._receive_backlog)
+            self._loop.call_soon(self._receive_backlog)
         self._yielded = False
 
     def _receive_backlog(self) -> None:
@@ -544,7 +548,7 @@ class H2Session(asyncio.BufferedProtocol):
             self._keepalive_timer = self._loop.call_at(self._keepalive.due(self._loop.time())[1],
                                                        self._keepalive_check)
         if self._preface_timeout is not None and not self.closed:
-            self._preface_timer = asyncio.get_running_loop().call_later(
+            self._preface_timer = self._loop.call_later(
                 self._preface_timeout, self._preface_expired)
 
     def _preface_expired(self) -> None:
@@ -632,7 +636,7 @@ class H2Session(asyncio.BufferedProtocol):
         stream_id = self.h2.get_next_available_stream_id()
         stream = HboneStream(self, stream_id)
         self.guard.streams_opened += 1  # the server may answer and reset it
-        stream._response = asyncio.get_running_loop().create_future()
+        stream._response = self._loop.create_future()
         self._add(stream)
         self.h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority), *headers])
         self.flush()
@@ -716,9 +720,10 @@ class H2Session(asyncio.BufferedProtocol):
         self.h2.outbound_flow_control_window -= size
         self.h2.streams[stream_id].outbound_flow_control_window -= size
         self.guard.data_frames_sent += 1  # the peer's allowance of WINDOW_UPDATEs
-        self._queue(_FRAME_HEADER.pack(size >> 8, size & 0xFF, DATA, 0, stream_id), payload)
         # at once, with the frames queued before it: a message waits for nothing, and the
-        # transport's backpressure is felt by the next read
+        # transport's backpressure is felt by the next read. Not through _queue: a write
+        # scheduled for the end of the pass would find nothing left to write.
+        self._outgoing += (_FRAME_HEADER.pack(size >> 8, size & 0xFF, DATA, 0, stream_id), payload)
         self._write_out()
 
     def _queue(self, *frames: bytes) -> None:
@@ -728,7 +733,7 @@ class H2Session(asyncio.BufferedProtocol):
         self._outgoing += frames
         if not self._write_scheduled:
             self._write_scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_out)
+            self._loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         self._write_scheduled = False
@@ -749,7 +754,7 @@ class H2Session(asyncio.BufferedProtocol):
         self._write_out()
         while self.write_paused and not self.closed:
             if self._write_resumed is None or self._write_resumed.done():  # one future for all waiters
-                self._write_resumed = asyncio.get_running_loop().create_future()
+                self._write_resumed = self._loop.create_future()
             await self._write_resumed
 
     def forget(self, stream: HboneStream) -> None:
@@ -786,7 +791,7 @@ class H2Session(asyncio.BufferedProtocol):
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timeout is not None and not self.closed:
-            self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout, self._expire)
+            self._idle_timer = self._loop.call_later(self._idle_timeout, self._expire)
 
     def _expire(self) -> None:
         if not self._streams:
