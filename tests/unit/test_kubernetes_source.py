@@ -12,7 +12,8 @@ from typing import Any, AsyncIterator, Callable
 import yaml
 
 from registry.kubefile import build_state
-from registry.kubernetes import KINDS, Backoff, KubernetesSource, _TokenFile, load_configuration
+from registry.kubeclient import TokenFile, load_configuration
+from registry.kubernetes import KINDS, Backoff, KubernetesSource
 from registry.model import RegistryState
 from tests.kubeapi import BY_KIND, KubeAPIServer
 from ztunnel.authz import Authorizer, Connection
@@ -165,15 +166,15 @@ def test_in_cluster_config_reads_the_token_again_when_it_rotates(tmp_path: Path)
     environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
 
     async def main() -> None:
-        conf = await load_configuration(None, environ=environ, sa_dir=str(sa))
-        assert conf.host == "https://10.96.0.1:443"
-        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer first"
+        conf = load_configuration(None, environ=environ, sa_dir=str(sa))
+        assert conf.host == "https://10.96.0.1:443" and conf.ca_file == f"{sa}/ca.crt"
+        assert await conf.credentials.authorization() == "Bearer first"
         # kubelet writes a new file and swaps it in
         (sa / "token.new").write_text("second")
         os.replace(sa / "token.new", sa / "token")
-        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
+        assert await conf.credentials.authorization() == "Bearer second"
         (sa / "token").unlink()  # unreadable for a moment: keep the token we have
-        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
+        assert await conf.credentials.authorization() == "Bearer second"
 
     asyncio.run(main())
 
@@ -187,7 +188,7 @@ def test_kubeconfig_wins_over_in_cluster(tmp_path: Path) -> None:
                "KUBECONFIG": str(tmp_path / "kubeconfig")}
     with KubeAPIServer() as api:
         api.write_kubeconfig(tmp_path / "kubeconfig")
-        conf = asyncio.run(load_configuration(None, environ=environ, sa_dir=str(sa)))
+        conf = load_configuration(None, environ=environ, sa_dir=str(sa))
         assert conf.host == api.url
 
 
@@ -201,14 +202,13 @@ def test_the_daemonsets_cluster_role_reads_every_kind_the_source_follows() -> No
         assert (resource.group, resource.plural) in granted, f"the ClusterRole does not let the agent read {kind.kind}"
 
 
-def test_token_file_hook_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
-    from kubernetes_asyncio.client import Configuration
-
+def test_token_file_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("")
-    conf = Configuration()
-    _TokenFile(str(path)).refresh(conf)
-    assert "BearerToken" not in conf.api_key
+    token = TokenFile(str(path))
+    assert token.refresh() is None
+    path.write_text("t")
+    assert token.refresh() == "Bearer t"
 
 
 # --- against the test API server ---
@@ -230,6 +230,17 @@ async def test_initial_sync(tmp_path: Path) -> None:
             assert [(e.ip, dict(e.ports)) for e in svc.endpoints] == [("10.244.1.5", {"http": 8080})]
             assert run.source.connected and run.source.last_error is None
             assert time.time() - run.source.synced_at < 1  # type: ignore[operator]
+            assert run.errors == []
+
+
+@scenario
+async def test_lists_are_read_in_pages(tmp_path: Path) -> None:
+    """Each kind is listed `list_page` objects at a time (the next page asked for ahead): every
+    object arrives, in as many requests as pages."""
+    with server(namespace("shop"), *(pod(f"web-{i}", f"10.244.1.{i + 1}") for i in range(7))) as api:
+        async with running(api, tmp_path, list_page=2) as run:
+            assert sorted(ips(run.state)) == sorted(f"shop/web-{i}" for i in range(7))
+            assert api.requests["list"] == len(KINDS) - 1 + 4  # Pods in 4 pages, every other kind in one
             assert run.errors == []
 
 
