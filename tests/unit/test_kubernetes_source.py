@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import time
 from pathlib import Path
@@ -242,6 +243,33 @@ async def test_lists_are_read_in_pages(tmp_path: Path) -> None:
             assert sorted(ips(run.state)) == sorted(f"shop/web-{i}" for i in range(7))
             assert api.requests["list"] == len(KINDS) - 1 + 4  # Pods in 4 pages, every other kind in one
             assert run.errors == []
+
+
+@scenario
+async def test_the_garbage_collector_is_paused_for_the_initial_sync_only(tmp_path: Path) -> None:
+    """Paused while the initial lists are read (it would walk their objects again and again), on
+    again once the first state is out, and at once when the server cannot be reached."""
+    collecting_at_first_state: list[bool] = []
+    with server(namespace("shop"), pod("web-1", "10.244.1.5")) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        source = KubernetesSource(lambda s: collecting_at_first_state.append(gc.isenabled()), print,
+                                  kubeconfig=str(kubeconfig), node="node-1")
+        task = asyncio.create_task(source.run())
+        await until(lambda: source.state is not None, what="initial sync")
+        assert gc.isenabled()
+        api.stop()  # a second source, started while the server is down
+        errors: list[str] = []
+        down = KubernetesSource(lambda s: None, errors.append, kubeconfig=str(kubeconfig), backoff_initial=0.05)
+        task_down = asyncio.create_task(down.run())
+        try:
+            await until(lambda: errors, what="outage reported")
+            assert gc.isenabled()  # an agent waiting for its API server collects as usual
+        finally:
+            for t in (task, task_down):
+                t.cancel()
+            await asyncio.gather(task, task_down, return_exceptions=True)
+    assert collecting_at_first_state == [False]  # paused until the first state was handed over
+    assert gc.isenabled()
 
 
 @scenario
