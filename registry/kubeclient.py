@@ -2,7 +2,7 @@
 
 What the agent's list/watch (registry/kubernetes.py) and the cluster CA's TokenReview need, and
 no more: `load_configuration` reads a kubeconfig (server, certificate-authority[-data],
-insecure-skip-tls-verify, tls-server-name; a user's token, tokenFile, client-certificate[-data]
+insecure-skip-tls-verify, tls-server-name, proxy-url; a user's token, tokenFile, client-certificate[-data]
 and client-key[-data], username/password, or an exec credential plugin) or the in-cluster
 service account (KUBERNETES_SERVICE_HOST/PORT, the token and ca.crt the pod has mounted), and
 `KubeClient` makes the requests, JSON in and out. It replaces kubernetes_asyncio in those
@@ -197,6 +197,7 @@ class ClusterConfig:
     client_certificate: ClientCertificate | None = None
     verify: bool = True  # False: insecure-skip-tls-verify
     server_name: str | None = None  # tls-server-name: the name to check the server's certificate for
+    proxy: str | None = None  # proxy-url: an HTTP proxy the requests go through (CONNECT for https)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS settings for an https host (None for http); ConfigError when a file is unusable."""
@@ -312,6 +313,7 @@ def _kubeconfig(files: list[str], context_name: str | None) -> ClusterConfig:
         client_certificate=_client_certificate(user, str(user_name), user_dir),
         verify=not cluster.get("insecure-skip-tls-verify", False),
         server_name=cluster.get("tls-server-name") or None,
+        proxy=cluster.get("proxy-url") or None,
     )
 
 
@@ -405,7 +407,7 @@ class KubeClient:
         if authorization:
             headers["Authorization"] = authorization
         response = await self._session.request(method, self.config.host + path, params=params, data=data,
-                                               headers=headers, timeout=timeout,
+                                               headers=headers, timeout=timeout, proxy=self.config.proxy,
                                                server_hostname=self.config.server_name)
         try:
             if response.status == 401:

@@ -233,3 +233,27 @@ def test_insecure_skip_tls_verify(tmp_path: Path, pki: dict[str, Path]) -> None:
                       {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])},
                       {"insecure-skip-tls-verify": True})
     assert _call(path, pki)["cn"] == "amesh-agent"
+
+
+def test_requests_go_through_the_clusters_proxy_url(tmp_path: Path) -> None:
+    """proxy-url: the request reaches the proxy, asked for the API server's URL (which does not resolve)."""
+    async def main() -> dict[str, Any]:
+        async def proxy(request: web.Request) -> web.Response:
+            return web.json_response({"url": str(request.url)})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", proxy)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            path = kubeconfig(tmp_path / "config", "http://kube.invalid:6443", {"token": "t"},
+                              {"proxy-url": f"http://127.0.0.1:{runner.addresses[0][1]}"})
+            async with KubeClient(load_configuration(str(path))) as client:
+                status, body = await client.request("GET", "/api/v1/pods", timeout=5)
+            assert status == 200, body
+            return json.loads(body)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(main()) == {"url": "http://kube.invalid:6443/api/v1/pods"}
