@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ca.admission import AdmissionPolicy, Decision, PodsByNode, Review, admit
 from ca.config import CA_NAMESPACE, CA_SERVICE_ACCOUNT, MAX_BODY, PATH, CAConfig
-from registry.kubeclient import KubeClient, load_configuration
+from registry.kubeclient import ConfigError, KubeClient, load_configuration
 from registry.kubernetes import KubernetesSource
 from registry.model import RegistryState
 from ztunnel.cawatch import CADirectoryWatch
@@ -236,7 +236,7 @@ class ClusterCA:
             return Decision.refuse("not_synced", "the CA has not yet listed the cluster's pods; retry shortly")
         try:
             review = await self._review(token.strip())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, ConfigError) as e:
             return Decision.refuse("review_failed", f"the CA could not ask the Kubernetes TokenReview API: {e!r}")
         return admit(self.policy, review, identity, self._pods)
 

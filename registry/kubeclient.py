@@ -12,8 +12,8 @@ an idle agent's memory) for the three calls amesh makes, whose answers amesh rea
 Credentials are looked at before each request: a token file (the in-cluster one, which kubelet
 rotates by swapping a symlink) is read again whenever it changed, an exec plugin runs again when
 its credential expires or the server answered 401. Not supported: the auth-provider plugins
-(gcp, azure, oidc), which kubectl itself dropped in 1.26 for exec plugins: such a kubeconfig
-gets an error naming its user and the way out.
+(gcp, azure, oidc), which kubectl itself dropped in 1.26 for exec plugins, and exec plugins that
+answer with a client certificate instead of a token: either gets an error naming the user.
 """
 
 from __future__ import annotations
@@ -140,7 +140,10 @@ class ExecPlugin:
         if "/" in command and not os.path.isabs(command):
             command = str(base / command)  # relative to the kubeconfig, as kubectl resolves it
         self.argv = [command, *(str(a) for a in spec.get("args") or ())]
-        self.env = {str(e["name"]): str(e["value"]) for e in spec.get("env") or ()}
+        try:
+            self.env = {str(e["name"]): str(e["value"]) for e in spec.get("env") or ()}
+        except (KeyError, TypeError):
+            raise ConfigError(f"kubeconfig user {user!r}: exec.env: each entry needs a name and a value") from None
         self.api_version = str(spec.get("apiVersion") or "client.authentication.k8s.io/v1")
         self.user = user
         self._header: str | None = None
@@ -163,22 +166,30 @@ class ExecPlugin:
             process = await asyncio.create_subprocess_exec(*self.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                            stdout=asyncio.subprocess.PIPE,
                                                            stderr=asyncio.subprocess.PIPE)
-            out, err = await asyncio.wait_for(process.communicate(), EXEC_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as e:
+        except OSError as e:
             raise ConfigError(f"kubeconfig user {self.user!r}: the exec plugin {self.argv[0]} could not run: "
-                              f"{e!r}") from None
+                              f"{e.strerror or e}") from None
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), EXEC_TIMEOUT)
+        except BaseException as e:  # timed out, or cancelled: the plugin is not left behind
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            if isinstance(e, asyncio.TimeoutError):
+                raise ConfigError(f"kubeconfig user {self.user!r}: the exec plugin {self.argv[0]} did not answer "
+                                  f"within {EXEC_TIMEOUT:g} s") from None
+            raise
         if process.returncode != 0:
             raise ConfigError(f"kubeconfig user {self.user!r}: the exec plugin {self.argv[0]} exited with "
                               f"{process.returncode}: {err.decode(errors='replace').strip()[:300]}")
         try:
             status = json.loads(out)["status"]
-            token = status["token"]
-        except (ValueError, KeyError, TypeError):
+            token, expires = status["token"], status.get("expirationTimestamp")
+            until = _parse_time(expires) if expires else float("inf")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ConfigError(f"kubeconfig user {self.user!r}: the exec plugin {self.argv[0]} printed no "
-                              "ExecCredential with status.token (amesh takes a token from exec plugins, not a "
-                              "client certificate)") from None
-        expires = status.get("expirationTimestamp")
-        until = _parse_time(expires) if expires else float("inf")
+                              "ExecCredential with status.token and a readable expirationTimestamp (amesh takes a "
+                              "token from exec plugins, not a client certificate)") from None
         return f"Bearer {token}", until
 
 

@@ -31,12 +31,12 @@ Client. The requests are made by registry/kubeclient.py over aiohttp (configurat
 kubeconfig or the in-cluster service account, its token read again whenever kubelet rotates it)
 and this module does the protocol: list pages with limit/continue, each page's JSON read with one
 json.loads and each item handed to the registry as the dict it is; watches from the list's
-resourceVersion with allowWatchBookmarks, one json.loads per event line. We first ran it on
+resourceVersion with allowWatchBookmarks, one json.loads per event line. It first ran on
 kubernetes_asyncio (chosen over kr8s, whose watch has no bookmarks and restarts a 410 from the
-same stale resourceVersion, and lightkube, no bookmarks and a second HTTP stack) with raw JSON
-answers, so only its configuration, authentication and URLs were used: its client package
-imports all its ~850 generated API and model modules, 33 MiB of an idle agent's 105 MiB, for the
-three calls this module makes.
+same stale resourceVersion, and lightkube: no bookmarks, a second HTTP stack), with raw JSON
+answers: only that library's configuration, authentication and URLs were used, and its client
+package imports all of its ~850 generated API and model modules (33 MiB of an idle agent's
+105 MiB) for the three calls this module makes.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from typing import Any, Callable
 import aiohttp
 
 from registry.incremental import IncrementalRegistry
+from registry.kubeclient import ClusterConfig, ConfigError, KubeClient, load_configuration
 from registry.model import RegistryState
 from registry.objects import CLUSTER_SCOPED
 from registry.policies import API_VERSIONS as POLICY_API_VERSIONS
-from registry.kubeclient import ClusterConfig, KubeClient, load_configuration
 from registry.traffic import DESTINATION_RULE_API_VERSIONS, TCP_ROUTE_API_VERSIONS, TRAFFIC_SPLIT_API_VERSIONS
 
 log = logging.getLogger("amesh.registry")
@@ -308,7 +308,7 @@ class KubernetesSource:
                 gone_in_a_row += 1
                 if gone_in_a_row > 1:  # a fresh list was already too old: do not hammer the server
                     await asyncio.sleep(backoff.delay())
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _ApiStatusError, ValueError) as e:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _ApiStatusError, ValueError, ConfigError) as e:
                 self._set_watching(kind.kind, False)
                 delay = backoff.delay()
                 self._report_outage(kind.kind, _describe(e, self._host()), delay)
@@ -601,6 +601,8 @@ def _describe(error: BaseException, host: str) -> str:
     """One line saying what went wrong with the API server, for logs and `ameshctl status`."""
     if isinstance(error, asyncio.TimeoutError):
         return f"Kubernetes API server {host} timed out"
+    if isinstance(error, ConfigError):  # a credential plugin failing: it says what to do
+        return str(error)
     if isinstance(error, aiohttp.ClientConnectorError):
         return f"cannot reach the Kubernetes API server {host}: {error.os_error.strerror or error}"
     if isinstance(error, _ApiStatusError):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -270,6 +271,26 @@ async def test_the_garbage_collector_is_paused_for_the_initial_sync_only(tmp_pat
             await asyncio.gather(task, task_down, return_exceptions=True)
     assert collecting_at_first_state == [False]  # paused until the first state was handed over
     assert gc.isenabled()
+
+
+@scenario
+async def test_a_failing_credential_plugin_is_an_outage_that_names_it(tmp_path: Path) -> None:
+    with server(namespace("shop")) as api:
+        path = api.write_kubeconfig(tmp_path / "kubeconfig")
+        config = yaml.safe_load(path.read_text())
+        config["users"][0]["user"] = {"exec": {"command": sys.executable,
+                                               "args": ["-c", "import sys; sys.exit('session expired: log in')"]}}
+        path.write_text(yaml.safe_dump(config))
+        errors: list[str] = []
+        source = KubernetesSource(lambda s: None, errors.append, kubeconfig=str(path), backoff_initial=0.05)
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: errors, what="outage reported")
+            assert errors == [f"kubeconfig user 'kubeapi-test': the exec plugin {sys.executable} exited with 1: "
+                              "session expired: log in"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @scenario
