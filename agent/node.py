@@ -87,8 +87,7 @@ class NodeAgent:
             self.registry = FileSource(config.registry_file, self._on_registry_state, self._on_registry_error,
                                        poll_interval=config.registry_poll_interval)
         else:
-            # imported only here: the Kubernetes client's models hold about 36 MiB, which an agent
-            # reading a registry file has no use for
+            # imported only here: an agent reading a registry file has no use for it
             from registry.kubernetes import KubernetesSource
 
             self.registry = KubernetesSource(self._on_registry_state, self._on_registry_error,

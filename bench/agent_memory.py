@@ -41,7 +41,7 @@ COMPILER_LIBRARIES = ("libLLVM", "libbcc", "libclang")
 # share, such as asyncio or ssl, counts for the first).
 IMPORTS = ("click", "uvloop", "cryptography.x509", "agent.cli", "aiohttp", "immutables", "prometheus_client",
            "pyroute2", "yaml", "h2.connection", "agent.node",
-           "registry.kubernetes")  # the Kubernetes source (kubernetes_asyncio), imported only when used
+           "registry.kubernetes")  # the Kubernetes source (over aiohttp: registry/kubeclient.py), imported only when used
 SOURCES = ("file", "kubernetes")  # the agent's registry: the bed's file, or the test API server serving it
 API_HOST, API_PORT = "172.18.0.1", 6443  # the test API server, on the bed's fabric
 _IMPORT_PROBE = """

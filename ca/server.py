@@ -41,13 +41,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from kubernetes_asyncio import client as k8s
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ca.admission import AdmissionPolicy, Decision, PodsByNode, Review, admit
 from ca.config import CA_NAMESPACE, CA_SERVICE_ACCOUNT, MAX_BODY, PATH, CAConfig
-from registry.kubernetes import KubernetesSource, load_configuration
+from registry.kubeclient import ConfigError, KubeClient, load_configuration
+from registry.kubernetes import KubernetesSource
 from registry.model import RegistryState
 from ztunnel.cawatch import CADirectoryWatch
 from ztunnel.identity import (
@@ -143,7 +143,7 @@ class ClusterCA:
         self.results: Counter[str] = Counter()  # requests by reason code ("signed" or a refusal)
         self._pods: PodsByNode | None = None  # None until the pod watch's initial sync
         self.pod_count = 0
-        self._api: k8s.AuthenticationV1Api | None = None
+        self._api: KubeClient | None = None  # for TokenReviews
         self._serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._serving.minimum_version = ssl.TLSVersion.TLSv1_3
         self._runners: list[web.AppRunner] = []
@@ -165,11 +165,11 @@ class ClusterCA:
 
     async def run(self) -> None:
         """Serves until cancelled."""
-        configuration = await load_configuration(self.config.kubeconfig)
+        configuration = load_configuration(self.config.kubeconfig)
         source = KubernetesSource(self._on_pods, lambda error: log.warning("event=ca_pods_error error=%r", str(error)),
                                   configuration=configuration, kinds=("Pod",))
-        async with k8s.ApiClient(configuration) as api_client:
-            self._api = k8s.AuthenticationV1Api(api_client)
+        async with KubeClient(configuration) as api:
+            self._api = api
             await self._start()
             log.info("event=ca_serving listen=%s:%d root_fingerprint=%s trust_domain=%s", self.config.host,
                      self.config.port, self.root.root_fingerprint, self.config.trust_domain)
@@ -236,7 +236,7 @@ class ClusterCA:
             return Decision.refuse("not_synced", "the CA has not yet listed the cluster's pods; retry shortly")
         try:
             review = await self._review(token.strip())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, ConfigError) as e:
             return Decision.refuse("review_failed", f"the CA could not ask the Kubernetes TokenReview API: {e!r}")
         return admit(self.policy, review, identity, self._pods)
 
@@ -245,14 +245,10 @@ class ClusterCA:
         assert self._api is not None
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": [self.policy.audience]}}
-        response = await self._api.create_token_review(body, _preload_content=False,
-                                                       _request_timeout=aiohttp.ClientTimeout(total=REVIEW_TIMEOUT))
-        try:
-            data = await response.read()
-        finally:
-            response.release()
-        if response.status not in (200, 201):
-            raise ValueError(f"TokenReview answered HTTP {response.status}: {data[:200]!r}")
+        status, data = await self._api.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body,
+                                               timeout=REVIEW_TIMEOUT)
+        if status not in (200, 201):
+            raise ValueError(f"TokenReview answered HTTP {status}: {data[:200]!r}")
         return Review.from_status(json.loads(data).get("status") or {})
 
     def _record(self, decision: Decision, identity: Identity | None) -> None:

@@ -105,10 +105,20 @@ def intern_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
     return shared
 
 
-def _compact(workload: Workload) -> Workload:
+def _evolved(w: Workload, **changes: Any) -> Workload:
+    """dataclasses.replace for the registry's hot path: a copy of the frozen workload's fields
+    with `changes`, every field kept (Workload has no __post_init__ to run). replace() calls the
+    generated __init__, whose frozen setattr per field makes it six times as slow: 0.7 s of a
+    50,000-pod sync, which builds each pod's workload twice (interned, then enrolled)."""
+    new = object.__new__(Workload)
+    new.__dict__.update(w.__dict__, **changes)
+    return new
+
+
+def _compact(w: Workload) -> Workload:
     """The workload with its strings interned and its labels shared."""
-    return replace(workload, namespace=sys.intern(workload.namespace), node=sys.intern(workload.node),
-                   service_account=sys.intern(workload.service_account), labels=intern_labels(workload.labels))
+    return _evolved(w, namespace=sys.intern(w.namespace), node=sys.intern(w.node),
+                    service_account=sys.intern(w.service_account), labels=intern_labels(w.labels))
 
 
 class _Pod:
@@ -398,10 +408,12 @@ class IncrementalRegistry:
                 pod.workload = self._enrollment(pod.workload)
                 self._dirty_workloads.add(pod_key)
 
-    def _enrollment(self, workload: Workload) -> Workload:
-        namespace = self._namespaces.get(workload.namespace, {})
-        return replace(workload, enrolled=_enrolled(workload.labels, namespace),
-                       mtls_mode=namespace.get(MTLS_MODE_LABEL, ""))
+    def _enrollment(self, w: Workload) -> Workload:
+        namespace = self._namespaces.get(w.namespace, {})
+        enrolled, mtls_mode = _enrolled(w.labels, namespace), namespace.get(MTLS_MODE_LABEL, "")
+        if (enrolled, mtls_mode) == (w.enrolled, w.mtls_mode):
+            return w
+        return _evolved(w, enrolled=enrolled, mtls_mode=mtls_mode)
 
     def _set_zone(self, zones: dict[str, str], node: str, zone: str | None) -> None:
         if zones.get(node) == zone:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import textwrap
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry.kubefile import FileSource, build_state, parse_objects
-from registry.model import Endpoint, RegistryError, RegistryState
+from registry.model import Endpoint, RegistryError, RegistryState, is_ipv4
 
 
 def y(text: str) -> str:
@@ -534,3 +537,19 @@ def test_the_connection_rate_annotation_sets_a_services_rate(value, rate):
 def test_a_bad_connection_rate_annotation_names_the_service_and_annotation(value):
     with pytest.raises(RegistryError, match=r'Service shop/web.*metadata.annotations\["amesh.io/connection-rate-limit"\]'):
         build_state(annotated_service({"amesh.io/connection-rate-limit": value}))
+
+
+def _ipaddress_reads(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+OCTETS = st.sampled_from(["0", "00", "7", "07", "99", "255", "256", "1000", "", " 1", "1\n", "x", "\u0661", "\x00"])
+
+
+@given(st.one_of(st.lists(OCTETS, min_size=3, max_size=5).map(".".join), st.text("0123456789. x", max_size=16)))
+def test_is_ipv4_accepts_exactly_what_ipaddress_does(text: str) -> None:
+    assert is_ipv4(text) == _ipaddress_reads(text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -12,7 +14,8 @@ from typing import Any, AsyncIterator, Callable
 import yaml
 
 from registry.kubefile import build_state
-from registry.kubernetes import KINDS, Backoff, KubernetesSource, _TokenFile, load_configuration
+from registry.kubeclient import TokenFile, load_configuration
+from registry.kubernetes import KINDS, Backoff, KubernetesSource
 from registry.model import RegistryState
 from tests.kubeapi import BY_KIND, KubeAPIServer
 from ztunnel.authz import Authorizer, Connection
@@ -165,15 +168,15 @@ def test_in_cluster_config_reads_the_token_again_when_it_rotates(tmp_path: Path)
     environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
 
     async def main() -> None:
-        conf = await load_configuration(None, environ=environ, sa_dir=str(sa))
-        assert conf.host == "https://10.96.0.1:443"
-        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer first"
+        conf = load_configuration(None, environ=environ, sa_dir=str(sa))
+        assert conf.host == "https://10.96.0.1:443" and conf.ca_file == f"{sa}/ca.crt"
+        assert await conf.credentials.authorization() == "Bearer first"
         # kubelet writes a new file and swaps it in
         (sa / "token.new").write_text("second")
         os.replace(sa / "token.new", sa / "token")
-        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
+        assert await conf.credentials.authorization() == "Bearer second"
         (sa / "token").unlink()  # unreadable for a moment: keep the token we have
-        assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
+        assert await conf.credentials.authorization() == "Bearer second"
 
     asyncio.run(main())
 
@@ -187,7 +190,7 @@ def test_kubeconfig_wins_over_in_cluster(tmp_path: Path) -> None:
                "KUBECONFIG": str(tmp_path / "kubeconfig")}
     with KubeAPIServer() as api:
         api.write_kubeconfig(tmp_path / "kubeconfig")
-        conf = asyncio.run(load_configuration(None, environ=environ, sa_dir=str(sa)))
+        conf = load_configuration(None, environ=environ, sa_dir=str(sa))
         assert conf.host == api.url
 
 
@@ -201,14 +204,13 @@ def test_the_daemonsets_cluster_role_reads_every_kind_the_source_follows() -> No
         assert (resource.group, resource.plural) in granted, f"the ClusterRole does not let the agent read {kind.kind}"
 
 
-def test_token_file_hook_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
-    from kubernetes_asyncio.client import Configuration
-
+def test_token_file_ignores_an_empty_file_mid_write(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("")
-    conf = Configuration()
-    _TokenFile(str(path)).refresh(conf)
-    assert "BearerToken" not in conf.api_key
+    token = TokenFile(str(path))
+    assert token.refresh() is None
+    path.write_text("t")
+    assert token.refresh() == "Bearer t"
 
 
 # --- against the test API server ---
@@ -231,6 +233,64 @@ async def test_initial_sync(tmp_path: Path) -> None:
             assert run.source.connected and run.source.last_error is None
             assert time.time() - run.source.synced_at < 1  # type: ignore[operator]
             assert run.errors == []
+
+
+@scenario
+async def test_lists_are_read_in_pages(tmp_path: Path) -> None:
+    """Each kind is listed `list_page` objects at a time (the next page asked for ahead): every
+    object arrives, in as many requests as pages."""
+    with server(namespace("shop"), *(pod(f"web-{i}", f"10.244.1.{i + 1}") for i in range(7))) as api:
+        async with running(api, tmp_path, list_page=2) as run:
+            assert sorted(ips(run.state)) == sorted(f"shop/web-{i}" for i in range(7))
+            assert api.requests["list"] == len(KINDS) - 1 + 4  # Pods in 4 pages, every other kind in one
+            assert run.errors == []
+
+
+@scenario
+async def test_the_garbage_collector_is_paused_for_the_initial_sync_only(tmp_path: Path) -> None:
+    """Paused while the initial lists are read (it would walk their objects again and again), on
+    again once the first state is out, and at once when the server cannot be reached."""
+    collecting_at_first_state: list[bool] = []
+    with server(namespace("shop"), pod("web-1", "10.244.1.5")) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        source = KubernetesSource(lambda s: collecting_at_first_state.append(gc.isenabled()), print,
+                                  kubeconfig=str(kubeconfig), node="node-1")
+        task = asyncio.create_task(source.run())
+        await until(lambda: source.state is not None, what="initial sync")
+        assert gc.isenabled()
+        api.stop()  # a second source, started while the server is down
+        errors: list[str] = []
+        down = KubernetesSource(lambda s: None, errors.append, kubeconfig=str(kubeconfig), backoff_initial=0.05)
+        task_down = asyncio.create_task(down.run())
+        try:
+            await until(lambda: errors, what="outage reported")
+            assert gc.isenabled()  # an agent waiting for its API server collects as usual
+        finally:
+            for t in (task, task_down):
+                t.cancel()
+            await asyncio.gather(task, task_down, return_exceptions=True)
+    assert collecting_at_first_state == [False]  # paused until the first state was handed over
+    assert gc.isenabled()
+
+
+@scenario
+async def test_a_failing_credential_plugin_is_an_outage_that_names_it(tmp_path: Path) -> None:
+    with server(namespace("shop")) as api:
+        path = api.write_kubeconfig(tmp_path / "kubeconfig")
+        config = yaml.safe_load(path.read_text())
+        config["users"][0]["user"] = {"exec": {"command": sys.executable,
+                                               "args": ["-c", "import sys; sys.exit('session expired: log in')"]}}
+        path.write_text(yaml.safe_dump(config))
+        errors: list[str] = []
+        source = KubernetesSource(lambda s: None, errors.append, kubeconfig=str(path), backoff_initial=0.05)
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: errors, what="outage reported")
+            assert errors == [f"kubeconfig user 'kubeapi-test': the exec plugin {sys.executable} exited with 1: "
+                              "session expired: log in"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @scenario
