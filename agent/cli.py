@@ -92,6 +92,9 @@ def main(ctx: click.Context, admin: str) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--event-loop", default="uvloop", show_default=True, type=click.Choice(sorted(EVENT_LOOPS)),
               help="the asyncio event loop the agent and its ztunnel run on")
+@click.option("--workers", default=default("workers"), show_default=True, type=click.IntRange(1, 256),
+              help="ztunnel worker processes sharing the node's listeners (default: the CPUs the agent may use, "
+                   "at most 8); 1 runs the ztunnel in the agent's process")
 def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
     from agent.logs import setup_logging
@@ -108,7 +111,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     config = AgentConfig(cert_lifetime=timedelta(seconds=cert_lifetime), **options)
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[config.event_loop]) as runner:
-            runner.run(NodeAgent(config).run())
+            runner.run(NodeAgent(config, log_level).run())
     except (RegistryError, DatapathError, CAError, HandoverError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:

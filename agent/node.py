@@ -27,35 +27,33 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from agent.admin import AdminServer
-from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
+from agent.config import AgentConfig
 from agent.local import LocalPods
 from agent.metrics import TelemetryServer
+from agent.workers import WorkerSupervisor
 from bpf import handover
 from bpf.datapath import NodeDatapath, Slot, migrate_requests_on_close
 from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
 from registry.model import RegistryError, RegistryState
 from registry.registrations import MergedRegistry, RegistrationStore
-from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
+from ztunnel.connections import ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
+from ztunnel.dataplane import LISTENER_PORTS, PolicyEnforcer, build_proxies, placeholder_snapshot, write_access_log
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.cawatch import CADirectoryWatch
 from ztunnel.identity import CAError, CertificateManager, FileCA, Identity
-from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
-from ztunnel.limits import HandshakeLimiter
-from ztunnel.listener import NodeAddresses, transparent_listener
-from ztunnel.outbound import MeshTransport, OutboundProxy
+from ztunnel.inbound import InboundHboneProxy
+from ztunnel.listener import transparent_listener
+from ztunnel.outbound import OutboundProxy
 from ztunnel.server import CapturedListener
-from ztunnel.telemetry import access_log_entry
 
 if TYPE_CHECKING:
     from registry.kubernetes import KubernetesSource
@@ -67,18 +65,13 @@ T = TypeVar("T")
 HANDOVER_ADDRESS_RETRY = 0.5  # seconds between tries for the handover address the previous agent holds
 EMPTY_STATE = RegistryState()  # one object: a new one per read would look like a new base state
 
-LISTENER_PORTS = {
-    Slot.OUTBOUND: OUTBOUND_PORT,
-    Slot.INBOUND_HBONE: HBONE_PORT,
-    Slot.INBOUND_PLAINTEXT: INBOUND_PLAINTEXT_PORT,
-}
-
 
 class NodeAgent:
     """The running agent of one node; `run()` serves until SIGTERM or SIGINT."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, log_level: str = "info") -> None:
         self.config = config
+        self._log_level = log_level  # the workers' too
         self.started = time.time()
         self.table = ConnectionTable()
         self.registry: FileSource | KubernetesSource
@@ -110,13 +103,15 @@ class NodeAgent:
         self.registry_errors = 0
         self._telemetry: TelemetryServer | None = None
         if config.access_log:
-            self.table.on_close.append(_write_access_log)
+            self.table.on_close.append(write_access_log)
+        # with config.workers > 1, the worker processes that run the listeners (_start)
+        self.workers: WorkerSupervisor | None = None
         self._admin: AdminServer | None = None
         self.registrations = RegistrationStore(reserved_ports={config.admin_port, *LISTENER_PORTS.values(),
                                                                config.metrics_port, config.readiness_port})
         self._merged = MergedRegistry(self.registrations)
         self.authorizer = Authorizer(config.mtls_mode, config.root_namespace)
-        self._policies_in_force: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
+        self._policy = PolicyEnforcer(self.authorizer, self.table)
 
     @property
     def state(self) -> RegistryState:
@@ -141,6 +136,8 @@ class NodeAgent:
         """Called after the admin API changed a registration: routing follows at once. (Capture
         and certificates need nothing: a registered workload is never an enrolled pod.)"""
         self._merged.state(self.registry.state or EMPTY_STATE)  # applied now, so changes never pile up
+        if self.workers is not None:
+            self.workers.poke()
 
     def local_enrolled_ips(self) -> list[str]:
         return list(self._local.of(self.state).ips)
@@ -163,24 +160,10 @@ class NodeAgent:
     def _on_registry_state(self, state: RegistryState) -> None:
         log.info("event=registry_updated generation=%d workloads=%d services=%d policies=%d", state.generation,
                  state.workload_count, state.service_count, len(state.authorization_policies))
-        self._enforce_policy_change(state)
+        self._policy.check(self.state)  # each worker checks its own connections once the delta is in
+        if self.workers is not None:
+            self.workers.poke()
         self._reconcile_now.set()
-
-    def _enforce_policy_change(self, state: RegistryState) -> None:
-        """When the policies change, decides again for every live connection that policy admitted
-        and cuts those no longer allowed (as Istio's ztunnel does)."""
-        policies = (state.authorization_policies, state.peer_authentications)
-        if policies == self._policies_in_force:
-            return
-        self._policies_in_force = policies
-        current = self.state
-        for record in self.table.live():
-            if record.admitted is None:
-                continue
-            decision = self.authorizer.recheck(current, record.admitted)
-            if not decision.allowed:
-                log.info("event=policy_revoked conn=%d reason=%r", record.id, decision.reason)
-                record.cut("policy_changed", f"closed: policy changed ({decision.reason})")
 
     def _on_registry_error(self, error: RegistryError | str) -> None:
         self.registry_errors += 1
@@ -247,15 +230,26 @@ class NodeAgent:
         sockets = {}
         taken = None
         try:
-            for slot, port in LISTENER_PORTS.items():
-                sockets[slot] = transparent_listener(port)
+            if config.workers > 1:  # every worker's sockets; the sockmap gets the first one's
+                self.workers = WorkerSupervisor(config, lambda: self.state, self.certs.credentials,
+                                                self._set_sockmap, self._log_level)
+                sockets = self.workers.sockmap_members
+            else:
+                for slot, port in LISTENER_PORTS.items():
+                    sockets[slot] = transparent_listener(port)
             taken = await self._in_datapath_thread(handover.take_over)
             if taken is not None:
                 log.info("event=taking_over reason=\"an agent runs on this node: its datapath is handed over\"")
+            if taken is not None or self.workers is not None:  # a closing listener's queue goes to its group
                 await self._in_datapath_thread(migrate_requests_on_close)
             self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting,
                                                            taken[1] if taken else None)
+            if self.workers is not None:
+                self.certs.on_change.append(self.workers.poke)
+                await self.workers.start()
         except BaseException:
+            if self.workers is not None:
+                await self.workers.stop(0.0)
             for sock in sockets.values():
                 sock.close()
             if taken is not None:
@@ -263,21 +257,11 @@ class NodeAgent:
             raise
         self._listeners = sockets
         self._handover_channel = taken[0] if taken else None
-        state, timeout = (lambda: self.state), config.connect_timeout
-        transport = MeshTransport(config.node, self.certs, self.pool)
-        own_ports = frozenset([*LISTENER_PORTS.values(), config.admin_port, config.metrics_port, config.readiness_port])
-        handshakes = HandshakeLimiter(config.max_handshakes_per_source, config.max_handshakes)
-        authorizer = self.authorizer
-        self._proxies = {
-            Slot.OUTBOUND: OutboundProxy(state, self.table, authorizer, transport, own_ports, NodeAddresses(),
-                                         connect_timeout=timeout, connect_deadline=config.connect_deadline),
-            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, authorizer, config.node, self.certs, handshakes,
-                                                  connect_timeout=timeout),
-            Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, authorizer, config.node,
-                                                          connect_timeout=timeout),
-        }
-        for slot, proxy in self._proxies.items():
-            await proxy.start(sockets[slot])
+        if self.workers is None:
+            self._proxies = build_proxies(config, lambda: self.state, self.table, self.authorizer, self.certs,
+                                          self.pool)
+            for slot, proxy in self._proxies.items():
+                await proxy.start(sockets[slot])
         await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
@@ -314,10 +298,17 @@ class NodeAgent:
             message = b""
         if message == handover.DRAIN_REQUEST:
             self.datapath.hand_over()
+            if self.workers is not None:
+                self.workers.owns_sockmap = False
             self.request_drain("a new agent took over the node's datapath")
         elif not self._draining.is_set():
             log.warning("event=takeover_failed action=\"putting our listeners back in the sockmap\"")
             await self._in_datapath_thread(self.datapath.put_listeners, self._listeners)
+
+    async def _set_sockmap(self, listeners: dict[Slot, Any]) -> None:
+        """Points the sockmap's slots at `listeners` (another worker's, when one died)."""
+        assert self.datapath is not None
+        await self._in_datapath_thread(self.datapath.put_listeners, listeners)
 
     def _issuer(self) -> FileCA | ClusterCAClient:
         """The cluster CA's client with --ca-address; else the local root CA (the weaker trust model)."""
@@ -377,6 +368,8 @@ class NodeAgent:
                  len(self.table.live()))
         if draining and self.inbound_hbone is not None:
             self.inbound_hbone.go_away()
+        if draining and self.workers is not None:
+            await self.workers.go_away()
         if self._handover_channel is not None:  # a takeover that failed: the old agent serves on
             self._handover_channel.close()
             self._handover_channel = None
@@ -386,7 +379,8 @@ class NodeAgent:
             await self._telemetry.stop()
         # All listeners close at once (new connections are refused from here on), then the
         # live ones share one grace period.
-        await asyncio.gather(*(proxy.close(grace=grace) for proxy in self._proxies.values()))
+        await asyncio.gather(*(proxy.close(grace=grace) for proxy in self._proxies.values()),
+                             *([self.workers.stop(grace)] if self.workers is not None else []))
         await self.pool.close()
         if self.datapath is not None:
             await self._in_datapath_thread(self.datapath.close)
@@ -402,11 +396,16 @@ class NodeAgent:
         """Live and recent connections, each with the BPF counters of its pod-facing flow (the
         packets the client sent, as the capture program counted them), when there is one."""
         flows = {(f["src"], f["dst"]): f for f in await self.flows() if f["proto"] == "tcp"}
-        rows = self.table.snapshot()
+        rows = [row for snapshot in await self.dataplane_snapshots() for row in snapshot["connections"]]
         for row in rows:
             flow = flows.get((f"{row['source_ip']}:{row['source_port']}", row["original_dst"]))
             row["flow"] = {"packets": flow["packets"], "bytes": flow["bytes"]} if flow else None
         return rows
+
+    async def dataplane_snapshots(self) -> list[dict]:
+        """The data plane of each process that runs listeners: this one's, then each worker's,
+        asked over its channel now (PLACEHOLDER_WORKER_SNAPSHOT: ztunnel/dataplane.py)."""
+        return [placeholder_snapshot(self.table, self.pool), *(await self.workers.snapshots() if self.workers is not None else [])]
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether the node's capture is fully up, and what is missing if not."""
@@ -415,7 +414,8 @@ class NodeAgent:
             problems.append("registry not loaded")
         if self.datapath is None:
             problems.append("BPF program not loaded")
-        missing = [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
+        serving = self.workers is not None and any(w.serving for w in self.workers.workers)
+        missing = [] if serving else [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
         if missing or self._stopping.is_set() or self._draining.is_set():
             problems.append("listeners not serving: " + ", ".join(missing or ["stopping"]))
         return not problems, problems
@@ -448,9 +448,7 @@ class NodeAgent:
                       "dead_peers": self.pool.dead_peers},
             "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
                             "failures": dict(self.table.failures)},
+            "workers": {"count": self.config.workers, "restarts": self.workers.restarts,
+                        "processes": self.workers.status()} if self.workers is not None else {"count": 1},
         }
 
-
-def _write_access_log(record: ConnectionRecord) -> None:
-    sys.stdout.write(json.dumps(access_log_entry(record), separators=(",", ":")) + "\n")
-    sys.stdout.flush()

@@ -104,11 +104,14 @@ def iso_utc(timestamp: float) -> str:
 
 
 class ConnectionTable:
-    """Live connections by id, plus a bounded history of closed ones (newest first)."""
+    """Live connections by id, plus a bounded history of closed ones (newest first). Ids are
+    `first_id`, `first_id + id_step`, ...: worker k of N numbers k+1, k+1+N, ..., so ids stay
+    unique over a node's worker processes."""
 
-    def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time, first_id: int = 1,
+                 id_step: int = 1) -> None:
         self.on_close: list[Callable[[ConnectionRecord], None]] = []  # told of each ended connection
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id, id_step)
         self._clock = clock
         self._live: dict[int, ConnectionRecord] = {}
         self._recent: deque[ConnectionRecord] = deque(maxlen=closed_capacity)
