@@ -171,7 +171,7 @@ class AdminServer:
         """Starts the drain (as SIGUSR2 does): 202, and what is still live."""
         self.agent.request_drain("admin API")
         return web.json_response({"draining": True, "deadline_s": self.agent.config.drain_deadline,
-                                  "live_connections": len(self.agent.table.live())}, status=202)
+                                  "live_connections": await self.agent.live_connections()}, status=202)
 
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.connections())

@@ -30,6 +30,7 @@ import gc
 import logging
 import signal
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -407,6 +408,10 @@ class NodeAgent:
         asked over its channel now (PLACEHOLDER_WORKER_SNAPSHOT: ztunnel/dataplane.py)."""
         return [placeholder_snapshot(self.table, self.pool), *(await self.workers.snapshots() if self.workers is not None else [])]
 
+    async def live_connections(self) -> int:
+        """Connections open now on this node, over every process that runs listeners."""
+        return sum(snapshot["live"] for snapshot in await self.dataplane_snapshots())
+
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether the node's capture is fully up, and what is missing if not."""
         problems = []
@@ -424,6 +429,8 @@ class NodeAgent:
         """The agent's own view of itself, for `ameshctl status`."""
         state = self.state
         datapath = await self._in_datapath_thread(self.datapath.status) if self.datapath else None
+        snapshots = await self.dataplane_snapshots()
+        failures: Counter[str] = sum((Counter(snapshot["failures"]) for snapshot in snapshots), Counter())
         return {
             "node": self.config.node,
             "started": iso_utc(self.started),
@@ -444,10 +451,10 @@ class NodeAgent:
             "ca": self.ca_status(),
             "listeners": {slot.name.lower(): f"0.0.0.0:{port}" for slot, port in LISTENER_PORTS.items()},
             "datapath": datapath,
-            "hbone": {"handshakes": self.pool.handshakes, "sessions": self.pool.sessions,
-                      "dead_peers": self.pool.dead_peers},
-            "connections": {"live": len(self.table.live()), "recently_closed": len(self.table.recent()),
-                            "failures": dict(self.table.failures)},
+            "hbone": {key: sum(snapshot["hbone"][key] for snapshot in snapshots)
+                      for key in ("handshakes", "sessions", "dead_peers")},
+            "connections": {key: sum(snapshot[key] for snapshot in snapshots) for key in ("live", "recently_closed")}
+                           | {"failures": dict(failures)},
             "workers": {"count": self.config.workers, "restarts": self.workers.restarts,
                         "processes": self.workers.status()} if self.workers is not None else {"count": 1},
         }

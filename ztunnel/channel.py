@@ -128,6 +128,7 @@ class Channel:
     """One end of a worker channel on the running event loop: `send` messages, `receive` them."""
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self._sock = sock
         self._decoder = FrameDecoder()
         self._received: list[object] = []
@@ -142,7 +143,6 @@ class Channel:
     async def receive(self) -> object:
         """The next message; EOFError once the other end closed (a worker exited, or the agent)."""
         loop = asyncio.get_running_loop()
-        self._sock.setblocking(False)
         while not self._received:
             self._take(await loop.sock_recv(self._sock, READ_SIZE))
         return self._received.pop(0)
@@ -150,8 +150,11 @@ class Channel:
     def receive_blocking(self) -> object:
         """The next message, waited for with no event loop (a worker's first, which names its loop)."""
         self._sock.setblocking(True)
-        while not self._received:
-            self._take(self._sock.recv(READ_SIZE))
+        try:
+            while not self._received:
+                self._take(self._sock.recv(READ_SIZE))
+        finally:
+            self._sock.setblocking(False)
         return self._received.pop(0)
 
     def _take(self, data: bytes) -> None:

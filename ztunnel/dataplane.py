@@ -79,7 +79,8 @@ class PolicyEnforcer:
 def placeholder_snapshot(table: ConnectionTable, pool: HboneClientPool) -> dict:
     """PLACEHOLDER_WORKER_SNAPSHOT: one process's connection rows and counters, until the
     dataplane-telemetry branch's ztunnel.snapshot.take_snapshot(...) replaces it at merge."""
-    return {"connections": table.snapshot(), "live": len(table.live()), "failures": dict(table.failures),
+    return {"connections": table.snapshot(), "live": len(table.live()), "recently_closed": len(table.recent()),
+            "failures": dict(table.failures),
             "attempts": dict(table.attempts),
             "hbone": {"handshakes": pool.handshakes, "sessions": pool.sessions, "dead_peers": pool.dead_peers}}
 
