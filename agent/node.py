@@ -441,7 +441,9 @@ class NodeAgent:
                 "path": self._registry_name(),
                 "connected": self.registry.connected,
                 "synced_at": iso_utc(self.registry.synced_at) if self.registry.synced_at else None,
-                "generation": state.generation,
+                # with workers, the oldest any of them routes by: a change shows here once it is in force
+                "generation": min(state.generation, self.workers.routing_generation() or state.generation)
+                              if self.workers is not None else state.generation,
                 "workloads": len(state.workloads),
                 "services": len(state.services),
                 "registrations": len(self.registrations),

@@ -32,7 +32,7 @@ from agent.config import AgentConfig
 from bpf.datapath import Slot
 from registry.model import RegistryState
 from registry.replica import state_delta
-from ztunnel.channel import Channel, Credentials, GoAway, Serving, Setup, Snapshot, SnapshotRequest, StateUpdate, Stop
+from ztunnel.channel import Applied, Channel, Credentials, GoAway, Serving, Setup, Snapshot, SnapshotRequest, StateUpdate, Stop
 from ztunnel.connections import iso_utc
 from ztunnel.dataplane import LISTENER_PORTS
 from ztunnel.identity import Identity, WorkloadCredential
@@ -84,6 +84,7 @@ class WorkerProcess:
     restarts: int = 0
     quick_deaths: int = 0
     last_exit: int | None = None  # the last process's exit status (negative: the signal)
+    applied_generation: int | None = None  # the registry generation the worker said it routes by
     sent_state: RegistryState | None = None
     sent_credentials: dict[Identity, WorkloadCredential] | None = None
     served: asyncio.Event = field(default_factory=asyncio.Event)
@@ -147,6 +148,7 @@ class WorkerSupervisor:
         finally:
             theirs.close()
         worker.channel, worker.serving, worker.started = Channel(ours), False, time.time()
+        worker.applied_generation = None
         worker.served.clear()
         state, credentials = self._state(), self._credentials()
         await worker.channel.send(Setup(self._config, worker.index))
@@ -204,6 +206,8 @@ class WorkerSupervisor:
                 if isinstance(message, Serving):
                     worker.serving = True
                     worker.served.set()
+                elif isinstance(message, Applied):
+                    worker.applied_generation = message.generation
                 elif isinstance(message, Snapshot):
                     answer = self._answers.pop(message.request_id, None)
                     if answer is not None and not answer.done():
@@ -293,9 +297,15 @@ class WorkerSupervisor:
             if worker.channel is not None:
                 worker.channel.close()
 
+    def routing_generation(self) -> int | None:
+        """The oldest registry generation a serving worker routes by (None before any says)."""
+        generations = [w.applied_generation for w in self.workers if w.serving and w.applied_generation is not None]
+        return min(generations) if generations else None
+
     def status(self) -> list[dict[str, Any]]:
         """One row per worker, for `ameshctl status`."""
         return [{"worker": w.index, "pid": w.process.pid if w.process else None,
-                 "state": "serving" if w.serving else ("stopped" if self._stopping else "starting"),
+                 "state": "serving" if w.serving else "stopped" if self._stopping else
+                          "restarting" if w.last_exit is not None else "starting",
                  "started": iso_utc(w.started) if w.started else None, "restarts": w.restarts,
                  "last_exit": w.last_exit, "sockmap": w.index == self.sockmap_worker} for w in self.workers]

@@ -4,7 +4,7 @@ A stream socketpair the agent makes and the worker inherits; each message is a f
 big-endian length, then the message pickled. Pickle is safe here only because both ends are the
 same program and the socket is never reachable by anyone else (no address: a socketpair).
 What travels (the message classes below): agent -> worker the worker's setup, registry deltas,
-credentials, GOAWAY, stop and snapshot requests; worker -> agent "serving" and snapshots.
+credentials, GOAWAY, stop and snapshot requests; worker -> agent "serving", the generation applied, and snapshots.
 `FrameDecoder` is the sans-I/O part; `Channel` moves its bytes on an event loop.
 """
 
@@ -77,6 +77,13 @@ class Snapshot:
 
     request_id: int
     snapshot: Any
+
+
+@dataclass(frozen=True)
+class Applied:
+    """worker -> agent: the registry generation the worker routes by now, after a StateUpdate."""
+
+    generation: int
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import socket
 from bpf.datapath import Slot
 from registry.replica import Replica
 from ztunnel.authz import Authorizer
-from ztunnel.channel import (Channel, Credentials, GoAway, Serving, Setup, Snapshot, SnapshotRequest,
+from ztunnel.channel import (Applied, Channel, Credentials, GoAway, Serving, Setup, Snapshot, SnapshotRequest,
                              StateUpdate, Stop)
 from ztunnel.connections import ConnectionTable
 from ztunnel.dataplane import PolicyEnforcer, build_proxies, placeholder_snapshot, write_access_log
@@ -67,6 +67,7 @@ class ZtunnelWorker:
             await proxy.start(self._listeners[slot])
         gc.collect()
         gc.freeze()  # as the agent does: what is loaded by now lives as long as the process
+        await self._channel.send(Applied(self.replica.state.generation))
         await self._channel.send(Serving(os.getpid()))
         log.info("event=worker_serving pid=%d", os.getpid())
         messages = asyncio.create_task(self._serve_messages())
@@ -89,6 +90,8 @@ class ZtunnelWorker:
                     await self._channel.send(Snapshot(message.request_id, placeholder_snapshot(self.table, self.pool)))
                 else:
                     self._handle(message)
+                if isinstance(message, StateUpdate):
+                    await self._channel.send(Applied(self.replica.state.generation))
         except (EOFError, ConnectionError):
             log.warning("event=agent_gone action=\"closing the listeners and exiting\"")
             self._stopped.set()
