@@ -115,16 +115,19 @@ class AdminServer:
     async def _register(self, request: web.Request) -> web.Response:
         spec = _json(await _body(request))
         registration = self._registration_call(lambda: self.agent.registrations.register(spec))
+        await self.agent.routing_in_force()
         return web.json_response(registration.to_dict(time.time()), status=201)
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
         beaten = self._registration_call(lambda: self.agent.registrations.heartbeat(
             request.match_info["namespace"], request.match_info["name"], request.query.get("instance")))
+        await self.agent.routing_in_force()
         return web.json_response([r.to_dict(time.time()) for r in beaten])
 
     async def _deregister(self, request: web.Request) -> web.Response:
         removed = self._registration_call(lambda: self.agent.registrations.deregister(
             request.match_info["namespace"], request.match_info["name"], request.query.get("instance")))
+        await self.agent.routing_in_force()
         return web.json_response([r.to_dict(time.time()) for r in removed])
 
     def _registration_call(self, change: Callable[[], T]) -> T:

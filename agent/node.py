@@ -140,6 +140,11 @@ class NodeAgent:
         if self.workers is not None:
             self.workers.poke()
 
+    async def routing_in_force(self) -> None:
+        """Returns once every worker routes by the current state (a registration answered only then)."""
+        if self.workers is not None:
+            await self.workers.publish_now()
+
     def local_enrolled_ips(self) -> list[str]:
         return list(self._local.of(self.state).ips)
 

@@ -43,6 +43,8 @@ log = logging.getLogger("amesh.workers")
 PUBLISH_INTERVAL = 0.05  # seconds between checks for a new registry state (registration expiry) or credentials
 START_TIMEOUT = 30.0  # seconds for a worker to serve after it is started (imports and the first state)
 STOP_MARGIN = 2.0  # seconds past the drain grace a stopping worker gets before it is killed
+APPLY_TIMEOUT = 1.0  # seconds a registration call waits for the workers to have it in force
+APPLY_POLL = 0.002  # seconds between checks of their acknowledgements
 SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for one worker's snapshot before it goes without it
 
 
@@ -85,6 +87,8 @@ class WorkerProcess:
     quick_deaths: int = 0
     last_exit: int | None = None  # the last process's exit status (negative: the signal)
     applied_generation: int | None = None  # the registry generation the worker said it routes by
+    sent_seq: int = 0  # the last StateUpdate's number
+    applied_seq: int = 0  # the last one the worker said is in force
     sent_state: RegistryState | None = None
     sent_credentials: dict[Identity, WorkloadCredential] | None = None
     served: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,6 +115,7 @@ class WorkerSupervisor:
         self.restarts = 0
         self._stopping = False
         self._poke = asyncio.Event()
+        self._sending = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._requests = itertools.count(1)
         self._answers: dict[int, asyncio.Future[Any]] = {}
@@ -148,7 +153,7 @@ class WorkerSupervisor:
         finally:
             theirs.close()
         worker.channel, worker.serving, worker.started = Channel(ours), False, time.time()
-        worker.applied_generation = None
+        worker.applied_generation, worker.sent_seq, worker.applied_seq = None, 0, 0
         worker.served.clear()
         state, credentials = self._state(), self._credentials()
         await worker.channel.send(Setup(self._config, worker.index))
@@ -207,7 +212,7 @@ class WorkerSupervisor:
                     worker.serving = True
                     worker.served.set()
                 elif isinstance(message, Applied):
-                    worker.applied_generation = message.generation
+                    worker.applied_generation, worker.applied_seq = message.generation, message.seq
                 elif isinstance(message, Snapshot):
                     answer = self._answers.pop(message.request_id, None)
                     if answer is not None and not answer.done():
@@ -223,6 +228,11 @@ class WorkerSupervisor:
             except TimeoutError:
                 pass
             self._poke.clear()
+            await self._send_changes()
+
+    async def _send_changes(self) -> None:
+        """One round of deltas and credentials; one at a time, so no worker gets a delta twice."""
+        async with self._sending:
             state, credentials = self._state(), self._credentials()
             deltas: dict[int, Any] = {}  # one delta per base state: workers in step share it
             for worker in self.workers:
@@ -232,13 +242,22 @@ class WorkerSupervisor:
                     if worker.sent_state is not state:
                         base = worker.sent_state
                         delta = deltas.get(id(base)) or deltas.setdefault(id(base), state_delta(base, state))
-                        await worker.channel.send(StateUpdate(delta))
+                        worker.sent_seq += 1
+                        await worker.channel.send(StateUpdate(delta, worker.sent_seq))
                         worker.sent_state = state
                     if worker.sent_credentials != credentials:
                         await worker.channel.send(Credentials(credentials))
                         worker.sent_credentials = credentials
                 except (ConnectionError, OSError):
                     continue  # it is dying: its restart is sent everything anew
+
+    async def publish_now(self) -> None:
+        """Sends the current state now and returns once every serving worker has it in force (or
+        APPLY_TIMEOUT passed: a stuck worker does not hold the admin API)."""
+        await self._send_changes()
+        deadline = time.monotonic() + APPLY_TIMEOUT
+        while time.monotonic() < deadline and any(w.serving and w.applied_seq < w.sent_seq for w in self.workers):
+            await asyncio.sleep(APPLY_POLL)
 
     async def _broadcast(self, message: object) -> None:
         for worker in self.workers:

@@ -43,6 +43,7 @@ class StateUpdate:
     """agent -> worker: the registry state the ztunnel routes by, as a delta (registry/replica.py)."""
 
     delta: StateDelta
+    seq: int = 0  # numbers a worker's updates: Applied says which is in force
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,9 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Applied:
-    """worker -> agent: the registry generation the worker routes by now, after a StateUpdate."""
+    """worker -> agent: the StateUpdate `seq` is in force; its registry generation."""
 
+    seq: int
     generation: int
 
 

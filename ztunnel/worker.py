@@ -67,7 +67,7 @@ class ZtunnelWorker:
             await proxy.start(self._listeners[slot])
         gc.collect()
         gc.freeze()  # as the agent does: what is loaded by now lives as long as the process
-        await self._channel.send(Applied(self.replica.state.generation))
+        await self._channel.send(Applied(0, self.replica.state.generation))
         await self._channel.send(Serving(os.getpid()))
         log.info("event=worker_serving pid=%d", os.getpid())
         messages = asyncio.create_task(self._serve_messages())
@@ -91,7 +91,7 @@ class ZtunnelWorker:
                 else:
                     self._handle(message)
                 if isinstance(message, StateUpdate):
-                    await self._channel.send(Applied(self.replica.state.generation))
+                    await self._channel.send(Applied(message.seq, self.replica.state.generation))
         except (EOFError, ConnectionError):
             log.warning("event=agent_gone action=\"closing the listeners and exiting\"")
             self._stopped.set()

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from tests.bed import in_netns
-from tests.mesh import Mesh
+from tests.mesh import SINGLE_PROCESS, Mesh
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for
 from ztunnel.identity import CertificateManager, FileCA, Identity
 
@@ -28,7 +28,9 @@ TARGET_PORT = 8080
 @pytest.fixture
 def mesh(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=2)
-    mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT)
+    mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT,
+                # /metrics counts this process only until the dataplane-telemetry merge sums the workers
+                agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client")
     bed.add_pod("rogue", 1, namespace="legacy")
     for name in ("server-b", "server-c"):
