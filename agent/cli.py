@@ -99,6 +99,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
     from agent.logs import setup_logging
     from agent.node import NodeAgent
+    from agent.workers import WorkerError
     from bpf.datapath import DatapathError
     from bpf.handover import HandoverError
     from registry.model import RegistryError
@@ -112,7 +113,7 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[config.event_loop]) as runner:
             runner.run(NodeAgent(config, log_level).run())
-    except (RegistryError, DatapathError, CAError, HandoverError) as exc:
+    except (RegistryError, DatapathError, CAError, HandoverError, WorkerError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot start the agent: {exc}") from exc

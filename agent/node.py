@@ -204,6 +204,8 @@ class NodeAgent:
                 tasks.append(asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory"))
             elif isinstance(self.issuer, ClusterCAClient):  # the ConfigMap's bundle may change (a root rotation)
                 tasks.append(asyncio.create_task(self.issuer.trust.run(self._on_trust_bundle), name="trust-bundle"))
+            if self.workers is not None:
+                tasks.append(asyncio.create_task(self.workers.watch(), name="workers"))
             # offered until the agent exits: a successor may start while this one drains
             self._handovers = asyncio.create_task(self._offer_handovers(), name="handovers")
             stop = asyncio.create_task(self._stopping.wait())

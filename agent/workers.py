@@ -48,6 +48,10 @@ APPLY_POLL = 0.002  # seconds between checks of their acknowledgements
 SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for one worker's snapshot before it goes without it
 
 
+class WorkerError(RuntimeError):
+    """A ztunnel worker process could not be started (the agent stops: nothing half-started)."""
+
+
 @dataclass(frozen=True)
 class RestartBackoff:
     """How long a dead worker waits before it is started again: at once after a stable run, then
@@ -125,7 +129,7 @@ class WorkerSupervisor:
         return {slot: transparent_listener(port) for slot, port in LISTENER_PORTS.items()}
 
     async def start(self) -> None:
-        """Starts every worker and returns once each serves; RuntimeError if one cannot."""
+        """Starts every worker and returns once each serves; WorkerError if one cannot."""
         for worker in self.workers:
             await self._spawn(worker)
         self._tasks = [asyncio.create_task(self._keep(worker), name=f"worker-{worker.index}")
@@ -135,8 +139,13 @@ class WorkerSupervisor:
             await asyncio.wait_for(asyncio.gather(*(worker.served.wait() for worker in self.workers)), START_TIMEOUT)
         except TimeoutError:
             late = [w.index for w in self.workers if not w.serving]
-            raise RuntimeError(f"ztunnel worker(s) {late} did not serve within {START_TIMEOUT} s of their start "
+            raise WorkerError(f"ztunnel worker(s) {late} did not serve within {START_TIMEOUT} s of their start "
                                f"(their log lines, worker=<k>, say why)") from None
+
+    async def watch(self) -> None:
+        """Runs while the workers are kept; a failure to keep one (the sockmap could not be moved)
+        raises here, to stop the agent rather than serve on with a worker missing."""
+        await asyncio.gather(*self._tasks)
 
     def poke(self) -> None:
         """The registry state or the credentials changed: sent now, not at the next poll."""
