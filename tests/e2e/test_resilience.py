@@ -172,7 +172,9 @@ SERVERS: dict[str, subprocess.Popen] = {}  # the shaped bed's pod servers, by po
 @pytest.fixture
 def shaped(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=2)
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
+    # split picks, live counts and maxConnections are per worker (a share each, README "The worker model")
+    # and /metrics counts this process only until the dataplane-telemetry merge sums the workers
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
     for name, node in (("web-v1-a", 1), ("web-v1-b", 2), ("web-v2", 2)):
         bed.add_pod(name, node, namespace="shop", service_account="web",

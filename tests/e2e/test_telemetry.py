@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.mesh import AMESHCTL, Mesh, ServiceSpec, exchange
+from tests.mesh import SINGLE_PROCESS, AMESHCTL, Mesh, ServiceSpec, exchange
 
 SERVICE_IP, DOWN_IP = "10.96.0.10", "10.96.0.11"
 TARGET_PORT = 8080
@@ -31,7 +31,8 @@ SERVICE_FQDN = "web.shop.svc.cluster.local"
 @pytest.fixture
 def mesh(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=2)
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=TARGET_PORT)
+    # /metrics counts this process only until the dataplane-telemetry merge sums the workers
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=TARGET_PORT, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client", "version": "v1"})
     bed.add_pod("server-b", 2, namespace="shop", service_account="web", labels={"app": "web", "version": "v2"})
     mesh.services.append(ServiceSpec("web", "shop", SERVICE_IP, 80, "http", {"app": "web"}))
