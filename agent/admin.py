@@ -124,16 +124,19 @@ class AdminServer:
             raise RegistrationError(KUBERNETES_REGISTRATION)
         spec = _json(await _body(request))
         registration = self._registration_call(lambda: self.agent.registrations.register(spec))
+        await self.agent.routing_in_force()
         return web.json_response(registration.to_dict(time.time()), status=201)
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
         beaten = self._registration_call(lambda: self.agent.registrations.heartbeat(
             request.match_info["namespace"], request.match_info["name"], request.query.get("instance")))
+        await self.agent.routing_in_force()
         return web.json_response([r.to_dict(time.time()) for r in beaten])
 
     async def _deregister(self, request: web.Request) -> web.Response:
         removed = self._registration_call(lambda: self.agent.registrations.deregister(
             request.match_info["namespace"], request.match_info["name"], request.query.get("instance")))
+        await self.agent.routing_in_force()
         return web.json_response([r.to_dict(time.time()) for r in removed])
 
     def _registration_call(self, change: Callable[[], T]) -> T:
@@ -180,7 +183,7 @@ class AdminServer:
         """Starts the drain (as SIGUSR2 does): 202, and what is still live."""
         self.agent.request_drain("admin API")
         return web.json_response({"draining": True, "deadline_s": self.agent.config.drain_deadline,
-                                  "live_connections": len(self.agent.table.live())}, status=202)
+                                  "live_connections": await self.agent.live_connections()}, status=202)
 
     async def _connections(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.connections())

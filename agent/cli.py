@@ -92,10 +92,14 @@ def main(ctx: click.Context, admin: str) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--event-loop", default="uvloop", show_default=True, type=click.Choice(sorted(EVENT_LOOPS)),
               help="the asyncio event loop the agent and its ztunnel run on")
+@click.option("--workers", default=default("workers"), show_default=True, type=click.IntRange(1, 256),
+              help="ztunnel worker processes sharing the node's listeners (default: the CPUs the agent may use, "
+                   "at most 8); 1 runs the ztunnel in the agent's process")
 def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     """Run the node agent in the foreground (in the node's network namespace, as root)."""
     from agent.logs import setup_logging
     from agent.node import NodeAgent
+    from agent.workers import WorkerError
     from bpf.datapath import DatapathError
     from bpf.handover import HandoverError
     from registry.model import RegistryError
@@ -108,8 +112,8 @@ def agent(log_level: str, cert_lifetime: int, **options: Any) -> None:
     config = AgentConfig(cert_lifetime=timedelta(seconds=cert_lifetime), **options)
     try:
         with asyncio.Runner(loop_factory=EVENT_LOOPS[config.event_loop]) as runner:
-            runner.run(NodeAgent(config).run())
-    except (RegistryError, DatapathError, CAError, HandoverError) as exc:
+            runner.run(NodeAgent(config, log_level).run())
+    except (RegistryError, DatapathError, CAError, HandoverError, WorkerError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot start the agent: {exc}") from exc

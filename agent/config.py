@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,12 @@ INBOUND_PLAINTEXT_PORT = 15006
 METRICS_PORT = 15020
 READINESS_PORT = 15021
 DEFAULT_CA_DIR = Path("/var/lib/amesh/ca")
+MAX_DEFAULT_WORKERS = 8  # worker processes by default at most: past that the agent's fan-out of registry deltas grows
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity, not the machine's count), at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class AgentConfig:
     # "uvloop" (libuv, the default) or "asyncio" (the standard library's selector loop): uvloop
     # carries the same connections with less CPU per byte and per connection (bench/README.md)
     event_loop: str = "uvloop"
+    # ztunnel worker processes sharing the listeners through SO_REUSEPORT (agent/workers.py); 1 runs
+    # the ztunnel in the agent's own process, as before workers existed
+    workers: int = default_workers()
 
 
 def default(field_name: str) -> object:

@@ -64,6 +64,8 @@ class AgentCollector:
         attached = agent.datapath.attached_count if agent.datapath else 0
         yield GaugeMetricFamily("amesh_bpf_attached_interfaces", "Interfaces the capture program is attached "
                                 "to.", value=attached)
+        yield CounterMetricFamily("amesh_worker_restarts", "ztunnel worker processes restarted after they died.",
+                                  value=agent.workers.restarts if agent.workers else 0)
         expiry = GaugeMetricFamily("amesh_certificate_expiry_timestamp_seconds", "When each workload "
                                    "certificate expires (Unix time).", labels=["identity"])
         for cert in agent.certs.certificates() if agent.certs else []:

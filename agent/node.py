@@ -27,36 +27,34 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from agent.admin import AdminServer
-from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
+from agent.config import AgentConfig
 from agent.local import LocalPods
 from agent.metrics import TelemetryServer
+from agent.workers import WorkerSupervisor
 from bpf import handover
 from bpf.datapath import NodeDatapath, Slot, migrate_requests_on_close
 from ca.client import ClusterCAClient
 from registry.kubefile import FileSource
 from registry.model import RegistryError, RegistryState
 from registry.registrations import MergedRegistry, RegistrationStore
-from ztunnel.connections import ConnectionRecord, ConnectionTable, iso_utc
+from ztunnel.connections import ConnectionTable, iso_utc
 from ztunnel.authz import Authorizer
+from ztunnel.dataplane import LISTENER_PORTS, PolicyEnforcer, build_proxies, write_access_log
 from ztunnel.hbone import HBONE_PORT, HboneClientPool
 from ztunnel.cawatch import CADirectoryWatch
 from ztunnel.identity import CAError, CertificateManager, FileCA, Identity
-from ztunnel.inbound import InboundHboneProxy, InboundPlaintextProxy
-from ztunnel.limits import HandshakeLimiter
-from ztunnel.listener import NodeAddresses, transparent_listener
-from ztunnel.outbound import MeshTransport, OutboundProxy
+from ztunnel.inbound import InboundHboneProxy
+from ztunnel.listener import transparent_listener
+from ztunnel.outbound import OutboundProxy
 from ztunnel.server import CapturedListener
 from ztunnel.snapshot import DataplaneCounters, DataplaneSnapshot, merge, take_snapshot
-from ztunnel.telemetry import access_log_entry
 
 if TYPE_CHECKING:
     from registry.kubernetes import KubernetesSource
@@ -68,18 +66,13 @@ T = TypeVar("T")
 HANDOVER_ADDRESS_RETRY = 0.5  # seconds between tries for the handover address the previous agent holds
 EMPTY_STATE = RegistryState()  # one object: a new one per read would look like a new base state
 
-LISTENER_PORTS = {
-    Slot.OUTBOUND: OUTBOUND_PORT,
-    Slot.INBOUND_HBONE: HBONE_PORT,
-    Slot.INBOUND_PLAINTEXT: INBOUND_PLAINTEXT_PORT,
-}
-
 
 class NodeAgent:
     """The running agent of one node; `run()` serves until SIGTERM or SIGINT."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, log_level: str = "info") -> None:
         self.config = config
+        self._log_level = log_level  # the workers' too
         self.started = time.time()
         self.table = ConnectionTable()
         self.registry: FileSource | KubernetesSource
@@ -112,13 +105,15 @@ class NodeAgent:
         self.registry_errors = 0
         self._telemetry: TelemetryServer | None = None
         if config.access_log:
-            self.table.on_close.append(_write_access_log)
+            self.table.on_close.append(write_access_log)
+        # with config.workers > 1, the worker processes that run the listeners (_start)
+        self.workers: WorkerSupervisor | None = None
         self._admin: AdminServer | None = None
         self.registrations = RegistrationStore(reserved_ports={config.admin_port, *LISTENER_PORTS.values(),
                                                                config.metrics_port, config.readiness_port})
         self._merged = MergedRegistry(self.registrations)
         self.authorizer = Authorizer(config.mtls_mode, config.root_namespace)
-        self._policies_in_force: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
+        self._policy = PolicyEnforcer(self.authorizer, self.table)
 
     @property
     def state(self) -> RegistryState:
@@ -143,6 +138,13 @@ class NodeAgent:
         """Called after the admin API changed a registration: routing follows at once. (Capture
         and certificates need nothing: a registered workload is never an enrolled pod.)"""
         self._merged.state(self.registry.state or EMPTY_STATE)  # applied now, so changes never pile up
+        if self.workers is not None:
+            self.workers.poke()
+
+    async def routing_in_force(self) -> None:
+        """Returns once every worker routes by the current state (a registration answered only then)."""
+        if self.workers is not None:
+            await self.workers.publish_now()
 
     def local_enrolled_ips(self) -> list[str]:
         return list(self._local.of(self.state).ips)
@@ -165,24 +167,10 @@ class NodeAgent:
     def _on_registry_state(self, state: RegistryState) -> None:
         log.info("event=registry_updated generation=%d workloads=%d services=%d policies=%d", state.generation,
                  state.workload_count, state.service_count, len(state.authorization_policies))
-        self._enforce_policy_change(state)
+        self._policy.check(self.state)  # each worker checks its own connections once the delta is in
+        if self.workers is not None:
+            self.workers.poke()
         self._reconcile_now.set()
-
-    def _enforce_policy_change(self, state: RegistryState) -> None:
-        """When the policies change, decides again for every live connection that policy admitted
-        and cuts those no longer allowed (as Istio's ztunnel does)."""
-        policies = (state.authorization_policies, state.peer_authentications)
-        if policies == self._policies_in_force:
-            return
-        self._policies_in_force = policies
-        current = self.state
-        for record in self.table.live():
-            if record.admitted is None:
-                continue
-            decision = self.authorizer.recheck(current, record.admitted)
-            if not decision.allowed:
-                log.info("event=policy_revoked conn=%d reason=%r", record.id, decision.reason)
-                record.cut("policy_changed", f"closed: policy changed ({decision.reason})")
 
     def _on_registry_error(self, error: RegistryError | str) -> None:
         self.registry_errors += 1
@@ -217,6 +205,8 @@ class NodeAgent:
                 tasks.append(asyncio.create_task(self.ca_watch.run(self.certs.set_issuer), name="ca-directory"))
             elif isinstance(self.issuer, ClusterCAClient):  # the ConfigMap's bundle may change (a root rotation)
                 tasks.append(asyncio.create_task(self.issuer.trust.run(self._on_trust_bundle), name="trust-bundle"))
+            if self.workers is not None:
+                tasks.append(asyncio.create_task(self.workers.watch(), name="workers"))
             # offered until the agent exits: a successor may start while this one drains
             self._handovers = asyncio.create_task(self._offer_handovers(), name="handovers")
             stop = asyncio.create_task(self._stopping.wait())
@@ -249,15 +239,26 @@ class NodeAgent:
         sockets = {}
         taken = None
         try:
-            for slot, port in LISTENER_PORTS.items():
-                sockets[slot] = transparent_listener(port)
+            if config.workers > 1:  # every worker's sockets; the sockmap gets the first one's
+                self.workers = WorkerSupervisor(config, lambda: self.state, self.certs.credentials,
+                                                self._set_sockmap, self._log_level)
+                sockets = self.workers.sockmap_members
+            else:
+                for slot, port in LISTENER_PORTS.items():
+                    sockets[slot] = transparent_listener(port)
             taken = await self._in_datapath_thread(handover.take_over)
             if taken is not None:
                 log.info("event=taking_over reason=\"an agent runs on this node: its datapath is handed over\"")
+            if taken is not None or self.workers is not None:  # a closing listener's queue goes to its group
                 await self._in_datapath_thread(migrate_requests_on_close)
             self.datapath = await self._in_datapath_thread(NodeDatapath, sockets, HBONE_PORT, config.flow_accounting,
                                                            taken[1] if taken else None)
+            if self.workers is not None:
+                self.certs.on_change.append(self.workers.poke)
+                await self.workers.start()
         except BaseException:
+            if self.workers is not None:
+                await self.workers.stop(0.0)
             for sock in sockets.values():
                 sock.close()
             if taken is not None:
@@ -265,21 +266,11 @@ class NodeAgent:
             raise
         self._listeners = sockets
         self._handover_channel = taken[0] if taken else None
-        state, timeout = (lambda: self.state), config.connect_timeout
-        transport = MeshTransport(config.node, self.certs, self.pool)
-        own_ports = frozenset([*LISTENER_PORTS.values(), config.admin_port, config.metrics_port, config.readiness_port])
-        handshakes = HandshakeLimiter(config.max_handshakes_per_source, config.max_handshakes)
-        authorizer = self.authorizer
-        self._proxies = {
-            Slot.OUTBOUND: OutboundProxy(state, self.table, authorizer, transport, own_ports, NodeAddresses(),
-                                         connect_timeout=timeout, connect_deadline=config.connect_deadline),
-            Slot.INBOUND_HBONE: InboundHboneProxy(state, self.table, authorizer, config.node, self.certs, handshakes,
-                                                  connect_timeout=timeout),
-            Slot.INBOUND_PLAINTEXT: InboundPlaintextProxy(state, self.table, authorizer, config.node,
-                                                          connect_timeout=timeout),
-        }
-        for slot, proxy in self._proxies.items():
-            await proxy.start(sockets[slot])
+        if self.workers is None:
+            self._proxies = build_proxies(config, lambda: self.state, self.table, self.authorizer, self.certs,
+                                          self.pool)
+            for slot, proxy in self._proxies.items():
+                await proxy.start(sockets[slot])
         await self._in_datapath_thread(self.datapath.sync, self.local_enrolled_ips())
         self._admin = AdminServer(self)
         await self._admin.start(self.config.admin_port)
@@ -316,10 +307,17 @@ class NodeAgent:
             message = b""
         if message == handover.DRAIN_REQUEST:
             self.datapath.hand_over()
+            if self.workers is not None:
+                self.workers.owns_sockmap = False
             self.request_drain("a new agent took over the node's datapath")
         elif not self._draining.is_set():
             log.warning("event=takeover_failed action=\"putting our listeners back in the sockmap\"")
             await self._in_datapath_thread(self.datapath.put_listeners, self._listeners)
+
+    async def _set_sockmap(self, listeners: dict[Slot, Any]) -> None:
+        """Points the sockmap's slots at `listeners` (another worker's, when one died)."""
+        assert self.datapath is not None
+        await self._in_datapath_thread(self.datapath.put_listeners, listeners)
 
     def _issuer(self) -> FileCA | ClusterCAClient:
         """The cluster CA's client with --ca-address; else the local root CA (the weaker trust model)."""
@@ -379,6 +377,8 @@ class NodeAgent:
                  len(self.table.live()))
         if draining and self.inbound_hbone is not None:
             self.inbound_hbone.go_away()
+        if draining and self.workers is not None:
+            await self.workers.go_away()
         if self._handover_channel is not None:  # a takeover that failed: the old agent serves on
             self._handover_channel.close()
             self._handover_channel = None
@@ -388,7 +388,8 @@ class NodeAgent:
             await self._telemetry.stop()
         # All listeners close at once (new connections are refused from here on), then the
         # live ones share one grace period.
-        await asyncio.gather(*(proxy.close(grace=grace) for proxy in self._proxies.values()))
+        await asyncio.gather(*(proxy.close(grace=grace) for proxy in self._proxies.values()),
+                             *([self.workers.stop(grace)] if self.workers is not None else []))
         await self.pool.close()
         if self.datapath is not None:
             await self._in_datapath_thread(self.datapath.close)
@@ -412,9 +413,15 @@ class NodeAgent:
 
     async def dataplane_snapshots(self, rows: bool = False) -> list[DataplaneSnapshot]:
         """The data-plane snapshot of each process running listeners (with connection rows if
-        `rows`), for the node's views to merge: this one's."""
-        return [take_snapshot(self.table, self.counters, self.pool, self.outbound, self.inbound_hbone, self.state,
-                              rows=rows)]
+        `rows`), for the node's views to merge: this one's, then each worker's, asked over its
+        channel now, and what the workers that died had counted."""
+        own = take_snapshot(self.table, self.counters, self.pool, self.outbound, self.inbound_hbone, self.state,
+                            rows=rows)
+        return [own, *(await self.workers.snapshots(rows) if self.workers is not None else [])]
+
+    async def live_connections(self) -> int:
+        """Connections open now on this node, over every process that runs listeners."""
+        return sum(merge(await self.dataplane_snapshots()).live.values())
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether the node's capture is fully up, and what is missing if not."""
@@ -423,7 +430,8 @@ class NodeAgent:
             problems.append("registry not loaded")
         if self.datapath is None:
             problems.append("BPF program not loaded")
-        missing = [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
+        serving = self.workers is not None and any(w.serving for w in self.workers.workers)
+        missing = [] if serving else [slot.name.lower() for slot in LISTENER_PORTS if slot not in self._proxies]
         if missing or self._stopping.is_set() or self._draining.is_set():
             problems.append("listeners not serving: " + ", ".join(missing or ["stopping"]))
         return not problems, problems
@@ -443,7 +451,9 @@ class NodeAgent:
                 "path": self._registry_name(),
                 "connected": self.registry.connected,
                 "synced_at": iso_utc(self.registry.synced_at) if self.registry.synced_at else None,
-                "generation": state.generation,
+                # with workers, the oldest any of them routes by: a change shows here once it is in force
+                "generation": min(state.generation, self.workers.routing_generation() or state.generation)
+                              if self.workers is not None else state.generation,
                 "workloads": len(state.workloads),
                 "services": len(state.services),
                 "registrations": len(self.registrations),
@@ -457,9 +467,7 @@ class NodeAgent:
                       "dead_peers": dataplane.hbone_dead_peers},
             "connections": {"live": sum(dataplane.live.values()), "recently_closed": dataplane.recently_closed,
                             "failures": dataplane.failures},
+            "workers": {"count": self.config.workers, "restarts": self.workers.restarts,
+                        "processes": self.workers.status()} if self.workers is not None else {"count": 1},
         }
 
-
-def _write_access_log(record: ConnectionRecord) -> None:
-    sys.stdout.write(json.dumps(access_log_entry(record), separators=(",", ":")) + "\n")
-    sys.stdout.flush()

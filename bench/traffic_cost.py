@@ -77,7 +77,9 @@ def run(repeats: int, seconds: float) -> list[dict]:
             bed.run(where, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"])
         registry(mesh)
         state = parse_objects(mesh.registry_path.read_text())
-        agents = {node.name: mesh.start_agent(node, "--no-access-log") for node in bed.nodes}
+        # --workers 1: the CPU per connection is read from the agent's own process, and the split's exact
+        # turns are per worker
+        agents = {node.name: mesh.start_agent(node, "--no-access-log", "--workers", "1") for node in bed.nodes}
         source = agents[bed.nodes[0].name].pid
         for repeat in range(1, repeats + 1):
             for configuration in CONFIGURATIONS:

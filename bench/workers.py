@@ -40,7 +40,7 @@ from bench import syscalls
 from bench.bed import (RESULTS, iperf3, new_connections, percentile, process_tree, summary, tree_cpu,
                        utc_stamp, write_report)
 from bench.echo import raise_open_files
-from bench.run import ECHO_PORT, SETUP_MESSAGE, Bench, Settings, Target, round_trips
+from bench.run import SETUP_MESSAGE, Bench, Settings, Target, round_trips
 from tests.bed import Bed
 from tests.mesh import AMESHCTL
 

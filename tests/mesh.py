@@ -31,6 +31,9 @@ AMESHCTL = str(Path(sys.executable).with_name("ameshctl"))  # the installed cons
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001
 METRICS_PORT = 15020
+# agents that run the ztunnel in their own process: for tests of what is per worker by design
+# (round-robin turns, split turns and limit shares, one HBONE session per peer and worker)
+SINGLE_PROCESS = ("--workers", "1")
 AGENT_START_TIMEOUT = 30.0  # seconds; compiling the BPF program takes about one
 CONTROL_PLANE_IP, API_PORT = "172.18.0.1", 6443  # on the fabric bridge: the control plane's node network
 
@@ -66,6 +69,8 @@ class Mesh:
     # runtime's run of an image's ameshctl (tests/e2e/test_image.py): the runtime needs the host's
     # cgroup mounts, and its agent is no child of the spawned process, so it is waited for by port
     agent_container: Callable[[Node], list[str]] | None = None
+    agent_args: tuple[str, ...] = ()  # given to every agent this mesh starts, before start_agent's own
+
 
     @property
     def registry_path(self) -> Path:
@@ -117,7 +122,7 @@ class Mesh:
                   else ["--registry-file", str(self.registry_path)])
         ca = self.control_plane.agent_args(nd) if self.control_plane else ["--ca-dir", str(self.ca_dir)]
         runtime = self.agent_container(nd) if self.agent_container else None
-        argv = [*(runtime or [AMESHCTL]), "agent", "--node", nd.name, *source, *ca, *extra_args]
+        argv = [*(runtime or [AMESHCTL]), "agent", "--node", nd.name, *source, *ca, *self.agent_args, *extra_args]
         proc = self.bed.spawn(nd, argv, self.agent_log(nd), host_mounts=runtime is not None)
         self.bed.wait_listening(nd, ADMIN_PORT, timeout=AGENT_START_TIMEOUT, proc=None if runtime else proc)
         self.agents[nd.name] = proc

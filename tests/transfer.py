@@ -91,9 +91,10 @@ def client_server_bed(bed: Bed) -> Bed:
     return bed
 
 
-def client_server_mesh(bed: Bed, *node2_args: str) -> Mesh:
-    """The mesh of a client_server_bed, agents started on both nodes (node-2's with `node2_args`)."""
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
+def client_server_mesh(bed: Bed, *node2_args: str, agent_args: tuple[str, ...] = ()) -> Mesh:
+    """The mesh of a client_server_bed, agents started on both nodes (node-2's with `node2_args`,
+    both with `agent_args`)."""
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT, agent_args=agent_args)
     mesh.services.append(ServiceSpec("web", "shop", SERVICE_IP, 80, "http", {"app": "web"}))
     mesh.write_registry()
     mesh.start_agent(1)

@@ -104,7 +104,9 @@ def iso_utc(timestamp: float) -> str:
 
 
 class ConnectionTable:
-    """Live connections by id, plus a bounded history of closed ones (newest first)."""
+    """Live connections by id, plus a bounded history of closed ones (newest first). Ids are
+    `first_id`, `first_id + id_step`, ...: worker k of N numbers k+1, k+1+N, ..., so ids stay
+    unique over a node's worker processes."""
 
     def __init__(self, closed_capacity: int = 1000, clock: Callable[[], float] = time.time, first_id: int = 1,
                  id_step: int = 1) -> None:

@@ -635,6 +635,17 @@ def expect_identity(peer: Identity, expected: Identity) -> None:
 
 
 @dataclass(frozen=True)
+class WorkloadCredential:
+    """One identity's certificate chain and key (PEM) and the trust bundle its contexts trust: what
+    a ztunnel worker process builds its TLS contexts from, sent to it over the agent's private
+    channel (agent/workers.py), never written to a file."""
+
+    serial: str  # hex, as CertificateManager.serial: a new one on every issue
+    chain_and_key_pem: bytes = field(repr=False)
+    trust_bundle: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class _Held:
     """One successfully issued certificate and the TLS contexts built from it (they hold the key)."""
 
@@ -644,6 +655,7 @@ class _Held:
     trusts: tuple[str, ...]  # fingerprints of the roots the two contexts accept peers from
     server: ssl.SSLContext = field(repr=False)
     client: ssl.SSLContext = field(repr=False)
+    credential: WorkloadCredential = field(repr=False)  # what the contexts were built from, for worker processes
 
     @property
     def not_after(self) -> float:
@@ -692,6 +704,16 @@ class CertificateManager:
         self._remote = isinstance(issuer, RemoteIssuer)
         self._issuer_changes = 0  # set_issuer calls: an issue begun before one is renewed again
         self.issued_count = 0
+        self.on_change: list[Callable[[], None]] = []  # told when a certificate is issued or dropped
+
+    def credentials(self) -> dict[Identity, WorkloadCredential]:
+        """The credential of every identity that holds a certificate now (key material: for the
+        node's own worker processes only)."""
+        return {identity: slot.held.credential for identity, slot in self._slots.items() if slot.held is not None}
+
+    def _changed(self) -> None:
+        for hook in self.on_change:
+            hook()
 
     def __repr__(self) -> str:
         return f"CertificateManager(trust_domain={self._trust_domain!r}, identities={len(self._slots)})"
@@ -742,6 +764,7 @@ class CertificateManager:
         for identity in sorted(set(self._slots) - wanted, key=str):
             del self._slots[identity]
             log.info("cert.dropped identity=%s", identity)
+            self._changed()
         for identity in sorted(wanted - set(self._slots), key=str):
             self._slots[identity] = _Slot()
             if not self._remote:  # a remote issuer's round trip waits for run()
@@ -835,6 +858,7 @@ class CertificateManager:
             held.issued.certificate.serial_number,
             _iso(held.issued.certificate.not_valid_after_utc),
         )
+        self._changed()
         return True
 
     def _issue(self, identity: Identity, now: float) -> _Held:
@@ -869,6 +893,7 @@ class CertificateManager:
             trusts=tuple(fingerprint(r) for r in roots),
             server=_tls_context(True, bundle, issued.chain_pem + key_pem),
             client=_tls_context(False, bundle, issued.chain_pem + key_pem),
+            credential=WorkloadCredential(f"{issued.certificate.serial_number:x}", issued.chain_pem + key_pem, bundle),
         )
 
     def _retry_delay(self, failures: int) -> float:
@@ -941,6 +966,50 @@ class CertificateManager:
         if slot.held is None:
             raise IssueError(f"no certificate for {identity} yet: {slot.last_error}")
         return slot.held
+
+
+class CredentialReplica:
+    """A ztunnel worker process's copy of the node's credentials: the part of CertificateManager
+    its listeners use (trust_domain, server_context, client_context, serial), kept as the agent
+    sends `WorkloadCredential`s; it issues nothing and holds no CA."""
+
+    def __init__(self, trust_domain: str) -> None:
+        self._trust_domain = trust_domain
+        self._held: dict[Identity, tuple[WorkloadCredential, ssl.SSLContext, ssl.SSLContext]] = {}
+
+    @property
+    def trust_domain(self) -> str:
+        return self._trust_domain
+
+    def update(self, credentials: dict[Identity, WorkloadCredential]) -> None:
+        """Holds exactly `credentials`: contexts are built for the new or renewed ones only."""
+        held = {}
+        for identity, credential in credentials.items():
+            kept = self._held.get(identity)
+            if kept is not None and kept[0] == credential:
+                held[identity] = kept
+            else:
+                held[identity] = (credential, _tls_context(True, credential.trust_bundle, credential.chain_and_key_pem),
+                                  _tls_context(False, credential.trust_bundle, credential.chain_and_key_pem))
+        self._held = held
+
+    def _entry(self, identity: Identity) -> tuple[WorkloadCredential, ssl.SSLContext, ssl.SSLContext]:
+        entry = self._held.get(identity)
+        if entry is None:
+            raise IssueError(f"no certificate for {identity} in this worker process yet: the agent has sent none")
+        return entry
+
+    def server_context(self, identity: Identity) -> ssl.SSLContext:
+        """The context for accepting mTLS as `identity` (client certificates required)."""
+        return self._entry(identity)[1]
+
+    def client_context(self, identity: Identity) -> ssl.SSLContext:
+        """The context for connecting with mTLS as `identity` (pass server_hostname=None)."""
+        return self._entry(identity)[2]
+
+    def serial(self, identity: Identity) -> str:
+        """The serial (hex) of the certificate held for `identity` now; it changes on renewal."""
+        return self._entry(identity)[0].serial
 
 
 def _state(slot: _Slot, now: float) -> str:

@@ -29,7 +29,7 @@ from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import ConnectRequest, HboneServer, Responder, hostport, parse_forwarded_for
 from ztunnel.hbone.session import H2Session
-from ztunnel.identity import CertificateManager, Identity, peer_identity, workload_identity
+from ztunnel.identity import CertificateManager, CredentialReplica, Identity, peer_identity, workload_identity
 from ztunnel.server import CapturedListener
 from ztunnel.limits import HandshakeLimiter
 from ztunnel.logbound import cut
@@ -89,7 +89,7 @@ class InboundHboneProxy(CapturedListener):
     """
 
     def __init__(self, state_getter: Callable[[], RegistryState], table: ConnectionTable, authorizer: Authorizer,
-                 node: str, certs: CertificateManager, handshakes: HandshakeLimiter,
+                 node: str, certs: CertificateManager | CredentialReplica, handshakes: HandshakeLimiter,
                  connect_timeout: float = 5.0) -> None:
         super().__init__(state_getter, table, authorizer, connect_timeout)
         self._node = node

@@ -54,6 +54,12 @@ class HandshakeLimiter:
         self._under_way -= 1
 
 
+def worker_share(limit: int, workers: int) -> int:
+    """One worker process's part of a per-node count limit: an even split rounded up, at least 1,
+    so the node as a whole admits at most `limit + workers - 1` (README, "The worker model")."""
+    return limit if workers == 1 else max(1, -(-limit // workers))
+
+
 class TokenBucket:
     """`burst` events at once, refilled at `per_second`; `take()` says whether one may happen now."""
 

@@ -23,7 +23,7 @@ from ztunnel.authz import Authorizer, Connection
 from ztunnel.connections import ConnectionRecord, ConnectionTable
 from ztunnel.errors import ProxyError
 from ztunnel.hbone import HBONE_PORT, HboneClientPool, HboneError, PoolKey, forwarded_for, hostport, traceparent
-from ztunnel.identity import CertificateManager, expect_identity, peer_identity, workload_identity
+from ztunnel.identity import CertificateManager, CredentialReplica, expect_identity, peer_identity, workload_identity
 from ztunnel.limits import Hold
 from ztunnel.routing import Upstream, captured_source, guard_self_loop
 from ztunnel.server import CapturedListener, OriginalDestination, sockname_destination
@@ -36,7 +36,7 @@ class MeshTransport:
     """What the ztunnel needs to reach enrolled workloads: its node, certificates, HBONE pool."""
 
     node: str
-    certs: CertificateManager
+    certs: CertificateManager | CredentialReplica  # the agent's, or a worker process's copy
     pool: HboneClientPool
 
 
@@ -70,10 +70,11 @@ class OutboundProxy(CapturedListener):
         connect_timeout: float = 5.0,
         connect_deadline: float = 10.0,
         original_destination: OriginalDestination = sockname_destination,
+        workers: int = 1,  # the node's worker processes: this one holds its share of the per-Service limits
     ) -> None:
         super().__init__(state_getter, table, authorizer, connect_timeout, original_destination)
         self._transport = transport
-        self.shaper = TrafficShaper(transport.node)  # its breakers, live counts and splits: read by views, metrics
+        self.shaper = TrafficShaper(transport.node, workers=workers)  # its breakers, live counts and splits: read by views, metrics
         self._own_ports = own_ports
         self._node_addresses = node_addresses
         self._connect_deadline = connect_deadline

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from tests.bed import Bed, netns_snapshot, netns_socket
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import SINGLE_PROCESS, Mesh, ServiceSpec, exchange
 
 SERVICE_IP = "10.96.0.10"
 SERVICE_PORT = 80
@@ -28,7 +28,8 @@ LABEL_FLIP_DEADLINE = 1.0  # seconds, from the issue
 
 
 def build_mesh(bed: Bed) -> Mesh:
-    mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT)
+    # round robin turns per process: with workers each keeps its own, so the pairs interleave
+    mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
     for name, node in (("server-a", 1), ("server-b", 2)):
         bed.add_pod(name, node, namespace="shop", service_account="web", labels={"app": "web"})

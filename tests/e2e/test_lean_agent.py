@@ -27,11 +27,16 @@ def test_the_capturing_agent_maps_no_compiler_and_keeps_no_loader_child(make_bed
         [conn] = mesh.wait_for("the captured connection", lambda: mesh.ctl_json(1, "connections"))
         assert conn["source_workload"] == "shop/client"
 
-        mapped = {line.split()[-1] for line in Path(f"/proc/{agent.pid}/maps").read_text().splitlines()
-                  if len(line.split()) == 6}
-        assert not [path for path in mapped if any(lib in path for lib in COMPILER_LIBRARIES)]
         children = [c for task in Path(f"/proc/{agent.pid}/task").iterdir()
                     for c in (task / "children").read_text().split()]
-        assert children == [], f"the agent has child processes {children}: the BPF loader should have exited"
+        # its ztunnel worker processes (--workers, 2 on this machine) are the only children it keeps
+        workers = [c for c in children if b"ztunnel.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        for pid in (agent.pid, *workers):
+            mapped = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                      if len(line.split()) == 6}
+            assert not [path for path in mapped if any(lib in path for lib in COMPILER_LIBRARIES)], pid
+        assert sorted(workers) == sorted(children) and len(workers) == len(mesh.ctl_json(1, "status")["workers"][
+            "processes"]), f"the agent has child processes {children} besides its workers {workers}: the BPF " \
+                           f"loader should have exited"
     finally:
         mesh.print_logs()

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.bed import netns_socket
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import SINGLE_PROCESS, Mesh, ServiceSpec, exchange
 from ztunnel.identity import FileCA, Identity
 
 SERVICE_IP = "10.96.0.10"
@@ -43,7 +43,8 @@ def spiffe(namespace: str, service_account: str, trust_domain: str = TRUST_DOMAI
 @pytest.fixture
 def mesh(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=3)
-    mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT)
+    # one HBONE pool per process: with workers a peer sees a session per worker (by design)
+    mesh = Mesh(bed, namespaces={"shop": True, "legacy": False}, container_port=TARGET_PORT, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
     bed.add_pod("server-a", 1, namespace="shop", service_account="web", labels={"app": "web"})
     bed.add_pod("server-b", 2, namespace="shop", service_account="web", labels={"app": "web"})

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.mesh import Mesh, ServiceSpec, destination_rule, exchange, tcp_route
+from tests.mesh import SINGLE_PROCESS, Mesh, ServiceSpec, destination_rule, exchange, tcp_route
 
 PORT = 8080
 CONNECTIONS = 200
@@ -32,7 +32,9 @@ SERVICES = {"web": ("10.96.0.10", "a-b-c"), "api": ("10.96.0.11", "a-b-d"), "dow
 @pytest.fixture
 def mesh(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=3)
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
+    # breakers and retry budgets are per worker (README "The worker model"): these tests count exact
+    # ejections and attempts
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
     for name, node in (("a", 1), ("b", 2), ("c", 2), ("d", 3), ("e", 2), ("f", 2), ("g", 2)):
         labels = {f"in-{service}": "yes" for service, (_, of) in SERVICES.items() if name in of.split("-")}
@@ -171,7 +173,9 @@ SERVERS: dict[str, subprocess.Popen] = {}  # the shaped bed's pod servers, by po
 @pytest.fixture
 def shaped(make_bed) -> Iterator[Mesh]:
     bed = make_bed("p2p", nodes=2)
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT)
+    # split turns, live counts and maxConnections are per worker (a share each, README "The worker model"):
+    # these tests count exact turns and limits
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=PORT, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
     for name, node in (("web-v1-a", 1), ("web-v1-b", 2), ("web-v2", 2)):
         bed.add_pod(name, node, namespace="shop", service_account="web",

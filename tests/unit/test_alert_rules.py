@@ -48,6 +48,7 @@ EXPORTED: dict[str, set[str]] = {
     "amesh_registry_last_sync_age_seconds": set(),
     "amesh_registry_errors_total": set(),
     "amesh_bpf_attached_interfaces": set(),
+    "amesh_worker_restarts_total": set(),
     "amesh_certificate_expiry_timestamp_seconds": {"identity"},
     "amesh_upstream_connect_attempts_total": {"result"},
     "amesh_endpoint_ejections_total": {"service"},
