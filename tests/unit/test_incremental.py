@@ -197,16 +197,22 @@ def check_indexes(state: IncrementalState) -> None:
             w.key for w in state.workloads if w.node == node and w.enrolled and w.ip)
 
 
+def apply_event(world: World, registry: IncrementalRegistry) -> tuple[str, dict[str, Any] | None]:
+    """One random change of the world, applied to the registry and committed: (action, object)."""
+    action, obj = world.event()
+    if action == "apply":
+        registry.apply(obj)
+    elif action == "delete":
+        registry.delete(*_key(obj))
+    registry.commit()
+    return action, obj
+
+
 def run_events(seed: int, count: int) -> None:
     clock = Clock()
     world, registry = World(random.Random(seed), clock), IncrementalRegistry(clock=clock)
     for step in range(count):
-        action, obj = world.event()
-        if action == "apply":
-            registry.apply(obj)
-        elif action == "delete":
-            registry.delete(*_key(obj))
-        registry.commit()
+        action, obj = apply_event(world, registry)
         expected, skipped = rebuild(world.objects, registry.heartbeats)
         what = f"event {step}: {action} {_key(obj) if obj else clock.now}"
         assert content(registry.state) == content(expected), what

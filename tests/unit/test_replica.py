@@ -29,7 +29,7 @@ from registry.model import RegistryState, Workload
 from registry.registrations import MergedRegistry, RegistrationError, RegistrationStore
 from registry.replica import EMPTY, FREEZE_ITEMS, RegisteredDelta, Replica, ReplicaError, state_delta
 from tests.unit.clock import Clock
-from tests.unit.test_incremental import NAMESPACES, NODES, SERVICES, World, _key, rebuild
+from tests.unit.test_incremental import NAMESPACES, NODES, SERVICES, World, _key, apply_event, rebuild
 
 
 def view(state: RegistryState, ips: set[str], keys: set[str]) -> dict[str, Any]:
@@ -99,12 +99,7 @@ def rebuilt(world: World, registry: IncrementalRegistry) -> RegistryState:
 
 def next_event(world: World, registry: IncrementalRegistry) -> str:
     """One random change of the world, applied to the registry and committed; what it was."""
-    action, obj = world.event()
-    if action == "apply":
-        registry.apply(obj)
-    elif action == "delete":
-        registry.delete(*_key(obj))
-    registry.commit()
+    action, obj = apply_event(world, registry)
     return f"{action} {_key(obj) if obj else ''}"
 
 
