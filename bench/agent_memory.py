@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.bed import CLOCK_TICKS, RESULTS, rss_kib, summary, utc_stamp, write_report
+from bench.bed import CLOCK_TICKS, RESULTS, process_tree, rss_kib, summary, utc_stamp, write_report
 from tests.bed import Bed, Node, in_netns
 from tests.kubeapi import KubeAPIServer
 from tests.mesh import Mesh
@@ -156,9 +156,13 @@ def _measure_start(mesh: Mesh, node: Node, idle: float, source: str, repeat: int
     cpu = _cpu_with_children(proc.pid)
     time.sleep(idle)
     record = {"source": source, "repeat": repeat, "startup_s": round(startup, 3), "startup_cpu_s": round(cpu, 3),
-              "pid": proc.pid, **memory(proc.pid)}
+              "pid": proc.pid, **memory(proc.pid),
+              # the ztunnel worker processes (--workers, default the CPUs), each with its registry replica
+              "worker_vmrss_kib": [rss_kib(pid) for pid in process_tree(proc.pid)[1:]]}
     mesh.stop_agent(node)
-    print(f"{source} registry, repeat {repeat}: ready after {startup:.2f} s, VmRSS {mib(record['vmrss_kib'])}")
+    workers = ", ".join(mib(kib) for kib in record["worker_vmrss_kib"]) or "none"
+    print(f"{source} registry, repeat {repeat}: ready after {startup:.2f} s, VmRSS {mib(record['vmrss_kib'])}, "
+          f"its workers {workers}")
     return record
 
 
@@ -177,7 +181,8 @@ def report(records: list[dict], imports: dict) -> str:
                   f"max {startup['max']:.2f} s ({startup['repeats']} starts); CPU until ready (agent and loader) "
                   f"median {cpu['median']:.2f} s",
                   f"  idle VmRSS: min {mib(rss['min'])}, median {mib(rss['median'])}, max {mib(rss['max'])}; "
-                  f"VmHWM {mib(last['vmhwm_kib'])}; smaps_rollup "
+                  f"VmHWM {mib(last['vmhwm_kib'])}; its workers' VmRSS (last run) "
+                  + (", ".join(mib(kib) for kib in last["worker_vmrss_kib"]) or "none") + "; smaps_rollup "
                   + ", ".join(f"{k} {mib(v)}" for k, v in last["smaps_rollup_kib"].items()),
                   "  compiler libraries mapped: " + (", ".join(f"{Path(p).name} {mib(k)}" for p, k in
                                                                last["compiler_libraries_kib"].items()) or "none"),

@@ -22,7 +22,7 @@ import yaml
 
 from tests.bed import in_netns
 from tests.kubeapi import KubeAPIServer
-from tests.mesh import Mesh, ServiceSpec, exchange
+from tests.mesh import SINGLE_PROCESS, Mesh, ServiceSpec, exchange
 
 API_HOST, API_PORT = "172.18.0.1", 6443
 SERVICE_IP = "10.96.0.10"
@@ -41,7 +41,8 @@ DENY_CLIENT = {
 def cluster(make_bed) -> Iterator[tuple[Mesh, KubeAPIServer]]:
     bed = make_bed("p2p", nodes=2)
     bed.run(bed.fabric, ["ip", "addr", "add", f"{API_HOST}/24", "dev", "br0"])
-    mesh = Mesh(bed, namespaces={"shop": True}, container_port=8080)
+    # round-robin turns are per worker process: the exact a, a, b, b below needs one
+    mesh = Mesh(bed, namespaces={"shop": True}, container_port=8080, agent_args=SINGLE_PROCESS)
     bed.add_pod("client", 1, namespace="shop", service_account="client", labels={"app": "client"})
     bed.add_pod("server-a", 1, namespace="shop", service_account="web", labels={"app": "web"})
     bed.add_pod("server-b", 2, namespace="shop", service_account="web", labels={"app": "web"})

@@ -133,6 +133,7 @@ def test_two_workers_share_the_connections_and_a_killed_one_loses_only_its_own(m
         per_worker = [sum(1 for r in outbound if _worker_of(r["id"]) == k) for k in range(WORKERS)]
         print(f"{CONNECTIONS} connections over {WORKERS} workers: {per_worker}")
         assert sum(per_worker) == CONNECTIONS and min(per_worker) > 0, per_worker
+        assert _opened(mesh) == CONNECTIONS  # /metrics sums the workers' counters
 
         # long-lived connections on both workers; then one worker is killed
         held = [bed.connect(bed.pods["client"], SERVICE_IP, 80, timeout=IO_TIMEOUT) for _ in range(12)]
@@ -164,6 +165,15 @@ def test_two_workers_share_the_connections_and_a_killed_one_loses_only_its_own(m
         for _ in range(50):
             assert _exchange(bed) == b"server\nping"
         assert [e for e in _workers(mesh) if e["state"] == "serving"] == _workers(mesh)
+        # the killed worker's counters as last scraped stay in the node's totals: never down, and
+        # every connection the other worker and the restarted one carried since is counted
+        assert _opened(mesh) >= CONNECTIONS + 100 + carried_by.count(1)
+
+
+def _opened(mesh: Mesh) -> float:
+    """node-1's istio_tcp_connections_opened_total as the source's reporter, over every series."""
+    return sum(value for labels, value in mesh.metrics(1)["istio_tcp_connections_opened_total"]
+               if labels["reporter"] == "source")
 
 
 def _children(pid: int) -> set[int]:
