@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Collection
 
 from agent.config import AgentConfig
-from bpf.datapath import Slot
+from bpf.slots import Slot
 from registry.model import RegistryState
 from registry.replica import state_delta
 from ztunnel.channel import Applied, Channel, Credentials, GoAway, Serving, Setup, Snapshot, SnapshotRequest, StateUpdate, Stop

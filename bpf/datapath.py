@@ -29,7 +29,6 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from enum import IntEnum
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -38,6 +37,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf.handover import HandoverOffer
 from bpf.loader import LoadError, Loaded, LoadRequest, ProgramSpec, load
+from bpf.slots import Slot
 from bpf.syscalls import BpfError, BpfMap, link_create
 
 log = logging.getLogger("amesh.bpf")
@@ -57,14 +57,6 @@ TC_INGRESS = "ffff:fff2"
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SK_LOOKUP = 30
 BPF_SK_LOOKUP = 36
-
-
-class Slot(IntEnum):
-    """The ztunnel listeners' places in the program's sockmap."""
-
-    OUTBOUND = 0  # connections enrolled pods open
-    INBOUND_HBONE = 1  # HBONE (port 15008) to enrolled pods
-    INBOUND_PLAINTEXT = 2  # any other TCP to enrolled pods
 
 
 class DatapathError(RuntimeError):

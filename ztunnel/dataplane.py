@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from agent.config import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, AgentConfig
-from bpf.datapath import Slot
+from bpf.slots import Slot
 from registry.model import RegistryState
 from ztunnel.authz import Authorizer
 from ztunnel.connections import ConnectionRecord, ConnectionTable

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 
-from bpf.datapath import Slot
+from bpf.slots import Slot
 from registry.replica import Replica
 from ztunnel.authz import Authorizer
 from ztunnel.channel import (Applied, Channel, Credentials, GoAway, Serving, Setup, Snapshot, SnapshotRequest,
